@@ -1,0 +1,57 @@
+"""Speed and quality of default runs: one row per config.
+
+    python benchmarks/bench.py [configs/tms_5-2.yaml ...] [--steps N] [--seeds 0 1 2]
+
+Each run goes through the experiment's own script (as a user would run it) into a temporary run
+dir; the table shows steps/s, ms/step, peak RSS and the quality metrics from results.json.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"tms": "tms_decomposition.py", "resid_mlp": "resid_mlp_decomposition.py", "ih": "ih_decomposition.py"}
+QUALITY = ["mmcs", "ml2r", "n_alive/linear1", "n_alive/hidden_layers.0", "n_monosemantic_features",
+           "ce_unrecovered", "accuracy_ci_masked"]
+
+
+def script_for(config: Path) -> str:
+    for prefix, script in SCRIPTS.items():
+        if config.stem.startswith(prefix):
+            return script
+    return "lm_decomposition.py"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("configs", nargs="*", default=["configs/tms_5-2.yaml"])
+    ap.add_argument("--steps", type=int, default=None, help="override spd.steps (default: the config's)")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[None], help="spd.seed values (default: the config's)")
+    args = ap.parse_args()
+    header = f"{'config':<22}{'seed':>5}{'steps':>7}{'wall s':>8}{'steps/s':>9}{'ms/step':>9}{'RSS MB':>8}  quality"
+    print(header)
+    print("-" * len(header))
+    for config in map(Path, args.configs):
+        for seed in args.seeds:
+            overrides = ([f"spd.steps={args.steps}"] if args.steps else []) + \
+                        ([f"spd.seed={seed}"] if seed is not None else [])
+            with tempfile.TemporaryDirectory() as tmp:
+                proc = subprocess.run([sys.executable, str(ROOT / script_for(config)), str(config), *overrides,
+                                       "--out", tmp], cwd=ROOT, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(f"{config.stem:<22} failed: {proc.stderr.strip().splitlines()[-1:]}")
+                    continue
+                r = json.loads((Path(tmp) / "results.json").read_text())
+            quality = "  ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}"
+                                for k in QUALITY if k in r)
+            print(f"{config.stem:<22}{'-' if seed is None else seed:>5}{r['steps']:>7}{r['wall_s']:>8.1f}"
+                  f"{r['steps_per_s']:>9.1f}{1000 / r['steps_per_s']:>9.1f}{r['peak_rss_mb']:>8.0f}  {quality}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

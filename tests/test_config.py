@@ -1,0 +1,63 @@
+"""Config loading: typed values, overrides, and one clear line for each kind of bad input."""
+
+import pytest
+
+from spd_common import SPDError, load_config
+from tms_decomposition import TMSConfig
+
+GOOD = """
+target: {n_features: 5, n_hidden: 2, path: targets/x.pt}
+spd:
+  modules: {linear1: 20}
+  lr: 1e-3
+"""
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_good_config_is_typed(tmp_path):
+    cfg = load_config(TMSConfig, write(tmp_path, GOOD))
+    assert cfg.spd.lr == 1e-3 and isinstance(cfg.spd.lr, float)  # YAML reads 1e-3 as a string
+    assert cfg.spd.modules == {"linear1": 20}
+    assert cfg.target.n_features == 5 and cfg.spd.ci_hidden == [16]
+
+
+def test_overrides_are_typed_by_the_dataclass(tmp_path):
+    cfg = load_config(TMSConfig, write(tmp_path, GOOD),
+                      ["spd.lr=2", "spd.steps=50", "spd.ci_hidden=[4, 4]", "spd.wandb_project=null",
+                       "spd.modules.linear2=3", "target.seed=7"])
+    assert cfg.spd.lr == 2.0 and isinstance(cfg.spd.lr, float)
+    assert cfg.spd.steps == 50 and cfg.spd.ci_hidden == [4, 4] and cfg.spd.wandb_project is None
+    assert cfg.spd.modules == {"linear1": 20, "linear2": 3} and cfg.target.seed == 7
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    (GOOD + "  learning_rate: 1\n", [], r"unknown key 'spd.learning_rate'; valid keys at 'spd': modules"),
+    (GOOD, ["spd.lr=-1"], r"key 'spd.lr' = -1.0 is out of range: must be > 0"),
+    (GOOD, ["spd.p=0"], r"key 'spd.p' = 0.0 is out of range: must be > 0"),
+    (GOOD, ["spd.modules.linear1=0"], r"key 'spd.modules.linear1' = 0: C must be >= 1"),
+    (GOOD, ["spd.steps=ten"], r"key 'spd.steps': expected int, got 'ten'"),
+    (GOOD, ["spd.steps=1.5"], r"key 'spd.steps': expected int, got 1.5"),
+    (GOOD, ["spd.ci_fn=transformer"], r"key 'spd.ci_fn': expected one of 'mlp', 'vector_mlp', 'shared_mlp'"),
+    (GOOD, ["spd.use_delta_component=maybe"], r"key 'spd.use_delta_component': expected bool"),
+    (GOOD, ["spd.ci_hidden=16"], r"key 'spd.ci_hidden': expected a list of int"),
+    (GOOD, ["spd"], r"override 'spd' must look like key.sub=value"),
+    ("spd: {modules: {a: 1}}\n", [], r"missing required key 'target'"),
+    ("target: {n_features: 5}\nspd: [1, 2]\n", [], r"'spd': expected a mapping"),
+    ("target: {n_features: 5\nspd: {}\n", [], r"malformed YAML at line \d+"),
+    ("- just\n- a list\n", [], r"expected a mapping of keys to values at the top level"),
+])
+def test_bad_configs_give_one_clear_line(tmp_path, text, overrides, message):
+    path = write(tmp_path, text)
+    with pytest.raises(SPDError, match=message) as err:
+        load_config(TMSConfig, path, overrides)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(SPDError, match="not found"):
+        load_config(TMSConfig, tmp_path / "nope.yaml")

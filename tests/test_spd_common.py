@@ -1,0 +1,224 @@
+"""The generic SPD machinery: components, CI functions, masks, losses against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from spd_common import (ComponentModel, SPDConfig, SPDError, ScalarMLPs, SharedMLP, VectorMLPs, annealed_p,
+                        faithfulness_loss, importance_minimality_loss, layerwise_recon_loss,
+                        lower_leaky_hard_sigmoid, lr_at, masked_recon_loss, output_loss, sample_masks,
+                        upper_leaky_hard_sigmoid)
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.fc1 = nn.Linear(4, 6)
+        self.fc2 = nn.Linear(6, 3, bias=False)
+
+    def forward(self, tokens):
+        return self.fc2(torch.relu(self.fc1(self.emb(tokens))))
+
+
+def make_model(ci_fn="mlp", C=5):
+    torch.manual_seed(0)
+    return ComponentModel(TinyNet(), {"emb": C, "fc*": C}, {}, ci_fn, [8])
+
+
+def exact_factorisation(model):
+    """Set U, V so that UV = W exactly (C >= rank), via the SVD."""
+    with torch.no_grad():
+        for name in model.untied_names():
+            mod = model.modules_[name]
+            W = mod.target_weight()
+            u, s, vh = torch.linalg.svd(W, full_matrices=False)
+            r = s.numel()
+            comps = mod.components
+            comps.U.zero_()
+            comps.V.zero_()
+            comps.U[:, :r] = u * s
+            comps.V[:r] = vh
+
+
+def test_pattern_matching_nothing_names_existing_modules():
+    with pytest.raises(SPDError, match=r"'mlp\.\*' matches no .*emb, fc1, fc2"):
+        ComponentModel(TinyNet(), {"mlp.*": 3}, {}, "mlp", [4])
+
+
+def test_patterns_attach_to_matched_modules_and_keep_target_output():
+    net = TinyNet()
+    tokens = torch.randint(0, 7, (2, 5))
+    before = net(tokens)
+    model = ComponentModel(net, {"fc*": 3}, {}, "mlp", [4])
+    assert model.names == ["fc1", "fc2"]
+    assert torch.equal(model(tokens), before)  # no masks set: the original modules run
+
+
+@pytest.mark.parametrize("ci_fn", ["mlp", "vector_mlp", "shared_mlp"])
+def test_all_masks_one_with_delta_reproduces_target(ci_fn):
+    model = make_model(ci_fn)
+    tokens = torch.randint(0, 7, (4, 3))
+    target_out, _ = model.run_target(tokens)
+    ones = {n: torch.ones(4, 3, model.C[n]) for n in model.names}
+    deltas = {n: torch.ones(4, 3) for n in model.names}
+    with model.masked(ones, deltas):
+        out = model(tokens)
+    torch.testing.assert_close(out, target_out, atol=1e-5, rtol=1e-5)
+    # without the delta component the random init does NOT reproduce the target ...
+    with model.masked(ones):
+        assert not torch.allclose(model(tokens), target_out, atol=1e-3)
+    # ... but an exact factorisation does
+    exact_factorisation(model)
+    with model.masked(ones):
+        torch.testing.assert_close(model(tokens), target_out, atol=1e-5, rtol=1e-5)
+    assert faithfulness_loss(model).item() < 1e-10
+
+
+def test_masked_forward_matches_hand_computation():
+    model = make_model()
+    x = torch.randn(2, 4)
+    mod = model.modules_["fc1"]
+    mask = torch.rand(2, 5)
+    U, V = mod.components.U, mod.components.V
+    expected = torch.stack([(U @ torch.diag(mask[b]) @ V) @ x[b] for b in range(2)]) + mod.original.bias
+    mod.mask = mask
+    try:
+        torch.testing.assert_close(mod(x), expected)
+    finally:
+        mod.mask = None
+
+
+def test_tied_components_are_transposes():
+    lin1, lin2 = nn.Linear(5, 2, bias=False), nn.Linear(2, 5)
+    net = nn.Sequential(lin1, lin2)
+    model = ComponentModel(net, {"0": 4, "1": 4}, {"1": "0"}, "mlp", [4])
+    U1, V1 = model.modules_["0"].components.factors()
+    U2, V2 = model.modules_["1"].components.factors()
+    assert torch.equal(U2, V1.T) and torch.equal(V2, U1.T)
+    assert model.untied_names() == ["0"]
+    assert len(list(model.components.parameters())) == 2  # shared, not duplicated
+    with pytest.raises(SPDError, match="same C"):
+        ComponentModel(nn.Sequential(nn.Linear(5, 2), nn.Linear(2, 5)), {"0": 4, "1": 3}, {"1": "0"}, "mlp", [4])
+
+
+def test_leaky_hard_sigmoids_values_and_gradients():
+    x = torch.tensor([-2.0, 0.5, 3.0], requires_grad=True)
+    lower = lower_leaky_hard_sigmoid(x)
+    torch.testing.assert_close(lower, torch.tensor([-0.02, 0.5, 1.0]))
+    (g,) = torch.autograd.grad(lower.sum(), x)
+    torch.testing.assert_close(g, torch.tensor([0.01, 1.0, 0.0]))
+    upper = upper_leaky_hard_sigmoid(x)
+    torch.testing.assert_close(upper, torch.tensor([0.0, 0.5, 1.02]))
+    (g,) = torch.autograd.grad(upper.sum(), x)
+    torch.testing.assert_close(g, torch.tensor([0.0, 1.0, 0.01]))
+
+
+@pytest.mark.parametrize("cls,in_dim", [(ScalarMLPs, None), (VectorMLPs, 6), (SharedMLP, 6)])
+@pytest.mark.parametrize("hidden", [[8], [8, 4]])
+def test_ci_fn_shapes(cls, in_dim, hidden):
+    C = 5
+    fn = cls(C, hidden) if in_dim is None else cls(C, in_dim, hidden)
+    x = torch.randn(3, 2, in_dim or C)
+    assert fn(x).shape == (3, 2, C)
+
+
+@pytest.mark.parametrize("hidden", [[8], [8, 4]])
+def test_scalar_mlp_components_are_independent(hidden):
+    """CI of subcomponent c depends only on h_c and on c's own parameters."""
+    C = 5
+    fn = ScalarMLPs(C, hidden)
+    h = torch.randn(4, C, requires_grad=True)
+    (jac,) = torch.autograd.grad(fn(h)[:, 2].sum(), h)
+    assert torch.all(jac[:, [0, 1, 3, 4]] == 0) and torch.any(jac[:, 2] != 0)
+    before = fn(h).detach()
+    with torch.no_grad():
+        for p in fn.parameters():
+            p[2] += 0.5  # perturb subcomponent 2's MLP only
+    after = fn(h).detach()
+    assert torch.equal(after[:, [0, 1, 3, 4]], before[:, [0, 1, 3, 4]])
+    assert not torch.equal(after[:, 2], before[:, 2])
+
+
+def test_vector_mlp_matches_per_component_loop():
+    C, d = 4, 6
+    fn = VectorMLPs(C, d, [8, 3])
+    a = torch.randn(5, d)
+    ws, bs = fn.layers[0::2], fn.layers[1::2]
+    for c in range(C):
+        x = a
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            x = x @ w[c] + b[c]
+            if i < len(ws) - 1:
+                x = torch.nn.functional.gelu(x)
+        torch.testing.assert_close(fn(a)[:, c], x[:, 0])
+
+
+def test_sample_masks_continuous_and_binomial():
+    g = {"a": torch.tensor([[0.0, 1.0, 0.25]]).expand(2000, 3)}
+    masks, deltas = sample_masks(g, "continuous", use_delta=True)
+    m = masks["a"]
+    assert torch.all(m[:, 1] == 1) and m[:, 0].min() >= 0 and m[:, 0].max() <= 1
+    assert abs(m[:, 2].mean().item() - (0.25 + 0.75 * 0.5)) < 0.03
+    assert deltas["a"].shape == (2000,)
+    masks, _ = sample_masks(g, "binomial", use_delta=False)
+    assert set(masks["a"][:, 2].unique().tolist()) == {0.25, 1.0}
+
+
+def test_importance_minimality_hand_computed():
+    ci = {"a": torch.tensor([[0.5, 0.0], [1.0, 0.25]]), "b": torch.tensor([[0.1], [0.2]])}
+    # p = 1: (0.5 + 0 + 1 + 0.25 + 0.1 + 0.2) / 2 examples
+    assert importance_minimality_loss(ci, 1.0).item() == pytest.approx(2.05 / 2)
+    # p = 2: (0.25 + 0 + 1 + 0.0625 + 0.01 + 0.04) / 2
+    assert importance_minimality_loss(ci, 2.0).item() == pytest.approx(1.3625 / 2)
+    # batch x seq: examples are all leading positions
+    assert importance_minimality_loss({"a": torch.ones(2, 3, 4)}, 1.0).item() == pytest.approx(4.0)
+
+
+def test_output_losses_hand_computed():
+    pred, tgt = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[0.0, 2.0], [1.0, 1.0]])
+    assert output_loss(pred, tgt, "mse").item() == pytest.approx((1 + 0 + 1 + 1) / 4)
+    p = torch.tensor([[0.0, math.log(3.0)]])  # softmax -> (1/4, 3/4)
+    q = torch.tensor([[0.0, 0.0]])  # (1/2, 1/2)
+    kl = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert output_loss(q, p, "kl").item() == pytest.approx(kl)
+
+
+def test_faithfulness_hand_computed():
+    net = nn.Sequential(nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    model = ComponentModel(net, {"0": 1}, {}, "mlp", [2])
+    with torch.no_grad():
+        model.modules_["0"].components.U.copy_(torch.tensor([[1.0], [0.0]]))
+        model.modules_["0"].components.V.copy_(torch.tensor([[1.0, 1.0]]))
+    # W - UV = [[0, 1], [3, 4]] -> (0 + 1 + 9 + 16) / 4
+    assert faithfulness_loss(model).item() == pytest.approx(26 / 4)
+
+
+def test_layerwise_batched_equals_one_module_at_a_time():
+    model = make_model()
+    tokens = torch.randint(0, 7, (6, 3))
+    target_out, inputs = model.run_target(tokens)
+    ci, _ = model.causal_importances(inputs)
+    masks, deltas = sample_masks(ci, "continuous", use_delta=True)
+    batched = layerwise_recon_loss(model, tokens, target_out, masks, deltas, "mse", lambda o: o)
+    one_at_a_time = [masked_recon_loss(model, tokens, target_out, {n: masks[n]}, {n: deltas[n]}, "mse", lambda o: o)
+                     for n in model.names]
+    torch.testing.assert_close(batched, sum(one_at_a_time) / len(one_at_a_time))
+
+
+def test_lr_schedules_and_p_annealing():
+    cfg = SPDConfig(steps=100, lr=1.0, lr_schedule="cosine", lr_warmup_frac=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.5)
+    cfg = SPDConfig(steps=100, lr=2.0, lr_schedule="linear")
+    assert lr_at(50, cfg) == pytest.approx(1.0)
+    assert lr_at(50, SPDConfig(steps=100, lr=2.0, lr_schedule="constant")) == 2.0
+    cfg = SPDConfig(p=2.0, p_anneal_final=1.0, p_anneal_start_frac=0.5, p_anneal_end_frac=1.0)
+    assert annealed_p(cfg, 0.25) == 2.0 and annealed_p(cfg, 0.75) == pytest.approx(1.5)
+    assert annealed_p(cfg, 1.0) == pytest.approx(1.0)

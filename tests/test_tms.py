@@ -1,0 +1,113 @@
+"""The TMS experiment: ground-truth metrics, target training, and the README command end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spd_common import SPDError
+from tms_decomposition import mmcs_ml2r, subcomponent_norms
+from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batches, train_tms
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mmcs_ml2r_perfect_shrunk_and_scrambled():
+    torch.manual_seed(0)
+    W = torch.randn(2, 5)
+    # perfect: subcomponent j is column j (U = W, V = I), plus 3 dead subcomponents
+    U = torch.cat([W, torch.zeros(2, 3)], 1)
+    V = torch.cat([torch.eye(5), torch.zeros(3, 5)])
+    assert mmcs_ml2r(W, U, V) == pytest.approx((1.0, 1.0))
+    # shrunk to 0.9 (as APD did): directions perfect, lengths not
+    assert mmcs_ml2r(W, 0.9 * U, V) == pytest.approx((1.0, 0.9))
+    # sign flips in V are caught by the cosine
+    mmcs, _ = mmcs_ml2r(W, U, -V)
+    assert mmcs < 0.5
+    # a random decomposition is far from the ground truth
+    mmcs, _ = mmcs_ml2r(W, torch.randn(2, 8), torch.randn(8, 5))
+    assert mmcs < 0.99
+    assert subcomponent_norms(U, V)[:5] == pytest.approx(W.norm(dim=0))
+
+
+def test_data_generator_statistics():
+    x = next(tms_batches(40, 0.05, 20_000, seed=0))
+    assert x.shape == (20_000, 40) and x.min() >= 0 and x.max() <= 1
+    assert (x > 0).float().mean().item() == pytest.approx(0.05, abs=0.003)
+
+
+def test_target_trains_a_pentagon_and_caches(tmp_path, capsys):
+    cfg = TMSTargetConfig(steps=2000, path=str(tmp_path / "t.pt"))
+    model = load_or_train_tms(cfg)
+    assert "training it" in capsys.readouterr().out
+    norms = model.linear1.weight.norm(dim=0)
+    assert torch.all(norms > 0.8), norms  # all 5 features represented
+    assert torch.equal(model.linear2.weight, model.linear1.weight.T)  # tied
+    again = load_or_train_tms(cfg)
+    assert torch.equal(again.linear1.weight, model.linear1.weight)
+    assert "training it" not in capsys.readouterr().out
+    with pytest.raises(SPDError, match="has shape .* set target.path to a new file"):
+        load_or_train_tms(TMSTargetConfig(n_features=6, path=cfg.path))
+
+
+def test_dead_feature_target_is_rejected():
+    # 2 training steps cannot give every column norm >= 0.9999
+    with pytest.raises(SPDError, match=r"left features .* dead .* set target.seed"):
+        train_tms(TMSTargetConfig(steps=2, min_column_norm=0.9999))
+
+
+def run_script(args, cwd):
+    return subprocess.run([sys.executable, str(ROOT / "tms_decomposition.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_readme_command_short_run(tmp_path):
+    """The README's main command with overrides: run dir layout, results, last line = results path."""
+    overrides = ["spd.steps=60", "spd.eval_every=30", "spd.faithfulness_warmup_steps=20",
+                 "target.steps=300", f"target.path={tmp_path / 'target.pt'}", "target.min_column_norm=0"]
+    proc = run_script([str(ROOT / "configs/tms_5-2.yaml"), *overrides], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results_path = Path(tmp_path, proc.stdout.strip().splitlines()[-1])
+    run_dir = results_path.parent
+    assert run_dir.parent == tmp_path / "runs" / "tms_5-2"
+    results = json.loads(results_path.read_text())
+    for key in ["steps", "wall_s", "steps_per_s", "peak_rss_mb", "mmcs", "ml2r", "n_alive/linear1",
+                "train/total", "train/stochastic_recon", "recon/ci_masked", "l0/linear1"]:
+        assert key in results, key
+    assert results["steps"] == 60
+    for name in ["config.yaml", "metrics.jsonl", "checkpoints/final.pt", "figures/ci_per_feature.png",
+                 "figures/weights.png"]:
+        assert (run_dir / name).is_file(), name
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/mmcs" in line for line in lines) and any("train/total" in line for line in lines)
+    ckpt = torch.load(run_dir / "checkpoints/final.pt", weights_only=True)
+    assert ckpt["step"] == 60 and "linear1.V" in ckpt["components"] and "optimizer" in ckpt
+
+    # an explicit --out that already holds a run is refused and left untouched
+    before = results_path.read_text()
+    proc = run_script([str(ROOT / "configs/tms_5-2.yaml"), *overrides, "--out", str(run_dir)], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "already holds files" in proc.stderr
+    assert results_path.read_text() == before
+
+
+def test_bad_module_pattern_is_one_line(tmp_path):
+    proc = run_script([str(ROOT / "configs/tms_5-2.yaml"), "spd.modules={layers.*.fc1: 5}", "spd.tied={}",
+                       "target.steps=10", "target.min_column_norm=0", f"target.path={tmp_path / 't.pt'}"],
+                      cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: module pattern 'layers.*.fc1' matches no")
+    assert "linear1" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_tms_5_2_recovers_ground_truth(tmp_path, seed):
+    proc = run_script([str(ROOT / "configs/tms_5-2.yaml"), f"spd.seed={seed}"], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(Path(ROOT, proc.stdout.strip().splitlines()[-1]).read_text())
+    assert results["mmcs"] >= 0.999
+    assert 0.98 <= results["ml2r"] <= 1.02
+    assert results["n_alive/linear1"] == 5

@@ -1,0 +1,161 @@
+"""SPD on a toy model of superposition (TMS): recover one subcomponent per column of W.
+
+    python tms_decomposition.py configs/tms_5-2.yaml [key.sub=value ...] [--out DIR]
+
+The story:
+  1. Load the config; get the target x̂ = ReLU(W^T H W x + b) (trained and cached if missing).
+  2. Decompose the encoder W (linear1), the decoder W^T (linear2, tied to the encoder's components
+     but with its own CI function) and any fixed identity layers H, with `spd_common.optimize`.
+  3. Evaluate against the ground truth: each column W[:, j] should be matched by exactly one
+     subcomponent U[:, c] V[c, j] (MMCS ≈ 1) at full length (ML2R ≈ 1); an identity layer should
+     split into exactly m subcomponents that always fire together.
+  4. Figures: CI of every subcomponent on each one-hot input, and subcomponents vs W's columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+from spd_common import F_, ComponentModel, SPDConfig, config_to_dict, get_device, optimize, parse_cli, run_main, \
+    set_seed, write_results
+from train_targets.train_tms import TMSModel, TMSTargetConfig, load_or_train_tms, tms_batches
+
+
+@dataclass
+class TMSConfig:
+    target: TMSTargetConfig = F_(doc="the target model and how to train it")
+    spd: SPDConfig = F_(doc="the decomposition")
+    norm_threshold: float = F_(0.1, "a subcomponent with ||U_c|| ||V_c|| above this counts as non-negligible", ge=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ground-truth metrics
+# ------------------------------------------------------------------------------------------------
+def mmcs_ml2r(W: Tensor, U: Tensor, V: Tensor) -> tuple[float, float]:
+    """Mean max cosine similarity and mean L2 ratio of the best-matching subcomponent per column.
+
+    W (m, n) target; U (m, C), V (C, n). Subcomponent c's part of column j is U[:, c] V[c, j].
+    """
+    col_norms = W.norm(dim=0)  # (n,)
+    u_norms = U.norm(dim=0)  # (C,)
+    # cos[c, j] = (U[:, c] · W[:, j]) V[c, j] / (|U[:, c]| |V[c, j]| |W[:, j]|)
+    cos = (U.T @ W) * V / (u_norms[:, None] * V.abs() * col_norms[None, :]).clamp_min(1e-12)
+    best_cos, best_c = cos.max(dim=0)  # (n,)
+    ratio = u_norms[best_c] * V[best_c, torch.arange(W.shape[1])].abs() / col_norms
+    return best_cos.mean().item(), ratio.mean().item()
+
+
+def subcomponent_norms(U: Tensor, V: Tensor) -> Tensor:
+    """||U_c V_c||_F = ||U_c|| ||V_c|| per subcomponent (C,)."""
+    return U.norm(dim=0) * V.norm(dim=1)
+
+
+@torch.no_grad()
+def one_hot_ci(model: ComponentModel, n_features: int, value: float = 1.0) -> dict[str, Tensor]:
+    """CI (n_features, C) of every decomposed module when exactly feature i is on, with the given value."""
+    device = next(model.components.parameters()).device
+    _, inputs = model.run_target(value * torch.eye(n_features, device=device))
+    ci, _ = model.causal_importances(inputs)
+    return ci
+
+
+@torch.no_grad()
+def tms_metrics(model: ComponentModel, cfg: TMSConfig) -> dict[str, float]:
+    U, V = model.modules_["linear1"].components.factors()
+    W = model.modules_["linear1"].target_weight()
+    mmcs, ml2r = mmcs_ml2r(W, U, V)
+    out = {"mmcs": mmcs, "ml2r": ml2r}
+    for name in model.untied_names():
+        U, V = model.modules_[name].components.factors()
+        out[f"n_nonnegligible/{name}"] = int((subcomponent_norms(U, V) > cfg.norm_threshold).sum())
+    for name, ci in one_hot_ci(model, cfg.target.n_features).items():
+        out[f"n_alive_one_hot/{name}"] = int((ci > cfg.spd.ci_threshold).any(0).sum())
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+def plot_ci_per_feature(model: ComponentModel, cfg: TMSConfig, path) -> None:
+    """One heatmap per module: CI of each alive subcomponent (columns) on each one-hot input (rows)."""
+    ci = one_hot_ci(model, cfg.target.n_features)
+    fig, axes = plt.subplots(1, len(ci), figsize=(4 * len(ci), 3.5), squeeze=False)
+    for ax, (name, g) in zip(axes[0], ci.items()):
+        alive = (g > cfg.spd.ci_threshold).any(0).nonzero().flatten()
+        g = g[:, alive].cpu()
+        order = g.argmax(0).argsort()  # sort subcomponents by the feature they serve
+        im = ax.imshow(g[:, order], vmin=0, vmax=1, cmap="Blues", aspect="auto")
+        ax.set_xticks(range(len(alive)), [str(c) for c in alive[order].tolist()], fontsize=6, rotation=90)
+        ax.set(title=name, xlabel="subcomponent", ylabel="input feature (one-hot)")
+    fig.colorbar(im, ax=axes[0].tolist(), label="causal importance")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+@torch.no_grad()
+def plot_weights(model: ComponentModel, cfg: TMSConfig, path) -> None:
+    """Cosine of each non-negligible subcomponent's columns U_c V[c, j] with W[:, j]; for m = 2 also arrows."""
+    U, V = model.modules_["linear1"].components.factors()
+    W = model.modules_["linear1"].target_weight()
+    keep = (subcomponent_norms(U, V) > cfg.norm_threshold).nonzero().flatten()
+    cos = (U.T @ W) * V / (U.norm(dim=0)[:, None] * V.abs() * W.norm(dim=0)[None, :]).clamp_min(1e-12)
+    cos = cos[keep].cpu()
+    order = cos.argmax(1).argsort()
+    two_d = W.shape[0] == 2
+    fig, axes = plt.subplots(1, 2 if two_d else 1, figsize=(10 if two_d else 6, 4), squeeze=False)
+    ax = axes[0, 0]
+    im = ax.imshow(cos[order], vmin=-1, vmax=1, cmap="RdBu", aspect="auto")
+    ax.set_yticks(range(len(keep)), [str(c) for c in keep[order].tolist()], fontsize=6)
+    ax.set(title="cos(U_c V[c, j], W[:, j])", xlabel="column j of W", ylabel="subcomponent c")
+    fig.colorbar(im, ax=ax)
+    if two_d:
+        ax = axes[0, 1]
+        for j in range(W.shape[1]):
+            ax.arrow(0, 0, *W[:, j].tolist(), color="black", width=0.01, alpha=0.4, length_includes_head=True)
+        for c in keep.tolist():
+            j = V[c].abs().argmax().item()
+            ax.arrow(0, 0, *(U[:, c] * V[c, j]).tolist(), color="tab:red", width=0.004, length_includes_head=True)
+        lim = W.norm(dim=0).max().item() * 1.2
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal",
+               title="W columns (grey) and subcomponents U_c V[c, j] (red)")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+def main() -> None:
+    cfg, run_dir = parse_cli(TMSConfig, __doc__.splitlines()[0])
+    device = get_device(cfg.spd.device)
+    target = load_or_train_tms(cfg.target).to(device)
+
+    set_seed(cfg.spd.seed)
+    model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
+    n, p = cfg.target.n_features, cfg.target.feature_probability
+    batches = tms_batches(n, p, cfg.spd.batch_size, seed=cfg.spd.seed, device=device)
+    eval_batches = tms_batches(n, p, cfg.spd.eval_batch_size, seed=cfg.spd.seed + 10_000, device=device)
+
+    results = optimize(model, cfg.spd, batches, eval_batches, run_dir, eval_fn=lambda m: tms_metrics(m, cfg),
+                       full_config=config_to_dict(cfg))
+    results = {k.removeprefix("eval/"): v for k, v in results.items()}
+
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    plot_ci_per_feature(model, cfg, figures / "ci_per_feature.png")
+    plot_weights(model, cfg, figures / "weights.png")
+
+    print(f"MMCS {results['mmcs']:.4f}  ML2R {results['ml2r']:.4f}  "
+          + "  ".join(f"{k} {v}" for k, v in results.items() if k.startswith("n_")))
+    print(f"{results['steps']} steps in {results['wall_s']} s ({results['steps_per_s']} steps/s), "
+          f"peak RSS {results['peak_rss_mb']} MB")
+    write_results(run_dir, results)
+
+
+if __name__ == "__main__":
+    run_main(main)
