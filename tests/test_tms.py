@@ -111,3 +111,16 @@ def test_default_tms_5_2_recovers_ground_truth(tmp_path, seed):
     assert results["mmcs"] >= 0.999
     assert 0.98 <= results["ml2r"] <= 1.02
     assert results["n_alive/linear1"] == 5
+
+
+def test_wandb_project_logs_offline_without_login(tmp_path):
+    """Naming a wandb project must never ask for a login: with no credentials it logs offline."""
+    import os
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")} | {"HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(ROOT / "tms_decomposition.py"), str(ROOT / "configs/tms_5-2.yaml"),
+                           "spd.steps=5", "spd.faithfulness_warmup_steps=0", "spd.wandb_project=spd-test",
+                           "target.steps=10", "target.min_column_norm=0", f"target.path={tmp_path / 't.pt'}",
+                           "--out", str(tmp_path / "run")],
+                          cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "no offline wandb run was written"

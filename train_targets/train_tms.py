@@ -47,6 +47,10 @@ class TMSModel(nn.Module):
             nn.init.eye_(layer.weight)
             layer.weight.requires_grad_(False)
         self.linear2 = nn.Linear(n_hidden, n_features, bias=True)  # weight = linear1.weight^T (tied)
+        # nn.Linear's default init gives some features a negative bias that the ReLU never lets
+        # recover (a dead feature); zero biases and Xavier-normal W, as in the original TMS work.
+        nn.init.xavier_normal_(self.linear1.weight)
+        nn.init.zeros_(self.linear2.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """(batch, n_features) -> (batch, n_features)."""
