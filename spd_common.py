@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -784,12 +784,15 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def optimize(model: ComponentModel, cfg: SPDConfig, batches: Iterator[Tensor], eval_batches: Iterator[Tensor],
+def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int], Tensor],
+             eval_batch: Callable[[int], Tensor],
              run_dir: Path, eval_fn: Callable[[ComponentModel], dict[str, float]] | None = None,
              output_fn: Callable[[Any], Tensor] = lambda out: out, full_config: dict | None = None) -> dict:
-    """Train the components and CI functions of `model` on `batches`; return the final results.
+    """Train the components and CI functions of `model`; return the final results.
 
-    Every `eval_every` steps (and at the end) logs `evaluate` on a batch of `eval_batches` plus `eval_fn(model)`.
+    `train_batch(step)` / `eval_batch(step)` give the data of each step (indexed, not streamed, so
+    that a run is reproducible from its step alone). Every `eval_every` steps (and at the end) logs
+    `evaluate` on `eval_batch(step)` plus `eval_fn(model)`.
     Writes metrics.jsonl, checkpoints/step_N.pt (periodic) and checkpoints/final.pt.
     """
     params = [p for p in model.components.parameters()] + [p for p in model.ci_fns.parameters()]
@@ -800,7 +803,7 @@ def optimize(model: ComponentModel, cfg: SPDConfig, batches: Iterator[Tensor], e
         logger.log(0, {"warmup/faithfulness": faithfulness_warmup(model, cfg)})
 
     def run_eval(step: int) -> dict[str, float]:
-        metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, next(eval_batches), output_fn).items()}
+        metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, eval_batch(step), output_fn).items()}
         if eval_fn is not None:
             metrics.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
         logger.log(step, metrics)
@@ -813,7 +816,7 @@ def optimize(model: ComponentModel, cfg: SPDConfig, batches: Iterator[Tensor], e
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        losses = training_losses(model, cfg, next(batches), step / cfg.steps, output_fn)
+        losses = training_losses(model, cfg, train_batch(step), step / cfg.steps, output_fn)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         if cfg.grad_clip is not None:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from spd_common import F_, ComponentModel, SPDConfig, config_to_dict, get_device, optimize, parse_cli, run_main, \
     set_seed, write_results
-from train_targets.train_tms import TMSModel, TMSTargetConfig, load_or_train_tms, tms_batches
+from train_targets.train_tms import TMSModel, TMSTargetConfig, load_or_train_tms, tms_batch
 
 
 @dataclass
@@ -138,10 +138,14 @@ def main() -> None:
     set_seed(cfg.spd.seed)
     model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
     n, p = cfg.target.n_features, cfg.target.feature_probability
-    batches = tms_batches(n, p, cfg.spd.batch_size, seed=cfg.spd.seed, device=device)
-    eval_batches = tms_batches(n, p, cfg.spd.eval_batch_size, seed=cfg.spd.seed + 10_000, device=device)
 
-    results = optimize(model, cfg.spd, batches, eval_batches, run_dir, eval_fn=lambda m: tms_metrics(m, cfg),
+    def train_batch(step: int) -> Tensor:
+        return tms_batch(n, p, cfg.spd.batch_size, cfg.spd.seed, step, device)
+
+    def eval_batch(step: int) -> Tensor:
+        return tms_batch(n, p, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, step, device)
+
+    results = optimize(model, cfg.spd, train_batch, eval_batch, run_dir, eval_fn=lambda m: tms_metrics(m, cfg),
                        full_config=config_to_dict(cfg))
     results = {k.removeprefix("eval/"): v for k, v in results.items()}
 

@@ -10,7 +10,7 @@ import torch
 
 from spd_common import SPDError
 from tms_decomposition import mmcs_ml2r, subcomponent_norms
-from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batches, train_tms
+from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batch, train_tms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,9 +34,11 @@ def test_mmcs_ml2r_perfect_shrunk_and_scrambled():
 
 
 def test_data_generator_statistics():
-    x = next(tms_batches(40, 0.05, 20_000, seed=0))
+    x = tms_batch(40, 0.05, 20_000, seed=0, step=3)
     assert x.shape == (20_000, 40) and x.min() >= 0 and x.max() <= 1
     assert (x > 0).float().mean().item() == pytest.approx(0.05, abs=0.003)
+    assert torch.equal(x, tms_batch(40, 0.05, 20_000, seed=0, step=3))  # indexed: reproducible
+    assert not torch.equal(x, tms_batch(40, 0.05, 20_000, seed=0, step=4))
 
 
 def test_target_trains_a_pentagon_and_caches(tmp_path, capsys):

@@ -12,8 +12,6 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -71,14 +69,14 @@ class _TransposeOf(nn.Module):
         return self._encoder[0].weight.T
 
 
-def tms_batches(n_features: int, feature_probability: float, batch_size: int, seed: int,
-                device: torch.device | str = "cpu") -> Iterator[Tensor]:
-    """Endless batches (batch, n_features): each feature active w.p. p with value ~ U[0, 1]."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        values = torch.rand(batch_size, n_features, generator=gen)
-        active = torch.rand(batch_size, n_features, generator=gen) < feature_probability
-        yield (values * active).to(device)
+def tms_batch(n_features: int, feature_probability: float, batch_size: int, seed: int, step: int,
+              device: torch.device | str = "cpu") -> Tensor:
+    """Batch number `step` of data stream `seed`, (batch, n_features): each feature is active with
+    probability p, with value ~ U[0, 1]. Indexed by step, so a resumed run sees the same data."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    values = torch.rand(batch_size, n_features, generator=gen)
+    active = torch.rand(batch_size, n_features, generator=gen) < feature_probability
+    return (values * active).to(device)
 
 
 def train_tms(cfg: TMSTargetConfig) -> TMSModel:
@@ -88,9 +86,8 @@ def train_tms(cfg: TMSTargetConfig) -> TMSModel:
     parametrize.register_parametrization(model.linear2, "weight", _TransposeOf(model.linear1), unsafe=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
-    batches = tms_batches(cfg.n_features, cfg.feature_probability, cfg.batch_size, cfg.seed + 1)
     for step in range(cfg.steps):
-        x = next(batches)
+        x = tms_batch(cfg.n_features, cfg.feature_probability, cfg.batch_size, cfg.seed + 1, step)
         loss = F.mse_loss(model(x), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
