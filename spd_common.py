@@ -302,6 +302,36 @@ def write_results(run_dir: Path, results: dict) -> Path:
     return path
 
 
+def load_or_train_target(cfg: Any, build: Callable[[], nn.Module], train: Callable[[], nn.Module],
+                         shape_keys: tuple[str, ...]) -> nn.Module:
+    """The frozen target cached at `cfg.path`; trained with `train()` (and cached) when missing.
+
+    The cache stores the target config it was trained with; one whose `shape_keys` differ from
+    `cfg` is refused rather than silently loaded into a model of another shape.
+    """
+    path = Path(cfg.path)
+    if not path.exists():
+        print(f"Target {path} not found: training it ({cfg.steps} steps) and caching it there.")
+        model = train()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"config": dataclasses.asdict(cfg), "state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, path)  # atomic: an interrupted save never leaves a truncated cache
+        return model.requires_grad_(False)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved_cfg, state = saved["config"], saved["state_dict"]
+    except Exception as e:  # truncated file, not a checkpoint, ...
+        raise SPDError(f"target checkpoint {path} is unreadable ({type(e).__name__}); delete it to retrain") from None
+    if any(saved_cfg.get(k) != getattr(cfg, k) for k in shape_keys):
+        raise SPDError(f"target checkpoint {path} has shape {[saved_cfg.get(k) for k in shape_keys]} but the config "
+                       f"asks for {[getattr(cfg, k) for k in shape_keys]} ({', '.join(shape_keys)}); "
+                       f"set target.path to a new file or delete {path}")
+    model = build()
+    model.load_state_dict(state)
+    return model.requires_grad_(False)
+
+
 # ================================================================================================
 # 2. Components
 # ================================================================================================
@@ -582,6 +612,12 @@ class ComponentModel(nn.Module):
             pre = self.ci_fns[_key(n)](ci_in)
             lower[n], upper[n] = lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
         return lower, upper
+
+    @torch.no_grad()
+    def ci_of(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """CI (lower-leaky, the one masks use) of every decomposed module on one input batch."""
+        _, inputs = self.run_target(*args, **kwargs)
+        return self.causal_importances(inputs)[0]
 
     def untied_names(self) -> list[str]:
         return [n for n in self.names if not self.modules_[n].components.tied]

@@ -57,13 +57,9 @@ def subcomponent_norms(U: Tensor, V: Tensor) -> Tensor:
     return U.norm(dim=0) * V.norm(dim=1)
 
 
-@torch.no_grad()
-def one_hot_ci(model: ComponentModel, n_features: int, value: float = 1.0) -> dict[str, Tensor]:
-    """CI (n_features, C) of every decomposed module when exactly feature i is on, with the given value."""
-    device = next(model.components.parameters()).device
-    _, inputs = model.run_target(value * torch.eye(n_features, device=device))
-    ci, _ = model.causal_importances(inputs)
-    return ci
+def one_hot_ci(model: ComponentModel, n_features: int) -> dict[str, Tensor]:
+    """CI (n_features, C) of every decomposed module when exactly feature i is on (value 1)."""
+    return model.ci_of(torch.eye(n_features, device=next(model.components.parameters()).device))
 
 
 @torch.no_grad()

@@ -15,8 +15,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"tms": "tms_decomposition.py", "resid_mlp": "resid_mlp_decomposition.py", "ih": "ih_decomposition.py"}
-QUALITY = ["mmcs", "ml2r", "n_alive/linear1", "n_alive/hidden_layers.0", "n_monosemantic_features",
-           "ce_unrecovered", "accuracy_ci_masked"]
+QUALITY = ["mmcs", "ml2r", "n_nonnegligible/linear1", "n_nonnegligible/hidden_layers.0", "n_monosemantic_features",
+           "w_out_summed_rank/layers.0.mlp_out", "ci_masked_mse_over_target_var", "ce_unrecovered",
+           "accuracy_ci_masked"]
 
 
 def script_for(config: Path) -> str:

@@ -10,15 +10,14 @@ lr 5e-3 constant, 10k steps, batch 1024 (5-2) or 8192 (40-10).
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from spd_common import F_, SPDError, load_config, run_main
+from spd_common import F_, SPDError, load_config, load_or_train_target, run_main
 
 
 @dataclass
@@ -105,26 +104,8 @@ def train_tms(cfg: TMSTargetConfig) -> TMSModel:
 
 def load_or_train_tms(cfg: TMSTargetConfig) -> TMSModel:
     """The cached target at cfg.path, trained first (and cached) when missing."""
-    path = Path(cfg.path)
-    if not path.exists():
-        print(f"Target {path} not found: training it ({cfg.steps} steps) and caching it there.")
-        model = train_tms(cfg)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": asdict(cfg), "state_dict": model.state_dict()}, path)
-        return model
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        saved_cfg, state = saved["config"], saved["state_dict"]
-    except Exception as e:  # truncated file, not a checkpoint, ...
-        raise SPDError(f"target checkpoint {path} is unreadable ({type(e).__name__}); delete it to retrain") from None
-    shape_keys = ("n_features", "n_hidden", "n_hidden_layers")
-    if any(saved_cfg.get(k) != getattr(cfg, k) for k in shape_keys):
-        raise SPDError(f"target checkpoint {path} has shape {[saved_cfg.get(k) for k in shape_keys]} but the config "
-                       f"asks for {[getattr(cfg, k) for k in shape_keys]} ({', '.join(shape_keys)}); "
-                       f"set target.path to a new file or delete {path}")
-    model = TMSModel(cfg.n_features, cfg.n_hidden, cfg.n_hidden_layers)
-    model.load_state_dict(state)
-    return model.requires_grad_(False)
+    return load_or_train_target(cfg, lambda: TMSModel(cfg.n_features, cfg.n_hidden, cfg.n_hidden_layers),
+                                lambda: train_tms(cfg), ("n_features", "n_hidden", "n_hidden_layers"))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""The residual-MLP experiment at small size: target training, ground-truth metrics, the script."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from resid_mlp_decomposition import monosemantic, summed_rank
+from train_targets.train_resid_mlp import ResidMLPTargetConfig, labels, resid_mlp_batch, train_resid_mlp
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(n_features=10, d_embed=100, d_mlp=10, n_layers=1, feature_probability=0.1)
+
+
+def test_small_target_learns_x_plus_relu_x():
+    cfg = ResidMLPTargetConfig(**SMALL, steps=1500, batch_size=512, path="unused")
+    model = train_resid_mlp(cfg)
+    x = resid_mlp_batch(10, 0.1, 4096, seed=123, step=0)
+    with torch.no_grad():
+        mse = F.mse_loss(model(x), labels(x)).item()
+    identity_only = F.mse_loss(x, labels(x)).item()  # what the residual stream alone gives
+    assert mse < 0.1 * identity_only, (mse, identity_only)
+    assert torch.allclose(model.W_E.norm(dim=1), torch.ones(10))  # unit-norm embedding rows
+
+
+def test_data_is_sparse_signed_and_indexed():
+    x = resid_mlp_batch(100, 0.01, 50_000, seed=0, step=0)
+    assert x.min() < -0.9 and x.max() > 0.9
+    assert abs((x != 0).float().mean().item() - 0.01) < 0.001
+    assert torch.equal(x, resid_mlp_batch(100, 0.01, 50_000, seed=0, step=0))
+
+
+def test_monosemantic_on_hand_made_ci():
+    n = 6
+    perfect = torch.eye(n)[:, torch.randperm(n)]  # each feature its own subcomponent, in any order
+    assert monosemantic(perfect, 0.5).all()
+    padded = torch.cat([perfect, torch.zeros(n, 4), 0.3 * torch.ones(n, 2)], dim=1)  # dead + sub-threshold
+    assert monosemantic(padded, 0.5).all()
+    shared = perfect.clone()
+    shared[0] = shared[1]  # features 0 and 1 use the same subcomponent
+    assert monosemantic(shared, 0.5).tolist() == [False, False, True, True, True, True]
+    split = torch.cat([perfect, torch.zeros(n, 1)], dim=1)
+    split[2, -1] = 0.9  # feature 2 needs two subcomponents
+    assert monosemantic(split, 0.5).sum() == n - 1
+    scrambled = torch.rand(n, 2 * n)  # dense CI: nothing is monosemantic
+    assert monosemantic(scrambled, 0.05).sum() == 0
+
+
+def test_summed_rank_on_hand_made_components():
+    torch.manual_seed(0)
+    U, V = torch.randn(30, 8), torch.randn(8, 5)
+    alive = torch.tensor([True] * 5 + [False] * 3)
+    assert summed_rank(U, V, alive, 1e-2) == 5
+    assert summed_rank(U, V, torch.tensor([True, True] + [False] * 6), 1e-2) == 2
+    assert summed_rank(U, V, torch.zeros(8, dtype=torch.bool), 1e-2) == 0
+
+
+def test_script_short_run(tmp_path):
+    overrides = [f"target.{k}={v}" for k, v in SMALL.items()] + [
+        "target.steps=300", f"target.path={tmp_path / 't.pt'}", "spd.modules={layers.*.mlp_in: 12, layers.*.mlp_out: 12}",
+        "spd.steps=40", "spd.eval_every=20", "spd.batch_size=256", "spd.eval_batch_size=256",
+        "spd.faithfulness_warmup_steps=10"]
+    proc = subprocess.run([sys.executable, str(ROOT / "resid_mlp_decomposition.py"), str(ROOT / "configs/resid_mlp1.yaml"),
+                           *overrides, "--out", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+    for key in ["n_monosemantic_features", "w_out_alive/layers.0.mlp_out", "w_out_summed_rank/layers.0.mlp_out",
+                "ci_masked_mse_over_target_var", "steps_per_s", "l0/layers.0.mlp_in"]:
+        assert key in results, key
+    assert 0 <= results["n_monosemantic_features"] <= 10
+    assert (tmp_path / "run/figures/ci_heatmaps.png").is_file()
+    assert (tmp_path / "run/figures/feature_sweeps.png").is_file()
