@@ -1,0 +1,185 @@
+"""SPD on a two-layer attention-only transformer that solves an induction task.
+
+    python ih_decomposition.py configs/ih.yaml [key.sub=value ...] [--out DIR]
+
+The story:
+  1. Load the config; get the target (trained and cached if missing): sequences `... A B ... A`
+     whose label is B, solved by a previous-token head in layer 0 and an induction head in layer 1.
+  2. Decompose the q, k, v and output projections of every layer with `spd_common.optimize`,
+     the output loss being the KL of the final position's next-token distribution.
+  3. Evaluate: accuracy of the target, of the model with CI masks, and with each layer's
+     components ablated; mean CI of each component at the positions that matter (first A, B,
+     final A); and which components carry the mechanism: those whose ablation (with every other
+     component at its CI) drops accuracy most, in layer 0 (previous-token) and the last layer
+     (induction).
+  4. Figures: attention patterns of the target and of the CI-masked decomposition; CI by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+from spd_common import F_, ComponentModel, SPDConfig, config_to_dict, get_device, optimize, parse_cli, run_main, \
+    set_seed, write_results
+from train_targets.train_ih import IHTargetConfig, induction_batch, load_or_train_ih
+
+POSITIONS = ["first A", "B", "other", "final A"]
+
+
+@dataclass
+class IHConfig:
+    target: IHTargetConfig = F_(doc="the target model and how to train it")
+    spd: SPDConfig = F_(doc="the decomposition")
+    n_eval: int = F_(2048, "held-out sequences for accuracies, ablations and figures", ge=1)
+
+
+def final_logits(logits: Tensor) -> Tensor:
+    """(batch, seq, vocab) -> (batch, vocab): only the final position carries a label."""
+    return logits[:, -1]
+
+
+def layer_of(name: str) -> int:
+    return int(name.split(".")[1])  # blocks.<layer>.attn.<proj>
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluations
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def masked_accuracy(model: ComponentModel, tokens: Tensor, labels: Tensor, masks: dict[str, Tensor]) -> float:
+    with model.masked(masks):
+        return (final_logits(model(tokens)).argmax(-1) == labels).float().mean().item()
+
+
+@torch.no_grad()
+def ci_by_position(ci: dict[str, Tensor], pos_a: Tensor) -> dict[str, Tensor]:
+    """Mean CI (4, C) of each module's components at the first A, B, other positions and the final A."""
+    B, T = pos_a.shape[0], next(iter(ci.values())).shape[1]
+    rows = torch.arange(B)
+    other = torch.ones(B, T, dtype=torch.bool, device=pos_a.device)
+    other[rows, pos_a] = other[rows, pos_a + 1] = other[:, -1] = False
+    return {n: torch.stack([g[rows, pos_a].mean(0), g[rows, pos_a + 1].mean(0), g[other].mean(0), g[:, -1].mean(0)])
+            for n, g in ci.items()}
+
+
+@torch.no_grad()
+def ih_metrics(model: ComponentModel, cfg: IHConfig, tokens: Tensor, labels: Tensor, ablate_each: bool) -> dict:
+    """Accuracies of the target, CI-masked and per-layer-ablated models; with `ablate_each`, also
+    the mechanism's components (one forward pass per alive component, so only at the end)."""
+    ci = model.ci_of(tokens)
+    out = {"acc_target": (final_logits(model(tokens)).argmax(-1) == labels).float().mean().item(),
+           "acc_ci_masked": masked_accuracy(model, tokens, labels, ci)}
+    layers = sorted({layer_of(n) for n in model.names})
+    for layer in layers:
+        zeros = {n: torch.zeros_like(g) for n, g in ci.items() if layer_of(n) == layer}
+        out[f"acc_layer{layer}_ablated"] = masked_accuracy(model, tokens, labels, zeros)
+    out["mean_l0"] = sum((g > cfg.spd.ci_threshold).sum(-1).float().mean().item() for g in ci.values()) / len(ci)
+    if not ablate_each:
+        return out
+    # Ablate each alive component alone (the rest at their CI) and rank by the accuracy left.
+    drops = []
+    for n, g in ci.items():
+        for c in (g > cfg.spd.ci_threshold).flatten(0, -2).any(0).nonzero().flatten().tolist():
+            masks = dict(ci)
+            masks[n] = g.clone()
+            masks[n][..., c] = 0
+            drops.append((masked_accuracy(model, tokens, labels, masks), n, c))
+    for role, layer in (("prev_token", layers[0]), ("induction", layers[-1])):
+        acc, n, c = min(d for d in drops if layer_of(d[1]) == layer)
+        out[f"top_{role}_component"] = f"{n}:{c}"
+        out[f"acc_without_top_{role}_component"] = acc
+    out["component_ablations"] = [f"{n}:{c} acc={acc:.3f}" for acc, n, c in sorted(drops)[:10]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def plot_attention(model: ComponentModel, tokens: Tensor, pos_a: Tensor, path) -> None:
+    """Attention patterns of one sequence: target (top) and CI-masked decomposition (bottom)."""
+    x, p = tokens[:1], pos_a[0].item()
+    attns = [blk.attn for blk in model.target.blocks]
+    model(x)
+    target = [a.pattern[0].cpu() for a in attns]
+    with model.masked(model.ci_of(x)):
+        model(x)
+    masked = [a.pattern[0].cpu() for a in attns]
+    n_heads = target[0].shape[0]
+    fig, axes = plt.subplots(2, len(attns) * n_heads, figsize=(3.2 * len(attns) * n_heads, 6.4), squeeze=False)
+    for row, (title, pats) in enumerate((("target", target), ("SPD, CI masks", masked))):
+        for layer, pat in enumerate(pats):
+            for h in range(n_heads):
+                ax = axes[row, layer * n_heads + h]
+                ax.imshow(pat[h], vmin=0, vmax=1, cmap="viridis")
+                ax.set(title=f"{title}: layer {layer} head {h}", xlabel="key", ylabel="query")
+                ax.axvline(p + 1, color="red", lw=0.6)  # B: where the induction head should look
+    fig.suptitle(f"first A at {p}, B at {p + 1}, final A at {tokens.shape[1] - 1}")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_ci_by_position(by_pos: dict[str, Tensor], threshold: float, path) -> None:
+    fig, axes = plt.subplots(1, len(by_pos), figsize=(2.6 * len(by_pos), 3), squeeze=False)
+    for ax, (n, m) in zip(axes[0], by_pos.items()):
+        alive = (m > threshold).any(0).nonzero().flatten()
+        ax.imshow(m[:, alive].cpu(), vmin=0, vmax=1, cmap="Blues", aspect="auto")
+        ax.set_xticks(range(len(alive)), [str(c) for c in alive.tolist()], fontsize=6)
+        ax.set_yticks(range(len(POSITIONS)), POSITIONS, fontsize=7)
+        ax.set_title(n.removeprefix("blocks."), fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+def main() -> None:
+    cfg, run_dir = parse_cli(IHConfig, __doc__.splitlines()[0])
+    device = get_device(cfg.spd.device)
+    target = load_or_train_ih(cfg.target).to(device)
+
+    set_seed(cfg.spd.seed)
+    model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
+    t = cfg.target
+
+    def train_batch(step: int) -> Tensor:
+        return induction_batch(t.vocab_size, t.seq_len, cfg.spd.batch_size, cfg.spd.seed, step, device)[0]
+
+    def eval_batch(step: int) -> Tensor:
+        return induction_batch(t.vocab_size, t.seq_len, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, step,
+                               device)[0]
+
+    held_out = induction_batch(t.vocab_size, t.seq_len, cfg.n_eval, cfg.spd.seed + 20_000, 0, device)
+    tokens, labels, pos_a = held_out
+
+    results = optimize(model, cfg.spd, train_batch, eval_batch, run_dir, output_fn=final_logits,
+                       eval_fn=lambda m: ih_metrics(m, cfg, tokens, labels, ablate_each=False),
+                       full_config=config_to_dict(cfg))
+    results = {k.removeprefix("eval/"): v for k, v in results.items()}
+    results |= ih_metrics(model, cfg, tokens, labels, ablate_each=True)
+
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    plot_attention(model, tokens, pos_a, figures / "attention_patterns.png")
+    plot_ci_by_position(ci_by_position(model.ci_of(tokens), pos_a), cfg.spd.ci_threshold,
+                        figures / "ci_by_position.png")
+
+    print(f"accuracy: target {results['acc_target']:.3f}, CI-masked {results['acc_ci_masked']:.3f}, "
+          + ", ".join(f"{k.removeprefix('acc_')} {v:.3f}" for k, v in results.items() if k.endswith("_ablated"))
+          + f"; mean L0 {results['mean_l0']:.2f}")
+    for role in ("prev_token", "induction"):
+        print(f"top {role} component {results[f'top_{role}_component']}: accuracy without it "
+              f"{results[f'acc_without_top_{role}_component']:.3f}")
+    print(f"{results['steps']} steps in {results['wall_s']} s ({results['steps_per_s']} steps/s), "
+          f"peak RSS {results['peak_rss_mb']} MB")
+    write_results(run_dir, results)
+
+
+if __name__ == "__main__":
+    run_main(main)
