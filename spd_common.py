@@ -372,8 +372,7 @@ class DecomposedModule(nn.Module):
     """Stands in for a target `nn.Linear` or `nn.Embedding` inside the target model.
 
     With no mask set it runs the original module. With a mask (..., C) it runs the masked
-    components, `((a V^T) * m) U^T (+ delta_mask * a (W - UV)^T) + bias`, on the rows `rows`
-    of the batch (all rows if None), and the original module on the others.
+    components instead: `((a V^T) * m) U^T (+ delta_mask * a (W - UV)^T) + bias`.
     """
 
     def __init__(self, original: nn.Module, components: Components):
@@ -383,7 +382,6 @@ class DecomposedModule(nn.Module):
         self.is_embedding = isinstance(original, nn.Embedding)
         self.mask: Tensor | None = None
         self.delta_mask: Tensor | None = None
-        self.rows: slice | None = None
         self.cache_input = False
         self.last_input: Tensor | None = None
 
@@ -416,12 +414,7 @@ class DecomposedModule(nn.Module):
             self.last_input = x
         if self.mask is None:
             return self.original(x)
-        if self.rows is None:
-            return self._masked_forward(x, self.mask, self.delta_mask)
-        r = self.rows
-        return torch.cat([self.original(x[: r.start]),
-                          self._masked_forward(x[r], self.mask, self.delta_mask),
-                          self.original(x[r.stop:])])
+        return self._masked_forward(x, self.mask, self.delta_mask)
 
 
 # ================================================================================================
@@ -451,7 +444,8 @@ def _init_stack(C: int | None, widths: list[int]) -> nn.ParameterList:
 def _per_component_mlp(x: Tensor, layers: nn.ParameterList, start: int = 0) -> Tensor:
     """C independent MLPs as batched matmuls: x (C, N, d) -> (C, N, 1), from layer `start` on.
 
-    baddbmm keeps both passes as single BLAS calls per layer; GELU is the only elementwise work.
+    baddbmm keeps both passes as single BLAS calls per layer, and its output is contiguous (GELU
+    on a strided (C, N, H) view is ~10x slower); GELU is the only elementwise work.
     """
     for i in range(start, len(layers), 2):
         x = torch.baddbmm(layers[i + 1], x, layers[i])
@@ -481,12 +475,8 @@ class VectorMLPs(nn.Module):
         self.layers = _init_stack(C, [d_in, *hidden, 1])
 
     def forward(self, a: Tensor) -> Tensor:
-        w, b = self.layers[0], self.layers[1]  # (C, d_in, H), (C, 1, H)
-        a2 = a.reshape(-1, a.shape[-1])  # (N, d_in)
-        # All C first layers as one (N, d_in) @ (d_in, C*H) matmul.
-        x = (a2 @ w.permute(1, 0, 2).reshape(w.shape[1], -1)).unflatten(-1, (self.C, -1)).transpose(0, 1) + b
-        if len(self.layers) > 2:  # x is (C, N, H): the first layer's pre-activation
-            x = _per_component_mlp(F.gelu(x), self.layers, start=2)
+        a2 = a.reshape(-1, a.shape[-1])  # (N, d_in), shared by all C MLPs without a copy
+        x = _per_component_mlp(a2.expand(self.C, *a2.shape), self.layers)  # (C, N, 1)
         return x[..., 0].T.reshape(*a.shape[:-1], self.C)
 
 
@@ -549,12 +539,12 @@ class ComponentModel(nn.Module):
                     raise SPDError(f"tied module '{n}' is not among the decomposed modules {list(self.C)}")
             if self.C[name] != self.C[src]:
                 raise SPDError(f"tied modules '{name}' and '{src}' need the same C")
-        self.names = list(self.C)
         self.ci_reads_inner_acts = ci_fn == "mlp"
         self.components = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
         self.modules_: dict[str, DecomposedModule] = {}
-        for name in [n for n in self.names if n not in tied] + [n for n in self.names if n in tied]:
+        # Sources before the modules tied to them, so that their components exist.
+        for name in [n for n in self.C if n not in tied] + [n for n in self.C if n in tied]:
             original = found[name]
             w = original.weight.T if isinstance(original, nn.Embedding) else original.weight
             d_out, d_in = w.shape
@@ -574,19 +564,17 @@ class ComponentModel(nn.Module):
         return self.target(*args, **kwargs)
 
     @contextmanager
-    def masked(self, masks: dict[str, Tensor], delta_masks: dict[str, Tensor] | None = None,
-               rows: dict[str, slice] | None = None):
-        """Within the block, module n uses components with mask masks[n] (on batch rows rows[n])."""
+    def masked(self, masks: dict[str, Tensor], delta_masks: dict[str, Tensor] | None = None):
+        """Within the block, module n runs its components with mask masks[n] (the others: the target)."""
         try:
             for n, m in masks.items():
                 mod = self.modules_[n]
                 mod.mask = m
                 mod.delta_mask = delta_masks[n] if delta_masks else None
-                mod.rows = rows[n] if rows else None
             yield
         finally:
             for mod in self.modules_.values():
-                mod.mask = mod.delta_mask = mod.rows = None
+                mod.mask = mod.delta_mask = None
 
     @torch.no_grad()
     def run_target(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
@@ -691,14 +679,10 @@ def masked_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, mask
 def layerwise_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, masks: dict[str, Tensor],
                          delta_masks: dict[str, Tensor] | None, kind: str,
                          output_fn: Callable[[Any], Tensor]) -> Tensor:
-    """Mean over modules of the loss when only that module is masked, as ONE forward pass: the batch
-    is repeated once per module and module l is masked on copy l only."""
-    B, L = x.shape[0], len(masks)
-    rows = {n: slice(i * B, (i + 1) * B) for i, n in enumerate(masks)}
-    x_rep = x.repeat(L, *([1] * (x.dim() - 1)))
-    with model.masked(masks, delta_masks, rows):
-        out = output_fn(model(x_rep))
-    return output_loss(out, target_out.repeat(L, *([1] * (target_out.dim() - 1))), kind)
+    """Mean over modules of the loss when only that module is masked (the others run the target)."""
+    losses = [masked_recon_loss(model, x, target_out, {n: m}, {n: delta_masks[n]} if delta_masks else None,
+                                kind, output_fn) for n, m in masks.items()]
+    return sum(losses) / len(losses)
 
 
 def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: float,

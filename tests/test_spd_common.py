@@ -198,16 +198,20 @@ def test_faithfulness_hand_computed():
     assert faithfulness_loss(model).item() == pytest.approx(26 / 4)
 
 
-def test_layerwise_batched_equals_one_module_at_a_time():
+def test_layerwise_masks_one_module_at_a_time():
+    """Module emb faithful (masks 1 + delta 1 = target exactly), fc2 ablated (masks 0): the layerwise
+    loss is the mean of 0 (emb alone) and the loss of ablating fc2 alone, unaffected by fc1's mask."""
     model = make_model()
     tokens = torch.randint(0, 7, (6, 3))
-    target_out, inputs = model.run_target(tokens)
-    ci, _ = model.causal_importances(inputs)
-    masks, deltas = sample_masks(ci, "continuous", use_delta=True)
-    batched = layerwise_recon_loss(model, tokens, target_out, masks, deltas, "mse", lambda o: o)
-    one_at_a_time = [masked_recon_loss(model, tokens, target_out, {n: masks[n]}, {n: deltas[n]}, "mse", lambda o: o)
-                     for n in model.names]
-    torch.testing.assert_close(batched, sum(one_at_a_time) / len(one_at_a_time))
+    target_out, _ = model.run_target(tokens)
+    masks = {"emb": torch.ones(6, 3, 5), "fc2": torch.zeros(6, 3, 5)}
+    deltas = {"emb": torch.ones(6, 3), "fc2": torch.zeros(6, 3)}
+    loss = layerwise_recon_loss(model, tokens, target_out, masks, deltas, "mse", lambda o: o)
+    fc2_alone = masked_recon_loss(model, tokens, target_out, {"fc2": masks["fc2"]}, None, "mse", lambda o: o)
+    with model.masked({"fc2": masks["fc2"]}):
+        assert torch.all(model(tokens) == 0)  # fc2 has no bias: all components off leaves nothing
+    assert fc2_alone > 0.01
+    torch.testing.assert_close(loss, fc2_alone / 2)
 
 
 def test_lr_schedules_and_p_annealing():
