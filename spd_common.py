@@ -99,6 +99,15 @@ class SPDConfig:
     device: str = F_("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:i]'")
     wandb_project: Optional[str] = F_(None, "log to this wandb project (null = no wandb)")
 
+    def __post_init__(self) -> None:
+        """Checks that involve more than one field (single-field bounds are in the metadata)."""
+        if self.p_anneal_start_frac > self.p_anneal_end_frac:
+            raise SPDError(f"p_anneal_start_frac = {self.p_anneal_start_frac} must be <= p_anneal_end_frac = "
+                           f"{self.p_anneal_end_frac}")
+        coeffs = [f.name for f in dataclasses.fields(self) if f.name.endswith("_coeff")]
+        if not any(getattr(self, c) for c in coeffs):
+            raise SPDError(f"no loss term is on: set at least one of {', '.join(coeffs)} to a positive value")
+
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
@@ -196,7 +205,10 @@ def _build_dataclass(cls: type, raw: Any, prefix: str = "") -> Any:
                 if c < 1:
                     raise SPDError(f"key '{key}.{pat}' = {c}: C must be >= 1")
         values[name] = v
-    return cls(**values)
+    try:
+        return cls(**values)
+    except SPDError as e:  # from __post_init__
+        raise SPDError(f"{where}: {e}") from None
 
 
 def _apply_override(raw: dict, override: str) -> None:
@@ -242,10 +254,13 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def make_run_dir(config_path: Path, out: str | None) -> Path:
-    """`out` if given (must be empty or absent), else runs/<config name>/<timestamp>; never overwrites."""
+    """`out` if given (absent, empty, or holding only the config.yaml of a run that failed before it
+    started), else runs/<config name>/<timestamp>; never overwrites results."""
     if out is not None:
         run_dir = Path(out)
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if run_dir.exists() and not run_dir.is_dir():
+            raise SPDError(f"--out {run_dir} is a file, not a directory; choose another --out")
+        if run_dir.exists() and any(p.name != "config.yaml" for p in run_dir.iterdir()):
             raise SPDError(f"output dir {run_dir} already holds files; choose another --out or remove it")
     else:
         base = Path("runs") / config_path.stem / datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -262,6 +277,11 @@ def parse_cli(cls: type, description: str, argv: list[str] | None = None) -> tup
     ap.add_argument("config", help="YAML config, e.g. configs/tms_5-2.yaml")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, typed by the config")
     ap.add_argument("--out", default=None, help="run directory (default runs/<config name>/<timestamp>)")
+
+    def error(message: str) -> None:  # argparse's own errors: one line too, not usage + error
+        raise SPDError(f"{message} (usage: {' '.join(ap.format_usage().split()[1:])})")
+
+    ap.error = error  # type: ignore[method-assign]
     args = ap.parse_args(argv)
     cfg = load_config(cls, args.config, args.overrides)
     run_dir = make_run_dir(Path(args.config), args.out)
@@ -287,7 +307,14 @@ def set_seed(seed: int) -> None:
 def get_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SPDError(f"spd.device = '{name}' is not a device; use auto, cpu or cuda[:i]") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SPDError(f"spd.device = '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                       f"set spd.device=auto or cpu")
+    return device
 
 
 def peak_rss_mb() -> float:
@@ -505,6 +532,8 @@ class ComponentModel(nn.Module):
         target.eval()
         self.target = target
         found = {n: m for n, m in target.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+        if not patterns:
+            raise SPDError(f"no modules to decompose: set spd.modules, e.g. {{{next(iter(found), 'fc1')}: 20}}")
         self.C: dict[str, int] = {}
         for pattern, C in patterns.items():
             matches = [n for n in found if fnmatch.fnmatchcase(n, pattern)]
