@@ -1019,8 +1019,9 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
         set_rng_state(ckpt["rng"])
         start, skipped, train_metrics = ckpt["step"], ckpt["skipped_steps"], ckpt["train_metrics"]
         if ckpt["threads"] != torch.get_num_threads():
-            print(f"warning: {last_ckpt} was written with {ckpt['threads']} threads, now {torch.get_num_threads()}: "
-                  f"the result will not be bit-identical to an uninterrupted run", file=sys.stderr)
+            print(f"warning: {last_ckpt} was written with torch.get_num_threads() = {ckpt['threads']}, now "
+                  f"{torch.get_num_threads()}: the result may differ from an uninterrupted run's in the last bits",
+                  file=sys.stderr)
         truncate_metrics(run_dir / "metrics.jsonl", start)
         print(f"resuming from {last_ckpt} (step {start} of {cfg.steps})")
     logger = MetricsLogger(run_dir, cfg, full_config or {"spd": config_to_dict(cfg)})
