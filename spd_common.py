@@ -18,20 +18,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import hashlib
 import json
 import math
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 import types
 import typing
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -47,6 +51,13 @@ from tqdm import tqdm
 # ================================================================================================
 class SPDError(Exception):
     """A user-facing error: printed as one line by `run_main`, never as a traceback."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGUSR1 with a checkpoint saved; --resume
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived and `optimize` saved a checkpoint; `run_main` exits with EXIT_PREEMPTED."""
 
 
 def F_(default: Any = dataclasses.MISSING, doc: str = "", *, gt: float | None = None,
@@ -94,10 +105,21 @@ class SPDConfig:
     eval_batch_size: int = F_(4096, "examples per evaluation batch", ge=1)
     log_every: int = F_(100, "write training losses to metrics.jsonl every N steps", ge=1)
     ci_threshold: float = F_(0.1, "CI above this counts a subcomponent as active (L0, alive)", ge=0, le=1)
-    checkpoint_every: Optional[int] = F_(None, "save a checkpoint every N steps (null = final only)", ge=1)
+    checkpoint_every: Optional[int] = F_(1000, "save a checkpoint every N steps, for --resume (null = none)", ge=1)
+    keep_checkpoints: int = F_(3, "keep the newest N periodic checkpoints (final.pt is always kept)", ge=1)
+    on_nan: Literal["stop", "skip"] = F_("stop", "a nan/inf loss or gradient stops the run, or skips that step")
     seed: int = F_(0, "seed of parameters, data and masks")
     device: str = F_("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:i]'")
     wandb_project: Optional[str] = F_(None, "log to this wandb project (null = no wandb)")
+
+    def __post_init__(self) -> None:
+        """Checks that involve more than one field (single-field bounds are in the metadata)."""
+        if self.p_anneal_start_frac > self.p_anneal_end_frac:
+            raise SPDError(f"p_anneal_start_frac = {self.p_anneal_start_frac} must be <= p_anneal_end_frac = "
+                           f"{self.p_anneal_end_frac}")
+        coeffs = [f.name for f in dataclasses.fields(self) if f.name.endswith("_coeff")]
+        if not any(getattr(self, c) for c in coeffs):
+            raise SPDError(f"no loss term is on: set at least one of {', '.join(coeffs)} to a positive value")
 
 
 def _type_name(tp: Any) -> str:
@@ -196,7 +218,10 @@ def _build_dataclass(cls: type, raw: Any, prefix: str = "") -> Any:
                 if c < 1:
                     raise SPDError(f"key '{key}.{pat}' = {c}: C must be >= 1")
         values[name] = v
-    return cls(**values)
+    try:
+        return cls(**values)
+    except SPDError as e:  # from __post_init__
+        raise SPDError(f"{where}: {e}") from None
 
 
 def _apply_override(raw: dict, override: str) -> None:
@@ -242,11 +267,15 @@ def config_to_dict(cfg: Any) -> dict:
 
 
 def make_run_dir(config_path: Path, out: str | None) -> Path:
-    """`out` if given (must be empty or absent), else runs/<config name>/<timestamp>; never overwrites."""
+    """`out` if given (absent, empty, or holding only the config.yaml of a run that failed before it
+    started), else runs/<config name>/<timestamp>; never overwrites results."""
     if out is not None:
         run_dir = Path(out)
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise SPDError(f"output dir {run_dir} already holds files; choose another --out or remove it")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise SPDError(f"--out {run_dir} is a file, not a directory; choose another --out")
+        if run_dir.exists() and any(p.name != "config.yaml" for p in run_dir.iterdir()):
+            raise SPDError(f"output dir {run_dir} already holds files; choose another --out, remove it, "
+                           f"or continue it with --resume {run_dir}")
     else:
         base = Path("runs") / config_path.stem / datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir, i = base, 1
@@ -256,13 +285,44 @@ def make_run_dir(config_path: Path, out: str | None) -> Path:
     return run_dir
 
 
+def check_resumable(run_dir: Path) -> None:
+    """A run dir that `optimize` can continue: its config.yaml, a checkpoint, and no results.json yet."""
+    if not run_dir.is_dir():
+        raise SPDError(f"--resume {run_dir}: no such directory; pass the run dir of an interrupted run")
+    if not (run_dir / "config.yaml").is_file():
+        raise SPDError(f"--resume {run_dir}: no config.yaml there, so it is not a run dir; pass the directory "
+                       f"that holds the run's config.yaml, metrics.jsonl and checkpoints/")
+    if (run_dir / "results.json").exists():
+        raise SPDError(f"--resume {run_dir}: the run already finished (results.json exists); nothing to resume")
+    ckpts = run_dir / "checkpoints"
+    if not (list(ckpts.glob("step_*.pt")) or (ckpts / "final.pt").exists()):
+        raise SPDError(f"--resume {run_dir}: no checkpoint to resume from (the run stopped before its first; "
+                       f"spd.checkpoint_every sets how often); start the run again")
+
+
 def parse_cli(cls: type, description: str, argv: list[str] | None = None) -> tuple[Any, Path]:
-    """`script.py CONFIG.yaml [key.sub=value ...] [--out DIR]` -> (typed config, fresh run dir)."""
+    """`script.py CONFIG.yaml [key.sub=value ...] [--out DIR]` -> (typed config, fresh run dir), or
+    `script.py --resume RUN_DIR` -> (the run's own config.yaml, RUN_DIR), which `optimize` continues."""
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("config", help="YAML config, e.g. configs/tms_5-2.yaml")
+    ap.add_argument("config", nargs="?", help="YAML config, e.g. configs/tms_5-2.yaml")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, typed by the config")
     ap.add_argument("--out", default=None, help="run directory (default runs/<config name>/<timestamp>)")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
+
+    def error(message: str) -> None:  # argparse's own errors: one line too, not usage + error
+        raise SPDError(f"{message} (usage: {' '.join(ap.format_usage().split()[1:])})")
+
+    ap.error = error  # type: ignore[method-assign]
     args = ap.parse_args(argv)
+    if args.resume is not None:
+        if args.config or args.overrides or args.out:
+            raise SPDError(f"--resume {args.resume} continues the run with its own config.yaml; drop CONFIG, "
+                           f"overrides and --out (edit {Path(args.resume) / 'config.yaml'} to change it)")
+        run_dir = Path(args.resume)
+        check_resumable(run_dir)
+        return load_config(cls, run_dir / "config.yaml"), run_dir
+    if args.config is None:
+        error("no config given: pass CONFIG.yaml (e.g. configs/tms_5-2.yaml) or --resume RUN_DIR")
     cfg = load_config(cls, args.config, args.overrides)
     run_dir = make_run_dir(Path(args.config), args.out)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -270,12 +330,16 @@ def parse_cli(cls: type, description: str, argv: list[str] | None = None) -> tup
 
 
 def run_main(main: Callable[[], None]) -> None:
-    """Run a script's main; a user-facing error becomes one line on stderr and exit code 2."""
+    """Run a script's main; a user-facing error becomes one line on stderr and exit code 2, a
+    preemption one line and EXIT_PREEMPTED."""
     try:
         main()
     except SPDError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
 
 
 def set_seed(seed: int) -> None:
@@ -287,7 +351,14 @@ def set_seed(seed: int) -> None:
 def get_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SPDError(f"spd.device = '{name}' is not a device; use auto, cpu or cuda[:i]") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SPDError(f"spd.device = '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                       f"set spd.device=auto or cpu")
+    return device
 
 
 def peak_rss_mb() -> float:
@@ -525,6 +596,8 @@ class ComponentModel(nn.Module):
         target.eval()
         self.target = target
         found = {n: m for n, m in target.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+        if not patterns:
+            raise SPDError(f"no modules to decompose: set spd.modules, e.g. {{{next(iter(found), 'fc1')}: 20}}")
         self.C: dict[str, int] = {}
         for pattern, C in patterns.items():
             matches = [n for n in found if fnmatch.fnmatchcase(n, pattern)]
@@ -793,15 +866,139 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def save_checkpoint(path: Path, model: ComponentModel, opt: torch.optim.Optimizer, step: int) -> None:
+# Checkpoints hold everything a bit-exact resume needs: components, CI functions, optimizer state and
+# every RNG state (masks are drawn from the global torch RNG; data is indexed by step).
+CHECKPOINT_KEYS = ("step", "components", "ci_fns", "optimizer", "rng", "skipped_steps", "train_metrics",
+                   "target_digest", "threads")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state, as tensors and tuples of ints so that torch.load(weights_only=True) reads it."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, keys.tolist(), pos, has_gauss, gauss), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def target_digest(model: ComponentModel) -> str:
+    """sha256 of the frozen target's weights: resuming against a different target is refused."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.target.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`: a kill at
+    any moment leaves the old file or the complete new one, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"step": step, **model.decomposition_state(), "optimizer": opt.state_dict()}, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    if not Path(path).is_file():
+    """A checkpoint written by `optimize`, verified: SPDError if it is missing, truncated or corrupt."""
+    path = Path(path)
+    if not path.is_file():
         raise SPDError(f"checkpoint {path} not found; pass a run's checkpoints/*.pt file")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # the CRC of every record: torch.load does not check the tensor data
+        if bad is not None:
+            raise ValueError(f"bad CRC in {bad}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SPDError(f"checkpoint {path} is truncated or corrupt ({reason})") from None
+    return ckpt
+
+
+def checkpoint_paths(ckpt_dir: Path) -> list[Path]:
+    """Periodic checkpoints (step_N.pt, N = steps done) oldest first, then final.pt if present."""
+    periodic = sorted((int(p.stem[5:]), p) for p in ckpt_dir.glob("step_*.pt") if p.stem[5:].isdigit())
+    final = ckpt_dir / "final.pt"
+    return [p for _, p in periodic] + ([final] if final.exists() else [])
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` periodic checkpoints (final.pt stays) and torn temporary files."""
+    periodic = [p for p in checkpoint_paths(ckpt_dir) if p.name != "final.pt"]
+    for p in periodic[:-keep] + list(ckpt_dir.glob(".*.tmp")):
+        p.unlink()
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads; a corrupt one is reported and the previous one tried."""
+    paths = checkpoint_paths(ckpt_dir)
+    for path in reversed(paths):
+        try:
+            return path, load_checkpoint(path)
+        except SPDError as e:
+            print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr)
+    if paths:
+        raise SPDError(f"none of the {len(paths)} checkpoints in {ckpt_dir} is readable; start the run again")
+    return None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics.jsonl lines logged before `step` (dropping a torn last line), so that a resumed
+    run appends exactly the lines an uninterrupted run would have written."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def preemption_signals() -> Iterator[list[str]]:
+    """Inside, SIGTERM and SIGUSR1 only append their name to the yielded list: the loop checkpoints at
+    the next step boundary, where the state is exactly resumable. The old handlers come back after."""
+    caught: list[str] = []
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
+        yield caught
+        return
+    signals = (signal.SIGTERM, signal.SIGUSR1)
+    old = {s: signal.signal(s, lambda signum, _: caught.append(signal.Signals(signum).name)) for s in signals}
+    try:
+        yield caught
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def nonfinite_term(losses: dict[str, Tensor], grad_norm: Tensor) -> tuple[str, float] | None:
+    """(name, value) of the first nan/inf loss term, `total`, or `gradient` (norm); None if all are finite."""
+    values = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.detach().float()])
+    finite = torch.isfinite(values)
+    if finite.all():  # the one host sync per step that the guard costs
+        return None
+    i = int((~finite).nonzero()[0])
+    return [*losses, "gradient"][i], values[i].item()
 
 
 def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int], Tensor],
@@ -813,14 +1010,41 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     `train_batch(step)` / `eval_batch(step)` give the data of each step (indexed, not streamed, so
     that a run is reproducible from its step alone). Every `eval_every` steps (and at the end) logs
     `evaluate` on `eval_batch(step)` plus `eval_fn(model)`.
-    Writes metrics.jsonl, checkpoints/step_N.pt (periodic) and checkpoints/final.pt.
+    Writes metrics.jsonl, checkpoints/step_N.pt (after N steps; the newest keep_checkpoints) and
+    checkpoints/final.pt.
+    Resume: if run_dir already holds checkpoints (`--resume`), continues from the newest readable
+    one, skipping the faithfulness warm-up; the result is bit-identical to an uninterrupted run's on
+    the same machine and thread count.
+    Preemption: SIGTERM / SIGUSR1 save step_N.pt at the next step boundary and raise `Preempted`.
+    A nan/inf loss term or gradient raises SPDError (on_nan=stop) or skips that step (on_nan=skip).
     """
     params = [p for p in model.components.parameters()] + [p for p in model.ci_fns.parameters()]
     Opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = Opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt_dir = run_dir / "checkpoints"
+    digest = target_digest(model)
+    start, skipped, train_metrics, last_ckpt = 0, 0, {}, None
+    resumed = latest_checkpoint(ckpt_dir)
+    if resumed is not None:
+        last_ckpt, ckpt = resumed
+        if ckpt["target_digest"] != digest:
+            raise SPDError(f"{last_ckpt} was trained against a different target (its weights changed since); "
+                           f"restore the original target file or start a new run")
+        try:
+            model.load_decomposition_state(ckpt)
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise SPDError(f"{last_ckpt} does not fit this model ({' '.join(str(e).split())[:200]}); "
+                           f"was {run_dir / 'config.yaml'} edited?") from None
+        set_rng_state(ckpt["rng"])
+        start, skipped, train_metrics = ckpt["step"], ckpt["skipped_steps"], ckpt["train_metrics"]
+        if ckpt["threads"] != torch.get_num_threads():
+            print(f"warning: {last_ckpt} was written with torch.get_num_threads() = {ckpt['threads']}, now "
+                  f"{torch.get_num_threads()}: the result may differ from an uninterrupted run's in the last bits",
+                  file=sys.stderr)
+        truncate_metrics(run_dir / "metrics.jsonl", start)
+        print(f"resuming from {last_ckpt} (step {start} of {cfg.steps})")
     logger = MetricsLogger(run_dir, cfg, full_config or {"spd": config_to_dict(cfg)})
-    if cfg.faithfulness_warmup_steps:
-        logger.log(0, {"warmup/faithfulness": faithfulness_warmup(model, cfg)})
 
     def run_eval(step: int) -> dict[str, float]:
         metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, eval_batch(step), output_fn).items()}
@@ -829,30 +1053,69 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
         logger.log(step, metrics)
         return metrics
 
-    t0 = time.time()
-    bar = tqdm(range(cfg.steps), desc="spd", mininterval=2.0, disable=None)
-    train_metrics: dict[str, float] = {}
-    for step in bar:
-        lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        losses = training_losses(model, cfg, train_batch(step), step / cfg.steps, output_fn)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            train_metrics = {f"train/{k}": v.item() for k, v in losses.items()} | {"train/lr": lr}
-            logger.log(step, train_metrics)
-            bar.set_postfix(loss=f"{train_metrics['train/total']:.3g}")
-        if step > 0 and step % cfg.eval_every == 0:
-            run_eval(step)
-        if cfg.checkpoint_every and step > 0 and step % cfg.checkpoint_every == 0:
-            save_checkpoint(run_dir / "checkpoints" / f"step_{step}.pt", model, opt, step)
-    wall = time.time() - t0
-    final = run_eval(cfg.steps)
-    save_checkpoint(run_dir / "checkpoints" / "final.pt", model, opt, cfg.steps)
-    logger.close()
-    return {"steps": cfg.steps, "wall_s": round(wall, 2), "steps_per_s": round(cfg.steps / wall, 2),
+    def checkpoint(n: int, name: str) -> Path:
+        """Save the state after n steps; parameters that went nan/inf are never saved."""
+        if not all(torch.isfinite(p).all() for p in params):
+            raise SPDError(f"parameters are not finite after step {n - 1}; not saving {name}, keeping the last "
+                           f"good checkpoint ({last_ckpt}); lower spd.lr or set spd.grad_clip")
+        path = ckpt_dir / name
+        save_checkpoint(path, {"step": n, **model.decomposition_state(), "optimizer": opt.state_dict(),
+                               "rng": rng_state(), "skipped_steps": skipped, "train_metrics": train_metrics,
+                               "target_digest": digest, "threads": torch.get_num_threads()})
+        prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+        return path
+
+    try:
+        if resumed is None and cfg.faithfulness_warmup_steps:
+            warmup_loss = faithfulness_warmup(model, cfg)
+            if not math.isfinite(warmup_loss):
+                raise SPDError(f"the faithfulness warm-up loss is {warmup_loss}; lower spd.faithfulness_warmup_lr")
+            logger.log(0, {"warmup/faithfulness": warmup_loss})
+        t0 = time.time()
+        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="spd", mininterval=2.0,
+                   disable=None)
+        with preemption_signals() as caught:
+            for step in bar:
+                lr = lr_at(step, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                losses = training_losses(model, cfg, train_batch(step), step / cfg.steps, output_fn)
+                opt.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip is not None
+                             else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                bad = nonfinite_term(losses, grad_norm)
+                if bad is None:
+                    opt.step()
+                    if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                        train_metrics = {f"train/{k}": v.item() for k, v in losses.items()} | {"train/lr": lr}
+                        logger.log(step, train_metrics)
+                        bar.set_postfix(loss=f"{train_metrics['train/total']:.3g}")
+                elif cfg.on_nan == "stop":
+                    what = "the gradient norm" if bad[0] == "gradient" else f"loss term '{bad[0]}'"
+                    raise SPDError(f"{what} is {bad[1]} at step {step}; stopped, keeping the last good checkpoint "
+                                   f"({last_ckpt}); lower spd.lr, set spd.grad_clip, or set spd.on_nan=skip")
+                else:  # on_nan=skip: no optimizer step, counted
+                    skipped += 1
+                    logger.log(step, {"train/skipped_steps": skipped})
+                if step > 0 and step % cfg.eval_every == 0:
+                    run_eval(step)
+                n = step + 1  # steps done; a checkpoint at n resumes at step n
+                periodic = bool(cfg.checkpoint_every) and n % cfg.checkpoint_every == 0 and n < cfg.steps
+                if periodic:
+                    last_ckpt = checkpoint(n, f"step_{n}.pt")
+                if caught and n < cfg.steps:
+                    if not periodic:
+                        last_ckpt = checkpoint(n, f"step_{n}.pt")
+                    raise Preempted(f"{caught[0]} at step {n} of {cfg.steps}: saved {last_ckpt}; continue with "
+                                    f"python {sys.argv[0]} --resume {run_dir}")
+        wall = time.time() - t0
+        # final.pt before the final evaluation: a run killed after it resumes to the same results.
+        checkpoint(cfg.steps, "final.pt")
+        final = run_eval(cfg.steps)
+    finally:
+        logger.close()
+    ran = cfg.steps - start
+    return {"steps": cfg.steps, "resumed_from_step": start if resumed else None, "skipped_steps": skipped,
+            "wall_s": round(wall, 2), "steps_per_s": round(ran / max(wall, 1e-9), 2),
             "peak_rss_mb": round(peak_rss_mb(), 1), **train_metrics, **final}

@@ -1,6 +1,7 @@
 """SPD on a toy model of superposition (TMS): recover one subcomponent per column of W.
 
     python tms_decomposition.py configs/tms_5-2.yaml [key.sub=value ...] [--out DIR]
+    python tms_decomposition.py --resume RUN_DIR   # continue an interrupted run (README: Resuming)
 
 The story:
   1. Load the config; get the target x̂ = ReLU(W^T H W x + b) (trained and cached if missing).

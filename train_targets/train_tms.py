@@ -92,6 +92,11 @@ def train_tms(cfg: TMSTargetConfig) -> TMSModel:
         loss.backward()
         opt.step()
     parametrize.remove_parametrizations(model.linear2, "weight")  # now a plain copy of W^T
+    # A fresh module holds contiguous weights, as a cached target loads: the run that trains its target
+    # then computes bit-identically to the runs that load it (a transposed view takes another matmul path).
+    trained = TMSModel(cfg.n_features, cfg.n_hidden, cfg.n_hidden_layers)
+    trained.load_state_dict(model.state_dict())
+    model = trained
     norms = model.linear1.weight.detach().norm(dim=0)
     dead = [i for i, v in enumerate(norms.tolist()) if v < cfg.min_column_norm]
     print(f"TMS target trained: loss {loss.item():.4g}, column norms of W "
