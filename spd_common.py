@@ -1,7 +1,7 @@
 """Generic Stochastic Parameter Decomposition (SPD) machinery shared by every experiment script.
 
 Sections, in reading order:
-  1. Typed configs loaded from YAML, command-line overrides, run directories.
+  1. The SPD config, run directories, torchrun (typed YAML loading itself is in spd_config.py).
   2. Components: rank-one factors U, V standing in for a target module's weight.
   3. Causal-importance (CI) functions and leaky hard sigmoids.
   4. ComponentModel: attaches components to an unmodified target model by module-name pattern.
@@ -28,11 +28,9 @@ import signal
 import sys
 import threading
 import time
-import types
-import typing
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Optional
@@ -40,33 +38,23 @@ from typing import Any, Callable, Iterator, Literal, Optional
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import Tensor
 from tqdm import tqdm
 
+from spd_config import F_, SPDError, config_to_dict, load_config  # noqa: F401 (re-exported for the scripts)
+
 
 # ================================================================================================
-# 1. Configs, overrides, run directories
+# 1. The SPD config, run directories, torchrun
 # ================================================================================================
-class SPDError(Exception):
-    """A user-facing error: printed as one line by `run_main`, never as a traceback."""
-
-
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGUSR1 with a checkpoint saved; --resume
 
 
 class Preempted(Exception):
     """SIGTERM or SIGUSR1 arrived and `optimize` saved a checkpoint; `run_main` exits with EXIT_PREEMPTED."""
-
-
-def F_(default: Any = dataclasses.MISSING, doc: str = "", *, gt: float | None = None,
-       ge: float | None = None, le: float | None = None) -> Any:
-    """A config field with a one-line doc and optional bounds (checked when the config is loaded)."""
-    meta = {"doc": doc, "gt": gt, "ge": ge, "le": le}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -122,150 +110,6 @@ class SPDConfig:
             raise SPDError(f"no loss term is on: set at least one of {', '.join(coeffs)} to a positive value")
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin in (list, dict):
-        return f"a {origin.__name__} of " + ", ".join(_type_name(a) for a in typing.get_args(tp))
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    """Check `value` against type `tp`, converting where YAML is loose (1 -> 1.0, '1e-3' -> 0.001)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = SPDError(f"key '{key}': expected {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return _build_dataclass(tp, value, key)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is not type(None):
-                try:
-                    return _coerce(arg, value, key)
-                except SPDError:
-                    pass
-        raise bad
-    if origin is Literal:
-        if value in args:
-            return value
-        raise bad
-    if origin is list:
-        if not isinstance(value, list):
-            raise bad
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad
-        return {_coerce(args[0], k, key): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise bad
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-            except ValueError:
-                pass
-        raise bad
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise TypeError(f"unsupported config type {tp} for '{key}'")
-
-
-def _build_dataclass(cls: type, raw: Any, prefix: str = "") -> Any:
-    where = f"'{prefix}'" if prefix else "the top level"
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SPDError(f"{where}: expected a mapping of keys to values, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for k in raw:
-        if k not in fields:
-            raise SPDError(f"unknown key '{prefix}{'.' if prefix else ''}{k}'; "
-                           f"valid keys at {where}: {', '.join(fields)}")
-    values = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise SPDError(f"missing required key '{key}' ({f.metadata.get('doc', _type_name(hints[name]))})")
-            continue
-        v = _coerce(hints[name], raw[name], key)
-        meta = f.metadata
-        for bound, ok, word in (("gt", lambda x, b: x > b, ">"), ("ge", lambda x, b: x >= b, ">="),
-                                ("le", lambda x, b: x <= b, "<=")):
-            b = meta.get(bound)
-            if b is not None and isinstance(v, (int, float)) and not ok(v, b):
-                raise SPDError(f"key '{key}' = {v!r} is out of range: must be {word} {b} ({meta['doc']})")
-        if name == "modules" and isinstance(v, dict):
-            for pat, c in v.items():
-                if c < 1:
-                    raise SPDError(f"key '{key}.{pat}' = {c}: C must be >= 1")
-        values[name] = v
-    try:
-        return cls(**values)
-    except SPDError as e:  # from __post_init__
-        raise SPDError(f"{where}: {e}") from None
-
-
-def _apply_override(raw: dict, override: str) -> None:
-    """Set `a.b.c=value` in the raw YAML dict; the value is parsed as YAML (typed later)."""
-    if "=" not in override:
-        raise SPDError(f"override '{override}' must look like key.sub=value")
-    dotted, value = override.split("=", 1)
-    keys = dotted.split(".")
-    node = raw
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise SPDError(f"override '{override}': '{k}' is not a section")
-    node[keys[-1]] = yaml.safe_load(value) if value else None
-
-
-def load_config(cls: type, path: str | Path, overrides: list[str] = (), section: str | None = None) -> Any:
-    """Load YAML `path` (or its top-level `section`) into dataclass `cls`, applying `key.sub=value` overrides."""
-    path = Path(path)
-    if not path.is_file():
-        raise SPDError(f"config file {path} not found; pass the path of a YAML file, e.g. configs/tms_5-2.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        raise SPDError(f"{path}: malformed YAML{line}: {getattr(e, 'problem', e)}; fix the file's syntax") from None
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise SPDError(f"{path}: expected a mapping of keys to values at the top level")
-    try:
-        for o in overrides:
-            _apply_override(raw, o)
-        if section is not None:
-            return _build_dataclass(cls, raw.get(section), section)
-        return _build_dataclass(cls, raw)
-    except SPDError as e:
-        raise SPDError(f"{path}{' (with overrides)' if overrides else ''}: {e}") from None
-
-
-def config_to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def make_run_dir(config_path: Path, out: str | None) -> Path:
     """`out` if given (absent, empty, or holding only the config.yaml of a run that failed before it
     started), else runs/<config name>/<timestamp>; never overwrites results."""
@@ -314,6 +158,26 @@ def parse_cli(cls: type, description: str, argv: list[str] | None = None) -> tup
 
     ap.error = error  # type: ignore[method-assign]
     args = ap.parse_args(argv)
+    ddp = init_distributed()
+    if not ddp.is_main:  # rank 0 validates and makes the run dir; the others are told its path or error
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0].startswith("error: "):
+            raise SPDError(message[0].removeprefix("error: "))
+        return load_config(cls, Path(message[0]) / "config.yaml"), Path(message[0])
+    try:
+        cfg, run_dir = _config_and_run_dir(cls, args, error)
+    except SPDError as e:
+        if ddp.world_size > 1:
+            dist.broadcast_object_list([f"error: {e}"], src=0)
+        raise
+    if ddp.world_size > 1:
+        dist.broadcast_object_list([str(run_dir)], src=0)
+    return cfg, run_dir
+
+
+def _config_and_run_dir(cls: type, args: argparse.Namespace, error: Callable[[str], None]) -> tuple[Any, Path]:
+    """The config and run dir of a new run (made here) or of the run being resumed."""
     if args.resume is not None:
         if args.config or args.overrides or args.out:
             raise SPDError(f"--resume {args.resume} continues the run with its own config.yaml; drop CONFIG, "
@@ -340,6 +204,45 @@ def run_main(main: Callable[[], None]) -> None:
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job; rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, x: Tensor) -> Tensor:
+        """This rank's equal share of the rows of a global batch."""
+        if x.shape[0] % self.world_size:
+            raise SPDError(f"a batch of {x.shape[0]} does not split over {self.world_size} processes; "
+                           f"make spd.batch_size and spd.eval_batch_size multiples of the process count")
+        n = x.shape[0] // self.world_size
+        return x[self.rank * n: (self.rank + 1) * n]
+
+    def mean(self, values: Tensor) -> Tensor:
+        """Average over ranks (a no-op on one process)."""
+        if self.world_size > 1:
+            dist.all_reduce(values)
+            values = values / self.world_size
+        return values
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so that device "cuda" is this rank's GPU
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), world_size)
 
 
 def set_seed(seed: int) -> None:
@@ -700,11 +603,17 @@ class ComponentModel(nn.Module):
 # ================================================================================================
 # 5. Masks and losses
 # ================================================================================================
-def sample_masks(ci: dict[str, Tensor], sampling: str, use_delta: bool,
-                 generator: torch.Generator | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-    """m = g + (1 - g) r with r ~ U(0, 1) (continuous) or {0, 1} (binomial); the delta mask is r alone."""
+def sample_masks(ci: dict[str, Tensor], sampling: str, use_delta: bool, generator: torch.Generator | None = None,
+                 ddp: Dist = Dist()) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    """m = g + (1 - g) r with r ~ U(0, 1) (continuous) or {0, 1} (binomial); the delta mask is r alone.
+
+    Under torchrun every rank draws the noise of the whole global batch and keeps its own rows, so
+    a run on N processes samples exactly what a one-process run with the same global batch does.
+    """
     def noise(shape: torch.Size, like: Tensor) -> Tensor:
-        r = torch.rand(shape, device=like.device, dtype=like.dtype, generator=generator)
+        r = torch.rand((shape[0] * ddp.world_size, *shape[1:]), device=like.device, dtype=like.dtype,
+                       generator=generator)
+        r = ddp.shard(r)
         return (r < 0.5).to(like.dtype) if sampling == "binomial" else r
 
     masks = {n: g + (1 - g) * noise(g.shape, g) for n, g in ci.items()}
@@ -759,8 +668,9 @@ def layerwise_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, m
 
 
 def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: float,
-                    output_fn: Callable[[Any], Tensor]) -> dict[str, Tensor]:
-    """Every loss term whose coefficient is set, unweighted, plus `total` (weighted sum)."""
+                    output_fn: Callable[[Any], Tensor], ddp: Dist = Dist()) -> dict[str, Tensor]:
+    """Every loss term whose coefficient is set, unweighted, plus `total` (weighted sum), each a
+    mean over this rank's examples (x: this rank's shard of the global batch)."""
     target_out, inputs = model.run_target(x)
     target_out = output_fn(target_out)
     ci, ci_upper = model.causal_importances(inputs)
@@ -774,7 +684,7 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
         losses["faithfulness"] = faithfulness_loss(model)
     for key, fn in (("stochastic_recon", masked_recon_loss), ("stochastic_recon_layerwise", layerwise_recon_loss)):
         if key in on:
-            samples = [fn(model, x, target_out, *sample_masks(ci, cfg.sampling, cfg.use_delta_component),
+            samples = [fn(model, x, target_out, *sample_masks(ci, cfg.sampling, cfg.use_delta_component, ddp=ddp),
                           cfg.output_loss, output_fn) for _ in range(cfg.n_mask_samples)]
             losses[key] = sum(samples) / len(samples)
     if "ci_masked_recon" in on:
@@ -789,10 +699,11 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
 # 6. Evaluation
 # ================================================================================================
 @torch.no_grad()
-def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor,
-             output_fn: Callable[[Any], Tensor]) -> dict[str, float]:
+def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callable[[Any], Tensor],
+             generator: torch.Generator | None = None) -> dict[str, float]:
     """Generic metrics on one batch: per-module L0, fraction of CI >= 0.99, alive count; and the
-    output loss against the target with masks = CI, masks = 1 and stochastic masks (no delta)."""
+    output loss against the target with masks = CI, masks = 1 and stochastic masks (no delta,
+    noise from `generator`, so that evaluating leaves the training's random stream untouched)."""
     target_out, inputs = model.run_target(x)
     target_out = output_fn(target_out)
     ci, _ = model.causal_importances(inputs)
@@ -803,7 +714,7 @@ def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor,
         out[f"frac_ci_ge_0.99/{n}"] = (g >= 0.99).float().mean().item()
         out[f"n_alive/{n}"] = int(active.flatten(0, -2).any(0).sum().item())
     ones = {n: torch.ones_like(g) for n, g in ci.items()}
-    stoch, _ = sample_masks(ci, cfg.sampling, use_delta=False)
+    stoch, _ = sample_masks(ci, cfg.sampling, use_delta=False, generator=generator)
     for key, masks in (("ci_masked", ci), ("masks_one", ones), ("stochastic", stoch)):
         out[f"recon/{key}"] = masked_recon_loss(model, x, target_out, masks, None, cfg.output_loss, output_fn).item()
     out["faithfulness"] = faithfulness_loss(model).item()
@@ -840,12 +751,13 @@ def faithfulness_warmup(model: ComponentModel, cfg: SPDConfig) -> float:
 
 
 class MetricsLogger:
-    """metrics.jsonl always; wandb only when a project is named (offline without credentials)."""
+    """metrics.jsonl always; wandb only when a project is named (offline without credentials).
+    Disabled (writes nothing) on every torchrun rank but 0."""
 
-    def __init__(self, run_dir: Path, cfg: SPDConfig, full_config: dict):
-        self.file = open(run_dir / "metrics.jsonl", "a")
+    def __init__(self, run_dir: Path, cfg: SPDConfig, full_config: dict, enabled: bool = True):
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.wandb = None
-        if cfg.wandb_project:
+        if enabled and cfg.wandb_project:
             import wandb
 
             has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in (
@@ -855,13 +767,16 @@ class MetricsLogger:
                                     mode=mode, name=run_dir.name)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.file is None:
+            return
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -1017,7 +932,11 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     the same machine and thread count.
     Preemption: SIGTERM / SIGUSR1 save step_N.pt at the next step boundary and raise `Preempted`.
     A nan/inf loss term or gradient raises SPDError (on_nan=stop) or skips that step (on_nan=skip).
+    Under torchrun each rank trains on its shard of the global batch and gradients are averaged, so
+    the result equals a one-process run's; rank 0 alone evaluates (on the whole eval batch), logs
+    and writes, and the other ranks leave the process when training ends.
     """
+    ddp = init_distributed()
     params = [p for p in model.components.parameters()] + [p for p in model.ci_fns.parameters()]
     Opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = Opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -1042,12 +961,14 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
             print(f"warning: {last_ckpt} was written with torch.get_num_threads() = {ckpt['threads']}, now "
                   f"{torch.get_num_threads()}: the result may differ from an uninterrupted run's in the last bits",
                   file=sys.stderr)
-        truncate_metrics(run_dir / "metrics.jsonl", start)
-        print(f"resuming from {last_ckpt} (step {start} of {cfg.steps})")
-    logger = MetricsLogger(run_dir, cfg, full_config or {"spd": config_to_dict(cfg)})
+        if ddp.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", start)
+            print(f"resuming from {last_ckpt} (step {start} of {cfg.steps})")
+    logger = MetricsLogger(run_dir, cfg, full_config or {"spd": config_to_dict(cfg)}, enabled=ddp.is_main)
 
     def run_eval(step: int) -> dict[str, float]:
-        metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, eval_batch(step), output_fn).items()}
+        noise = torch.Generator(next(iter(params)).device).manual_seed(cfg.seed * 1_000_003 + step)
+        metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, eval_batch(step), output_fn, noise).items()}
         if eval_fn is not None:
             metrics.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
         logger.log(step, metrics)
@@ -1059,6 +980,8 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
             raise SPDError(f"parameters are not finite after step {n - 1}; not saving {name}, keeping the last "
                            f"good checkpoint ({last_ckpt}); lower spd.lr or set spd.grad_clip")
         path = ckpt_dir / name
+        if not ddp.is_main:
+            return path
         save_checkpoint(path, {"step": n, **model.decomposition_state(), "optimizer": opt.state_dict(),
                                "rng": rng_state(), "skipped_steps": skipped, "train_metrics": train_metrics,
                                "target_digest": digest, "threads": torch.get_num_threads()})
@@ -1073,22 +996,30 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
             logger.log(0, {"warmup/faithfulness": warmup_loss})
         t0 = time.time()
         bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="spd", mininterval=2.0,
-                   disable=None)
+                   disable=None if ddp.is_main else True)
         with preemption_signals() as caught:
             for step in bar:
                 lr = lr_at(step, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                losses = training_losses(model, cfg, train_batch(step), step / cfg.steps, output_fn)
+                losses = training_losses(model, cfg, ddp.shard(train_batch(step)), step / cfg.steps, output_fn, ddp)
                 opt.zero_grad(set_to_none=True)
                 losses["total"].backward()
+                if ddp.world_size > 1:  # mean of the ranks' gradients = gradient of the global-batch mean
+                    grads = [p.grad for p in params if p.grad is not None]
+                    for g, mean in zip(grads, torch.split(ddp.mean(torch.cat([g.flatten() for g in grads])),
+                                                          [g.numel() for g in grads])):
+                        g.copy_(mean.view_as(g))
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip is not None
                              else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
                 bad = nonfinite_term(losses, grad_norm)
+                if ddp.world_size > 1 and ddp.mean(torch.tensor(float(bad is not None))) > 0 and bad is None:
+                    bad = ("total (on another rank)", float("nan"))  # every rank must take the same branch
                 if bad is None:
                     opt.step()
                     if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                        train_metrics = {f"train/{k}": v.item() for k, v in losses.items()} | {"train/lr": lr}
+                        means = ddp.mean(torch.stack([v.detach().float() for v in losses.values()]))
+                        train_metrics = {f"train/{k}": v for k, v in zip(losses, means.tolist())} | {"train/lr": lr}
                         logger.log(step, train_metrics)
                         bar.set_postfix(loss=f"{train_metrics['train/total']:.3g}")
                 elif cfg.on_nan == "stop":
@@ -1098,21 +1029,29 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
                 else:  # on_nan=skip: no optimizer step, counted
                     skipped += 1
                     logger.log(step, {"train/skipped_steps": skipped})
-                if step > 0 and step % cfg.eval_every == 0:
+                if step > 0 and step % cfg.eval_every == 0 and ddp.is_main:
                     run_eval(step)
                 n = step + 1  # steps done; a checkpoint at n resumes at step n
                 periodic = bool(cfg.checkpoint_every) and n % cfg.checkpoint_every == 0 and n < cfg.steps
                 if periodic:
                     last_ckpt = checkpoint(n, f"step_{n}.pt")
+                if ddp.world_size > 1:  # a signal to any rank stops them all at the same step
+                    if ddp.mean(torch.tensor(float(bool(caught)))) > 0 and not caught:
+                        caught.append("a signal to another rank")
                 if caught and n < cfg.steps:
                     if not periodic:
                         last_ckpt = checkpoint(n, f"step_{n}.pt")
                     raise Preempted(f"{caught[0]} at step {n} of {cfg.steps}: saved {last_ckpt}; continue with "
                                     f"python {sys.argv[0]} --resume {run_dir}")
         wall = time.time() - t0
+        if not ddp.is_main:
+            dist.destroy_process_group()
+            sys.exit(0)  # rank 0 alone evaluates, makes the figures and writes results
         # final.pt before the final evaluation: a run killed after it resumes to the same results.
         checkpoint(cfg.steps, "final.pt")
         final = run_eval(cfg.steps)
+        if ddp.world_size > 1:
+            dist.destroy_process_group()
     finally:
         logger.close()
     ran = cfg.steps - start

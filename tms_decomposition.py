@@ -26,7 +26,7 @@ from torch import Tensor
 
 from spd_common import F_, ComponentModel, SPDConfig, config_to_dict, get_device, optimize, parse_cli, run_main, \
     set_seed, write_results
-from train_targets.train_tms import TMSModel, TMSTargetConfig, load_or_train_tms, tms_batch
+from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batch
 
 
 @dataclass
