@@ -110,6 +110,19 @@ class SPDConfig:
             raise SPDError(f"no loss term is on: set at least one of {', '.join(coeffs)} to a positive value")
 
 
+EXPERIMENT_SCRIPTS = {"tms": "tms_decomposition.py", "resid_mlp": "resid_mlp_decomposition.py",
+                      "ih": "ih_decomposition.py"}
+
+
+def script_for(config: str | Path) -> str:
+    """The experiment script that runs a config, by the config's file name: tms_* -> tms_decomposition.py,
+    resid_mlp* -> resid_mlp_decomposition.py, ih* -> ih_decomposition.py, anything else -> lm_decomposition.py."""
+    for prefix, script in EXPERIMENT_SCRIPTS.items():
+        if Path(config).stem.startswith(prefix):
+            return script
+    return "lm_decomposition.py"
+
+
 def make_run_dir(config_path: Path, out: str | None) -> Path:
     """`out` if given (absent, empty, or holding only the config.yaml of a run that failed before it
     started), else runs/<config name>/<timestamp>; never overwrites results."""

@@ -14,17 +14,12 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"tms": "tms_decomposition.py", "resid_mlp": "resid_mlp_decomposition.py", "ih": "ih_decomposition.py"}
+sys.path.insert(0, str(ROOT))
+from spd_common import script_for  # noqa: E402 (needs ROOT on the path)
+
 QUALITY = ["mmcs", "ml2r", "n_nonnegligible/linear1", "n_nonnegligible/hidden_layers.0", "n_monosemantic_features",
            "w_out_summed_rank/layers.0.mlp_out", "ci_masked_mse_over_target_var", "ce_unrecovered",
            "accuracy_ci_masked"]
-
-
-def script_for(config: Path) -> str:
-    for prefix, script in SCRIPTS.items():
-        if config.stem.startswith(prefix):
-            return script
-    return "lm_decomposition.py"
 
 
 def main() -> None:
