@@ -92,6 +92,9 @@ class SPDConfig:
     batch_size: int = F_(4096, "examples per step", ge=1)
     eval_every: int = F_(1000, "evaluate every N steps (and at the end)", ge=1)
     eval_batch_size: int = F_(4096, "examples per evaluation batch", ge=1)
+    grad_accum_steps: int = F_(1, "split each step's batch into this many micro-batches (same result, less memory)", ge=1)
+    autocast_bf16: bool = F_(False, "run forward passes under bf16 autocast (meant for CUDA; works but is slow on CPU)")
+    compile: bool = F_(False, "torch.compile the target model (the forward every loss runs through)")
     log_every: int = F_(100, "write training losses to metrics.jsonl every N steps", ge=1)
     ci_threshold: float = F_(0.1, "CI above this counts a subcomponent as active (L0, alive)", ge=0, le=1)
     checkpoint_every: Optional[int] = F_(None, "save a checkpoint every N steps (null = final only)", ge=1)
@@ -122,6 +125,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if len(args) == 2 and type(None) in args and dataclasses.is_dataclass(args[0]):
+            return _build_dataclass(args[0], value, key)  # an optional section: keep its own error message
         for arg in args:
             if arg is not type(None):
                 try:
@@ -368,8 +373,21 @@ class Components(nn.Module):
         return U @ V
 
 
+def decomposable_types() -> tuple[type, ...]:
+    """Layer types that can be decomposed: nn.Linear, nn.Embedding and GPT-2's Conv1D."""
+    from transformers.pytorch_utils import Conv1D  # imported here: transformers is slow to import
+
+    return nn.Linear, nn.Embedding, Conv1D
+
+
+def weight_out_in(module: nn.Module) -> Tensor:
+    """A decomposable layer's weight as (d_out, d_in). nn.Linear stores it so; nn.Embedding stores
+    (vocab, d) = (d_in, d_out) for one-hot inputs, and Conv1D (d_in, d_out) (it computes x @ W + b)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
 class DecomposedModule(nn.Module):
-    """Stands in for a target `nn.Linear` or `nn.Embedding` inside the target model.
+    """Stands in for a target `nn.Linear`, `nn.Embedding` or `Conv1D` inside the target model.
 
     With no mask set it runs the original module. With a mask (..., C) it runs the masked
     components, `((a V^T) * m) U^T (+ delta_mask * a (W - UV)^T) + bias`, on the rows `rows`
@@ -393,8 +411,7 @@ class DecomposedModule(nn.Module):
 
     def target_weight(self) -> Tensor:
         """The frozen target weight as a (d_out, d_in) matrix."""
-        w = self.original.weight
-        return w.T if self.is_embedding else w
+        return weight_out_in(self.original)
 
     def inner_acts(self, x: Tensor) -> Tensor:
         """h_c = V[c] · a: (..., C). For an embedding `a` is the one-hot token, so h = V[:, token]."""
@@ -534,12 +551,12 @@ class ComponentModel(nn.Module):
         target.requires_grad_(False)
         target.eval()
         self.target = target
-        found = {n: m for n, m in target.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+        found = {n: m for n, m in target.named_modules() if isinstance(m, decomposable_types())}
         self.C: dict[str, int] = {}
         for pattern, C in patterns.items():
             matches = [n for n in found if fnmatch.fnmatchcase(n, pattern)]
             if not matches:
-                raise SPDError(f"module pattern '{pattern}' matches no nn.Linear/nn.Embedding of the target; "
+                raise SPDError(f"module pattern '{pattern}' matches no nn.Linear/nn.Embedding/Conv1D of the target; "
                                f"its modules are: {', '.join(found) or '(none)'}")
             for n in matches:
                 self.C.setdefault(n, C)
@@ -556,8 +573,7 @@ class ComponentModel(nn.Module):
         self.modules_: dict[str, DecomposedModule] = {}
         for name in [n for n in self.names if n not in tied] + [n for n in self.names if n in tied]:
             original = found[name]
-            w = original.weight.T if isinstance(original, nn.Embedding) else original.weight
-            d_out, d_in = w.shape
+            d_out, d_in = weight_out_in(original).shape
             src = self.components[_key(tied[name])] if name in tied else None
             comps = Components(d_in, d_out, self.C[name], tied_to=src)
             self.components[_key(name)] = comps
@@ -769,6 +785,11 @@ def lr_at(step: int, cfg: SPDConfig) -> float:
     return cfg.lr
 
 
+def autocast(cfg: SPDConfig, device: torch.device):
+    """bf16 autocast of forward passes if cfg.autocast_bf16, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
+
+
 def faithfulness_warmup(model: ComponentModel, cfg: SPDConfig) -> float:
     """Fit UV to W alone for a few steps (AdamW) so training starts from a faithful decomposition."""
     params = list(model.components.parameters())
@@ -827,10 +848,14 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     """Train the components and CI functions of `model`; return the final results.
 
     `train_batch(step)` / `eval_batch(step)` give the data of each step (indexed, not streamed, so
-    that a run is reproducible from its step alone). Every `eval_every` steps (and at the end) logs
-    `evaluate` on `eval_batch(step)` plus `eval_fn(model)`.
+    that a run is reproducible from its step alone); a training batch is split into
+    `grad_accum_steps` micro-batches along its first axis. Every `eval_every` steps (and at the end)
+    logs `evaluate` on `eval_batch(step)` plus `eval_fn(model)`.
     Writes metrics.jsonl, checkpoints/step_N.pt (periodic) and checkpoints/final.pt.
     """
+    device = next(model.components.parameters()).device
+    if cfg.compile:
+        model.target.compile()  # in place: every (masked or not) forward goes through the compiled target
     params = [p for p in model.components.parameters()] + [p for p in model.ci_fns.parameters()]
     Opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = Opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -839,9 +864,10 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
         logger.log(0, {"warmup/faithfulness": faithfulness_warmup(model, cfg)})
 
     def run_eval(step: int) -> dict[str, float]:
-        metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, eval_batch(step), output_fn).items()}
-        if eval_fn is not None:
-            metrics.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
+        with autocast(cfg, device):
+            metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, eval_batch(step), output_fn).items()}
+            if eval_fn is not None:
+                metrics.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
         logger.log(step, metrics)
         return metrics
 
@@ -852,9 +878,14 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        losses = training_losses(model, cfg, train_batch(step), step / cfg.steps, output_fn)
         opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
+        losses: dict[str, Tensor] = {}
+        for x in train_batch(step).tensor_split(cfg.grad_accum_steps):
+            with autocast(cfg, device):
+                micro = training_losses(model, cfg, x, step / cfg.steps, output_fn)
+            (micro["total"] / cfg.grad_accum_steps).backward()
+            for k, v in micro.items():  # the mean over micro-batches is the batch's loss
+                losses[k] = losses.get(k, 0) + v.detach() / cfg.grad_accum_steps
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -870,5 +901,8 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     final = run_eval(cfg.steps)
     save_checkpoint(run_dir / "checkpoints" / "final.pt", model, opt, cfg.steps)
     logger.close()
-    return {"steps": cfg.steps, "wall_s": round(wall, 2), "steps_per_s": round(cfg.steps / wall, 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1), **train_metrics, **final}
+    results = {"steps": cfg.steps, "wall_s": round(wall, 2), "steps_per_s": round(cfg.steps / wall, 2),
+               "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if device.type == "cuda":
+        results["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return results | train_metrics | final
