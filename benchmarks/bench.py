@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"tms": "tms_decomposition.py", "resid_mlp": "resid_mlp_decomposition.py", "ih": "ih_decomposition.py"}
 QUALITY = ["mmcs", "ml2r", "n_nonnegligible/linear1", "n_nonnegligible/hidden_layers.0", "n_monosemantic_features",
            "w_out_summed_rank/layers.0.mlp_out", "ci_masked_mse_over_target_var", "ce_unrecovered",
-           "accuracy_ci_masked"]
+           "accuracy_ci_masked", "ce/target", "ce/ci_masked", "kl/ci_masked", "tokens_per_s", "peak_gpu_mem_mb"]
 
 
 def script_for(config: Path) -> str:
