@@ -71,7 +71,7 @@ def load_model(name: str) -> tuple[Any, Any]:
     looked = "the local directory" if local else "no local directory of that name; the hub and the HF cache"
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local).float()  # fp32 master weights
     except (OSError, ValueError) as e:  # missing files, no network, not a repo name
         raise SPDError(f"model '{name}' could not be loaded (looked in {looked}: {type(e).__name__}); "
                        f"{OFFLINE_HINT}") from None
@@ -140,6 +140,7 @@ def plot_l0_over_training(run_dir: Path, C: dict[str, int], path: Path) -> None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     rows = [r for r in rows if any(k.startswith("eval/l0/") for k in r)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # one colour per module, up to 20
     for name in C:
         ax.plot([r["step"] for r in rows], [r[f"eval/l0/{name}"] for r in rows], marker=".", label=name)
     ax.set(yscale="log", xlabel="step", ylabel="L0 (active subcomponents per token)",
@@ -166,9 +167,10 @@ def plot_ci(ci: dict[str, Tensor], threshold: float, figures: Path) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for name, g in ci.items():
         density = (g.flatten(0, -2) > threshold).float().mean(0).sort(descending=True).values.cpu()
-        ax.plot(range(1, len(density) + 1), density.clamp_min(1e-6), label=name)
+        ax.plot(range(1, len(density) + 1), density.clamp_min(1e-6), label=name)  # 1e-6: never fires
     ax.set(yscale="log", xlabel="subcomponent (sorted by density)", ylabel=f"fraction of tokens with CI > {threshold}",
            title="Subcomponent firing density")
     ax.legend(fontsize=6, ncol=2)
