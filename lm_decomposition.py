@@ -73,8 +73,8 @@ def load_model(name: str) -> tuple[Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
         model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local).float()  # fp32 master weights
     except (OSError, ValueError) as e:  # missing files, no network, not a repo name
-        raise SPDError(f"model '{name}' could not be loaded (looked in {looked}: {type(e).__name__}); "
-                       f"{OFFLINE_HINT}") from None
+        raise SPDError(f"model '{name}' could not be loaded (looked in {looked}; {type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]}); {OFFLINE_HINT}") from None
     model.config.use_cache = False  # no KV cache: every forward sees whole sequences
     return model, tokenizer
 
