@@ -145,7 +145,7 @@ def plot_l0_over_training(run_dir: Path, C: dict[str, int], path: Path) -> None:
         ax.plot([r["step"] for r in rows], [r[f"eval/l0/{name}"] for r in rows], marker=".", label=name)
     ax.set(yscale="log", xlabel="step", ylabel="L0 (active subcomponents per token)",
            title=f"L0 per module (C = {sorted(set(C.values()))})")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -173,7 +173,7 @@ def plot_ci(ci: dict[str, Tensor], threshold: float, figures: Path) -> None:
         ax.plot(range(1, len(density) + 1), density.clamp_min(1e-6), label=name)  # 1e-6: never fires
     ax.set(yscale="log", xlabel="subcomponent (sorted by density)", ylabel=f"fraction of tokens with CI > {threshold}",
            title="Subcomponent firing density")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(figures / "firing_density.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 

@@ -128,6 +128,9 @@ def test_local_json_dataset_and_missing_file(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"story": s}) + "\n" for s in ["a b", "b b a", "a"]))
     cfg = DataConfig(name="json", data_files={"train": str(tmp_path / "train.jsonl")}, column="story", seq_len=3)
     assert load_tokens(cfg, "train", tokenizer).tolist() == [[1, 2, 0], [2, 2, 1], [0, 1, 0]]
+    (tmp_path / "train.txt").write_text("a b\nb b a\na\n")  # the 'text' builder: one text per line
+    text = DataConfig(name="text", data_files={"train": str(tmp_path / "train.txt")}, seq_len=3)
+    assert load_tokens(text, "train", tokenizer).tolist() == [[1, 2, 0], [2, 2, 1], [0, 1, 0]]
     with pytest.raises(SPDError, match="no column 'text'"):
         load_tokens(DataConfig(name="json", data_files=cfg.data_files, seq_len=3), "train", tokenizer)
     missing = DataConfig(name="json", data_files={"train": str(tmp_path / "nope.jsonl")})
