@@ -91,6 +91,9 @@ class SPDConfig:
     batch_size: int = F_(4096, "examples per step", ge=1)
     eval_every: int = F_(1000, "evaluate every N steps (and at the end)", ge=1)
     eval_batch_size: int = F_(4096, "examples per evaluation batch", ge=1)
+    grad_accum_steps: int = F_(1, "split each step's batch into this many micro-batches (same result, less memory)", ge=1)
+    autocast_bf16: bool = F_(False, "run forward passes under bf16 autocast (meant for CUDA; works but is slow on CPU)")
+    compile: bool = F_(False, "torch.compile the target model (the forward every loss runs through)")
     log_every: int = F_(100, "write training losses to metrics.jsonl every N steps", ge=1)
     ci_threshold: float = F_(0.1, "CI above this counts a subcomponent as active (L0, alive)", ge=0, le=1)
     checkpoint_every: Optional[int] = F_(1000, "save a checkpoint every N steps, for --resume (null = none)", ge=1)
@@ -355,8 +358,21 @@ class Components(nn.Module):
         return U @ V
 
 
+def decomposable_types() -> tuple[type, ...]:
+    """Layer types that can be decomposed: nn.Linear, nn.Embedding and GPT-2's Conv1D."""
+    from transformers.pytorch_utils import Conv1D  # imported here: transformers is slow to import
+
+    return nn.Linear, nn.Embedding, Conv1D
+
+
+def weight_out_in(module: nn.Module) -> Tensor:
+    """A decomposable layer's weight as (d_out, d_in). nn.Linear stores it so; nn.Embedding stores
+    (vocab, d) = (d_in, d_out) for one-hot inputs, and Conv1D (d_in, d_out) (it computes x @ W + b)."""
+    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+
+
 class DecomposedModule(nn.Module):
-    """Stands in for a target `nn.Linear` or `nn.Embedding` inside the target model.
+    """Stands in for a target `nn.Linear`, `nn.Embedding` or `Conv1D` inside the target model.
 
     With no mask set it runs the original module. With a mask (..., C) it runs the masked
     components instead: `((a V^T) * m) U^T (+ delta_mask * a (W - UV)^T) + bias`.
@@ -378,8 +394,7 @@ class DecomposedModule(nn.Module):
 
     def target_weight(self) -> Tensor:
         """The frozen target weight as a (d_out, d_in) matrix."""
-        w = self.original.weight
-        return w.T if self.is_embedding else w
+        return weight_out_in(self.original)
 
     def inner_acts(self, x: Tensor) -> Tensor:
         """h_c = V[c] · a: (..., C). For an embedding `a` is the one-hot token, so h = V[:, token]."""
@@ -511,14 +526,14 @@ class ComponentModel(nn.Module):
         target.requires_grad_(False)
         target.eval()
         self.target = target
-        found = {n: m for n, m in target.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))}
+        found = {n: m for n, m in target.named_modules() if isinstance(m, decomposable_types())}
         if not patterns:
             raise SPDError(f"no modules to decompose: set spd.modules, e.g. {{{next(iter(found), 'fc1')}: 20}}")
         self.C: dict[str, int] = {}
         for pattern, C in patterns.items():
             matches = [n for n in found if fnmatch.fnmatchcase(n, pattern)]
             if not matches:
-                raise SPDError(f"module pattern '{pattern}' matches no nn.Linear/nn.Embedding of the target; "
+                raise SPDError(f"module pattern '{pattern}' matches no nn.Linear/nn.Embedding/Conv1D of the target; "
                                f"its modules are: {', '.join(found) or '(none)'}")
             for n in matches:
                 self.C.setdefault(n, C)
@@ -535,8 +550,7 @@ class ComponentModel(nn.Module):
         # Sources before the modules tied to them, so that their components exist.
         for name in [n for n in self.C if n not in tied] + [n for n in self.C if n in tied]:
             original = found[name]
-            w = original.weight.T if isinstance(original, nn.Embedding) else original.weight
-            d_out, d_in = w.shape
+            d_out, d_in = weight_out_in(original).shape
             src = self.components[_key(tied[name])] if name in tied else None
             comps = Components(d_in, d_out, self.C[name], tied_to=src)
             self.components[_key(name)] = comps
@@ -750,6 +764,11 @@ def lr_at(step: int, cfg: SPDConfig) -> float:
     return cfg.lr
 
 
+def autocast(cfg: SPDConfig, device: torch.device):
+    """bf16 autocast of forward passes if cfg.autocast_bf16, else a no-op context."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast_bf16)
+
+
 def faithfulness_warmup(model: ComponentModel, cfg: SPDConfig) -> float:
     """Fit UV to W alone for a few steps (AdamW) so training starts from a faithful decomposition."""
     params = list(model.components.parameters())
@@ -936,8 +955,9 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     """Train the components and CI functions of `model`; return the final results.
 
     `train_batch(step)` / `eval_batch(step)` give the data of each step (indexed, not streamed, so
-    that a run is reproducible from its step alone). Every `eval_every` steps (and at the end) logs
-    `evaluate` on `eval_batch(step)` plus `eval_fn(model)`.
+    that a run is reproducible from its step alone); a training batch is split into
+    `grad_accum_steps` micro-batches along its first axis. Every `eval_every` steps (and at the end)
+    logs `evaluate` on `eval_batch(step)` plus `eval_fn(model)`.
     Writes metrics.jsonl, checkpoints/step_N.pt (after N steps; the newest keep_checkpoints) and
     checkpoints/final.pt.
     Resume: if run_dir already holds checkpoints (`--resume`), continues from the newest readable
@@ -950,6 +970,9 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     and writes, and the other ranks leave the process when training ends.
     """
     ddp = init_distributed()
+    device = next(model.components.parameters()).device
+    if cfg.compile:
+        model.target.compile()  # in place: every (masked or not) forward goes through the compiled target
     params = [p for p in model.components.parameters()] + [p for p in model.ci_fns.parameters()]
     Opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = Opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -981,9 +1004,10 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
 
     def run_eval(step: int) -> dict[str, float]:
         noise = torch.Generator(next(iter(params)).device).manual_seed(cfg.seed * 1_000_003 + step)
-        metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, eval_batch(step), output_fn, noise).items()}
-        if eval_fn is not None:
-            metrics.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
+        with autocast(cfg, device):
+            metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, eval_batch(step), output_fn, noise).items()}
+            if eval_fn is not None:
+                metrics.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
         logger.log(step, metrics)
         return metrics
 
@@ -1015,9 +1039,14 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
                 lr = lr_at(step, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                losses = training_losses(model, cfg, ddp.shard(train_batch(step)), step / cfg.steps, output_fn, ddp)
                 opt.zero_grad(set_to_none=True)
-                losses["total"].backward()
+                losses: dict[str, Tensor] = {}
+                for x in ddp.shard(train_batch(step)).tensor_split(cfg.grad_accum_steps):
+                    with autocast(cfg, device):
+                        micro = training_losses(model, cfg, x, step / cfg.steps, output_fn, ddp)
+                    (micro["total"] / cfg.grad_accum_steps).backward()
+                    for k, v in micro.items():  # the mean over micro-batches is the batch's loss
+                        losses[k] = losses.get(k, 0) + v.detach() / cfg.grad_accum_steps
                 if ddp.world_size > 1:  # mean of the ranks' gradients = gradient of the global-batch mean
                     grads = [p.grad for p in params if p.grad is not None]
                     for g, mean in zip(grads, torch.split(ddp.mean(torch.cat([g.flatten() for g in grads])),
@@ -1068,6 +1097,9 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     finally:
         logger.close()
     ran = cfg.steps - start
-    return {"steps": cfg.steps, "resumed_from_step": start if resumed else None, "skipped_steps": skipped,
-            "wall_s": round(wall, 2), "steps_per_s": round(ran / max(wall, 1e-9), 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1), **train_metrics, **final}
+    results = {"steps": cfg.steps, "resumed_from_step": start if resumed else None, "skipped_steps": skipped,
+               "wall_s": round(wall, 2), "steps_per_s": round(ran / max(wall, 1e-9), 2),
+               "peak_rss_mb": round(peak_rss_mb(), 1)}
+    if device.type == "cuda":
+        results["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return results | train_metrics | final

@@ -50,6 +50,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if len(args) == 2 and type(None) in args and dataclasses.is_dataclass(args[0]):
+            return _build_dataclass(args[0], value, key)  # an optional section: keep its own error message
         for arg in args:
             if arg is not type(None):
                 try:

@@ -19,7 +19,7 @@ from spd_common import script_for  # noqa: E402 (needs ROOT on the path)
 
 QUALITY = ["mmcs", "ml2r", "n_nonnegligible/linear1", "n_nonnegligible/hidden_layers.0", "n_monosemantic_features",
            "w_out_summed_rank/layers.0.mlp_out", "ci_masked_mse_over_target_var", "ce_unrecovered",
-           "accuracy_ci_masked"]
+           "accuracy_ci_masked", "ce/target", "ce/ci_masked", "kl/ci_masked", "tokens_per_s", "peak_gpu_mem_mb"]
 
 
 def main() -> None:

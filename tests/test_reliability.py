@@ -358,7 +358,7 @@ BAD_INPUTS = [
     ("device_absent", None, [*RUN, "spd.device=cuda:7"], r"spd.device = 'cuda:7' but this machine has \d CUDA"),
     # the model and its target
     ("pattern_matches_nothing", None, [*RUN, "spd.modules={layers.*.fc1: 5}", "spd.tied={}"],
-     r"module pattern 'layers.\*.fc1' matches no nn.Linear/nn.Embedding .* linear1, linear2"),
+     r"module pattern 'layers.\*.fc1' matches no nn.Linear/nn.Embedding/Conv1D .* linear1, linear2"),
     ("no_modules", None, [*RUN, "spd.modules={}", "spd.tied={}"], r"no modules to decompose: set spd.modules"),
     ("tied_to_nothing", None, [*RUN, "spd.tied={linear2: linear9}"], r"tied module 'linear9' is not among"),
     ("tied_other_C", None, [*RUN, "spd.modules={linear1: 20, linear2: 10}"], r"'linear2' and 'linear1' need the same"),

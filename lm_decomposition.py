@@ -1,0 +1,226 @@
+"""SPD on a causal language model: any `transformers` causal LM, any `datasets` text corpus.
+
+    python lm_decomposition.py configs/tiny_llama.yaml [key.sub=value ...] [--out DIR]
+
+The story:
+  1. Load the config; load the model and its tokenizer by hub name or local directory. The offline
+     default (configs/tiny_llama.yaml) builds its tiny Llama and story corpus on the way if missing.
+  2. Load the text dataset (hub name or local files), tokenise it and pack it into fixed-length
+     sequences; batch `step` of rank `rank` is a pure function of (seed, step, rank).
+  3. Decompose the modules the config's patterns match (nn.Linear, nn.Embedding, GPT-2's Conv1D),
+     with the KL divergence between the target's and the masked model's next-token distributions
+     as the output loss.
+  4. Evaluate on held-out text: CE of the target and of the model with CI masks, stochastic masks
+     and every component ablated (masks 0), KL of each to the target, and "CE unrecovered"
+     (CE_masked - CE_target) / (CE_ablated - CE_target). Per-module L0 is logged over training.
+  5. Figures: L0 over training, CI histograms and subcomponent firing densities per module.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+from spd_common import F_, ComponentModel, SPDConfig, SPDError, autocast, config_to_dict, get_device, optimize, \
+    output_loss, parse_cli, run_main, sample_masks, set_seed, write_results
+from train_targets.train_lm import TinyLMConfig, TokenBatches, build_tiny_lm, next_token_ce, pack
+
+OFFLINE_HINT = ("without network, set HF_HUB_OFFLINE=1 and use a model/dataset already in the HF cache, "
+                "or run the offline default: python lm_decomposition.py configs/tiny_llama.yaml")
+
+
+@dataclass
+class DataConfig:
+    name: str = F_(doc="hub dataset (SimpleStories/SimpleStories) or a local-file builder ('json', 'text')")
+    data_files: Optional[dict[str, str]] = F_(None, "split -> local file, for the 'json' / 'text' builders")
+    column: str = F_("text", "the column holding the text")
+    split: str = F_("train", "split the decomposition trains on")
+    eval_split: str = F_("test", "held-out split for evaluations")
+    streaming: bool = F_(False, "stream instead of downloading the whole dataset (needs max_tokens)")
+    max_tokens: Optional[int] = F_(None, "tokenise at most this many tokens per split (null = all)", ge=1)
+    seq_len: int = F_(128, "tokens per packed sequence", ge=2)
+
+
+@dataclass
+class LMConfig:
+    model: str = F_(doc="causal LM: hub name (gpt2) or a local directory saved with save_pretrained")
+    data: DataConfig = F_(doc="the text the decomposition trains and is evaluated on")
+    spd: SPDConfig = F_(doc="the decomposition (batch sizes count sequences)")
+    target: Optional[TinyLMConfig] = F_(None, "build this offline tiny Llama and corpus at target.path if missing")
+    n_eval_batches: int = F_(8, "held-out batches of spd.eval_batch_size sequences for CE / KL", ge=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model and data
+# ------------------------------------------------------------------------------------------------
+def load_model(name: str) -> tuple[Any, Any]:
+    """(model, tokenizer) from a local directory (never touching the network) or the hub."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name).is_dir()
+    looked = "the local directory" if local else "no local directory of that name; the hub and the HF cache"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local).float()  # fp32 master weights
+    except (OSError, ValueError) as e:  # missing files, no network, not a repo name
+        raise SPDError(f"model '{name}' could not be loaded (looked in {looked}; {type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]}); {OFFLINE_HINT}") from None
+    model.config.use_cache = False  # no KV cache: every forward sees whole sequences
+    return model, tokenizer
+
+
+def load_tokens(cfg: DataConfig, split: str, tokenizer: Any) -> Tensor:
+    """(N, seq_len) packed token ids of one split (its first max_tokens tokens)."""
+    from datasets import load_dataset
+
+    if cfg.streaming and cfg.max_tokens is None:
+        raise SPDError("data.streaming needs data.max_tokens (how much of the stream to read)")
+    try:
+        ds = load_dataset(cfg.name, data_files=cfg.data_files, split=split, streaming=cfg.streaming)
+    except (OSError, ValueError) as e:  # not found, no network, no such split
+        raise SPDError(f"dataset '{cfg.name}' split '{split}'{f' from {cfg.data_files}' if cfg.data_files else ''} "
+                       f"could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                       f"{OFFLINE_HINT}") from None
+    if ds.column_names is not None and cfg.column not in ds.column_names:
+        raise SPDError(f"dataset '{cfg.name}' has no column '{cfg.column}' (set data.column to one of {ds.column_names})")
+
+    def token_lists() -> Iterator[list[int]]:
+        for rows in ds.iter(batch_size=1000):  # batched: the fast tokenizer parallelises within a batch
+            yield from tokenizer(rows[cfg.column])["input_ids"]
+
+    return pack(token_lists(), tokenizer.eos_token_id, cfg.seq_len, cfg.max_tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+# ------------------------------------------------------------------------------------------------
+def ce_unrecovered(ce_masked: float, ce_target: float, ce_ablated: float) -> float:
+    """0: the masked model predicts as well as the target; 1: no better than ablating every component."""
+    gap = ce_ablated - ce_target
+    return (ce_masked - ce_target) / gap if gap else float("nan")  # nan: ablating changes nothing
+
+
+@torch.no_grad()
+def lm_metrics(model: ComponentModel, cfg: LMConfig, batches: list[Tensor]) -> dict[str, float]:
+    """CE of the target and of the model with CI / stochastic / zero masks (components only, no
+    delta), each one's KL to the target, and CE unrecovered, averaged over the held-out batches."""
+    sums: dict[str, float] = defaultdict(float)
+    for x in batches:
+        target_out, inputs = model.run_target(x)
+        ci = model.causal_importances(inputs)[0]
+        sums["ce/target"] += next_token_ce(target_out.logits, x).item()
+        variants = {"ci_masked": ci, "stochastic": sample_masks(ci, cfg.spd.sampling, use_delta=False)[0],
+                    "ablated": {n: torch.zeros_like(g) for n, g in ci.items()}}
+        for key, masks in variants.items():
+            with model.masked(masks):
+                logits = model(x).logits
+            sums[f"ce/{key}"] += next_token_ce(logits, x).item()
+            sums[f"kl/{key}"] += output_loss(logits.float(), target_out.logits.float(), "kl").item()
+    out = {k: v / len(batches) for k, v in sums.items()}
+    for key in ("ci_masked", "stochastic"):
+        out[f"ce_unrecovered/{key}"] = ce_unrecovered(out[f"ce/{key}"], out["ce/target"], out["ce/ablated"])
+    out["ce_unrecovered"] = out["ce_unrecovered/ci_masked"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+def plot_l0_over_training(run_dir: Path, C: dict[str, int], path: Path) -> None:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    rows = [r for r in rows if any(k.startswith("eval/l0/") for k in r)]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # one colour per module, up to 20
+    for name in C:
+        ax.plot([r["step"] for r in rows], [r[f"eval/l0/{name}"] for r in rows], marker=".", label=name)
+    ax.set(yscale="log", xlabel="step", ylabel="L0 (active subcomponents per token)",
+           title=f"L0 per module (C = {sorted(set(C.values()))})")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_ci(ci: dict[str, Tensor], threshold: float, figures: Path) -> None:
+    """ci_histograms.png: CI values per module (log counts); firing_density.png: per module, the
+    fraction of tokens on which each subcomponent is active (CI > threshold), sorted."""
+    cols = min(len(ci), 4)
+    rows = -(-len(ci) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, (name, g) in zip(axes.flat, ci.items()):
+        ax.hist(g.flatten().float().cpu().clamp(0, 1), bins=50, range=(0, 1), log=True)
+        ax.set_title(name, fontsize=7)
+    for ax in axes.flat[len(ci):]:
+        ax.axis("off")
+    fig.supxlabel("causal importance")
+    fig.tight_layout()
+    fig.savefig(figures / "ci_histograms.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
+    for name, g in ci.items():
+        density = (g.flatten(0, -2) > threshold).float().mean(0).sort(descending=True).values.cpu()
+        ax.plot(range(1, len(density) + 1), density.clamp_min(1e-6), label=name)  # 1e-6: never fires
+    ax.set(yscale="log", xlabel="subcomponent (sorted by density)", ylabel=f"fraction of tokens with CI > {threshold}",
+           title="Subcomponent firing density")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(figures / "firing_density.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+def main() -> None:
+    cfg, run_dir = parse_cli(LMConfig, __doc__.splitlines()[0])
+    device = get_device(cfg.spd.device)
+    if cfg.target is not None and not Path(cfg.target.path).is_dir():
+        print(f"Target {cfg.target.path} not found: building the offline tiny Llama and its story corpus there.")
+        build_tiny_lm(cfg.target)
+    target, tokenizer = load_model(cfg.model)
+    target.to(device)
+    train = load_tokens(cfg.data, cfg.data.split, tokenizer)
+    held_out = load_tokens(cfg.data, cfg.data.eval_split, tokenizer)
+    print(f"{cfg.model}: {sum(p.numel() for p in target.parameters())} params; {cfg.data.name}: "
+          f"{train.numel()} train / {held_out.numel()} held-out tokens in sequences of {cfg.data.seq_len}")
+
+    set_seed(cfg.spd.seed)
+    model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
+    train_batch = TokenBatches(train, cfg.spd.batch_size, cfg.spd.seed, device=device)
+    eval_batch = TokenBatches(held_out, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, device=device)
+    eval_batches = [eval_batch(i) for i in range(cfg.n_eval_batches)]
+
+    results = optimize(model, cfg.spd, train_batch, eval_batch, run_dir,
+                       eval_fn=lambda m: lm_metrics(m, cfg, eval_batches), output_fn=lambda out: out.logits,
+                       full_config=config_to_dict(cfg))
+    results = {k.removeprefix("eval/"): v for k, v in results.items()}
+    results["tokens_per_s"] = round(results["steps"] * cfg.spd.batch_size * cfg.data.seq_len / results["wall_s"], 1)
+    results["C"] = model.C
+
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    plot_l0_over_training(run_dir, model.C, figures / "l0_over_training.png")
+    with autocast(cfg.spd, device):
+        cis = [model.ci_of(x) for x in eval_batches]
+    plot_ci({n: torch.cat([c[n] for c in cis]) for n in model.names}, cfg.spd.ci_threshold, figures)
+
+    print("CE target {ce/target:.4f}  CI-masked {ce/ci_masked:.4f}  stochastic {ce/stochastic:.4f}  "
+          "ablated {ce/ablated:.3f}  CE unrecovered {ce_unrecovered:.4f}  KL CI-masked {kl/ci_masked:.4f}"
+          .format(**results))
+    print("L0 / C: " + "  ".join(f"{n} {results[f'l0/{n}']:.1f}/{C}" for n, C in model.C.items()))
+    print(f"{results['steps']} steps in {results['wall_s']} s ({results['tokens_per_s']:.0f} tokens/s), "
+          f"peak RSS {results['peak_rss_mb']} MB"
+          + (f", peak GPU memory {results['peak_gpu_mem_mb']} MB" if "peak_gpu_mem_mb" in results else ""))
+    write_results(run_dir, results)
+
+
+if __name__ == "__main__":
+    run_main(main)
