@@ -39,23 +39,32 @@ class TMSConfig:
 # ------------------------------------------------------------------------------------------------
 # Ground-truth metrics
 # ------------------------------------------------------------------------------------------------
-def mmcs_ml2r(W: Tensor, U: Tensor, V: Tensor) -> tuple[float, float]:
-    """Mean max cosine similarity and mean L2 ratio of the best-matching subcomponent per column.
-
-    W (m, n) target; U (m, C), V (C, n). Subcomponent c's part of column j is U[:, c] V[c, j].
-    """
-    col_norms = W.norm(dim=0)  # (n,)
-    u_norms = U.norm(dim=0)  # (C,)
-    # cos[c, j] = (U[:, c] · W[:, j]) V[c, j] / (|U[:, c]| |V[c, j]| |W[:, j]|)
-    cos = (U.T @ W) * V / (u_norms[:, None] * V.abs() * col_norms[None, :]).clamp_min(1e-12)
-    best_cos, best_c = cos.max(dim=0)  # (n,)
-    ratio = u_norms[best_c] * V[best_c, torch.arange(W.shape[1])].abs() / col_norms
-    return best_cos.mean().item(), ratio.mean().item()
-
-
 def subcomponent_norms(U: Tensor, V: Tensor) -> Tensor:
     """||U_c V_c||_F = ||U_c|| ||V_c|| per subcomponent (C,)."""
     return U.norm(dim=0) * V.norm(dim=1)
+
+
+def column_cosines(W: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """cos[c, j] between subcomponent c's part of column j, U[:, c] V[c, j], and W[:, j]: (C, n).
+
+    W (m, n) target; U (m, C), V (C, n).
+    """
+    return (U.T @ W) * V / (U.norm(dim=0)[:, None] * V.abs() * W.norm(dim=0)[None, :]).clamp_min(1e-12)
+
+
+def mmcs_ml2r(W: Tensor, U: Tensor, V: Tensor, min_norm: float = 0.0) -> tuple[float, float]:
+    """Mean max cosine similarity and mean L2 ratio of the best-matching subcomponent per column.
+
+    Only subcomponents with ||U_c|| ||V_c|| > min_norm compete: a dead subcomponent shrunk to ~0
+    along a column's direction otherwise wins the cosine by a hair and reads as an L2 ratio of ~0.
+    """
+    cos = column_cosines(W, U, V)
+    real = subcomponent_norms(U, V) > min_norm
+    if real.any():
+        cos = cos.masked_fill(~real[:, None], -float("inf"))
+    best_cos, best_c = cos.max(dim=0)  # (n,)
+    ratio = U.norm(dim=0)[best_c] * V[best_c, torch.arange(W.shape[1])].abs() / W.norm(dim=0)
+    return best_cos.mean().item(), ratio.mean().item()
 
 
 def one_hot_ci(model: ComponentModel, n_features: int) -> dict[str, Tensor]:
@@ -67,7 +76,7 @@ def one_hot_ci(model: ComponentModel, n_features: int) -> dict[str, Tensor]:
 def tms_metrics(model: ComponentModel, cfg: TMSConfig) -> dict[str, float]:
     U, V = model.modules_["linear1"].components.factors()
     W = model.modules_["linear1"].target_weight()
-    mmcs, ml2r = mmcs_ml2r(W, U, V)
+    mmcs, ml2r = mmcs_ml2r(W, U, V, cfg.norm_threshold)
     out = {"mmcs": mmcs, "ml2r": ml2r}
     for name in model.untied_names():
         U, V = model.modules_[name].components.factors()
@@ -102,8 +111,7 @@ def plot_weights(model: ComponentModel, cfg: TMSConfig, path) -> None:
     U, V = model.modules_["linear1"].components.factors()
     W = model.modules_["linear1"].target_weight()
     keep = (subcomponent_norms(U, V) > cfg.norm_threshold).nonzero().flatten()
-    cos = (U.T @ W) * V / (U.norm(dim=0)[:, None] * V.abs() * W.norm(dim=0)[None, :]).clamp_min(1e-12)
-    cos = cos[keep].cpu()
+    cos = column_cosines(W, U, V)[keep].cpu()
     order = cos.argmax(1).argsort()
     two_d = W.shape[0] == 2
     fig, axes = plt.subplots(1, 2 if two_d else 1, figsize=(10 if two_d else 6, 4), squeeze=False)

@@ -30,6 +30,13 @@ def test_mmcs_ml2r_perfect_shrunk_and_scrambled():
     # a random decomposition is far from the ground truth
     mmcs, _ = mmcs_ml2r(W, torch.randn(2, 8), torch.randn(8, 5))
     assert mmcs < 0.99
+    # a dead subcomponent shrunk to ~0 exactly along column 0 must not steal the match from the real one
+    real_U = W.clone()
+    real_U[:, 0] = 0.999 * W[:, 0] + 0.02 * W[:, 1]  # the real match of column 0, a hair off its direction
+    U2 = torch.cat([real_U, 1e-3 * W[:, :1]], 1)  # + a dead subcomponent exactly along column 0
+    V2 = torch.cat([torch.eye(5), torch.eye(5)[:1]])
+    assert mmcs_ml2r(W, U2, V2)[1] < 0.9  # without a norm floor the ~0 subcomponent wins column 0
+    assert mmcs_ml2r(W, U2, V2, min_norm=0.1)[1] == pytest.approx(1.0, abs=0.02)
     assert subcomponent_norms(U, V)[:5] == pytest.approx(W.norm(dim=0))
 
 
