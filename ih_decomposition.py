@@ -161,7 +161,6 @@ def main() -> None:
     results = optimize(model, cfg.spd, train_batch, eval_batch, run_dir, output_fn=final_logits,
                        eval_fn=lambda m: ih_metrics(m, cfg, tokens, labels, ablate_each=False),
                        full_config=config_to_dict(cfg))
-    results = {k.removeprefix("eval/"): v for k, v in results.items()}
     results |= ih_metrics(model, cfg, tokens, labels, ablate_each=True)
 
     figures = run_dir / "figures"

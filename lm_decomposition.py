@@ -201,7 +201,6 @@ def main() -> None:
     results = optimize(model, cfg.spd, train_batch, eval_batch, run_dir,
                        eval_fn=lambda m: lm_metrics(m, cfg, eval_batches), output_fn=lambda out: out.logits,
                        full_config=config_to_dict(cfg))
-    results = {k.removeprefix("eval/"): v for k, v in results.items()}
     results["tokens_per_s"] = round(results["steps"] * cfg.spd.batch_size * cfg.data.seq_len / results["wall_s"], 1)
     results["C"] = model.C
 

@@ -150,7 +150,6 @@ def main() -> None:
 
     results = optimize(model, cfg.spd, train_batch, eval_batch, run_dir,
                        eval_fn=lambda m: resid_mlp_metrics(m, cfg, eval_batch), full_config=config_to_dict(cfg))
-    results = {k.removeprefix("eval/"): v for k, v in results.items()}
 
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)

@@ -292,6 +292,19 @@ def write_results(run_dir: Path, results: dict) -> Path:
     return path
 
 
+def target_main(cfg_cls: type, load_or_train: Callable[[Any], Any]) -> None:
+    """`python -m train_targets.<name> CONFIG.yaml`: build (or find cached) the target that the
+    decomposition config's `target:` section describes, and print where it is."""
+    def main() -> None:
+        if len(sys.argv) != 2:
+            raise SPDError(f"usage: python -m train_targets.{Path(sys.argv[0]).stem} CONFIG.yaml")
+        cfg = load_config(cfg_cls, sys.argv[1], section="target")
+        load_or_train(cfg)
+        print(cfg.path)
+
+    run_main(main)
+
+
 def load_or_train_target(cfg: Any, build: Callable[[], nn.Module], train: Callable[[], nn.Module],
                          shape_keys: tuple[str, ...]) -> nn.Module:
     """The frozen target cached at `cfg.path`; trained with `train()` (and cached) when missing.
@@ -1102,4 +1115,5 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
                "peak_rss_mb": round(peak_rss_mb(), 1)}
     if device.type == "cuda":
         results["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-    return results | train_metrics | final
+    # metrics.jsonl keeps the eval/ prefix (beside train/); results.json names the final metrics plainly
+    return results | train_metrics | {k.removeprefix("eval/"): v for k, v in final.items()}

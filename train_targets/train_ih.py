@@ -11,7 +11,6 @@ layer 1 (the final A attends to that B and copies it).
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from spd_common import F_, SPDError, load_config, load_or_train_target, run_main
+from spd_common import F_, SPDError, load_or_train_target, target_main
 
 
 @dataclass
@@ -140,11 +139,4 @@ def load_or_train_ih(cfg: IHTargetConfig) -> InductionTransformer:
 
 
 if __name__ == "__main__":
-    def main() -> None:
-        if len(sys.argv) != 2:
-            raise SPDError("usage: python -m train_targets.train_ih CONFIG.yaml")
-        cfg = load_config(IHTargetConfig, sys.argv[1], section="target")
-        load_or_train_ih(cfg)
-        print(cfg.path)
-
-    run_main(main)
+    target_main(IHTargetConfig, load_or_train_ih)

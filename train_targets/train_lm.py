@@ -19,7 +19,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spd_common import F_, SPDError, load_config, run_main
+from spd_common import F_, SPDError, target_main
 
 EOS = "<|endoftext|>"
 
@@ -233,11 +232,4 @@ def build_tiny_lm(cfg: TinyLMConfig) -> None:
 
 
 if __name__ == "__main__":
-    def main() -> None:
-        if len(sys.argv) != 2:
-            raise SPDError("usage: python -m train_targets.train_lm CONFIG.yaml")
-        cfg = load_config(TinyLMConfig, sys.argv[1], section="target")
-        build_tiny_lm(cfg)
-        print(cfg.path)
-
-    run_main(main)
+    target_main(TinyLMConfig, build_tiny_lm)

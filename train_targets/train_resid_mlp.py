@@ -11,7 +11,6 @@ with values ~ U[-1, 1]. Paper hyperparameters: AdamW, weight decay 0.01, lr 3e-3
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from spd_common import F_, SPDError, load_config, load_or_train_target, run_main
+from spd_common import F_, load_or_train_target, target_main
 
 
 @dataclass
@@ -105,11 +104,4 @@ def load_or_train_resid_mlp(cfg: ResidMLPTargetConfig) -> ResidMLP:
 
 
 if __name__ == "__main__":
-    def main() -> None:
-        if len(sys.argv) != 2:
-            raise SPDError("usage: python -m train_targets.train_resid_mlp CONFIG.yaml")
-        cfg = load_config(ResidMLPTargetConfig, sys.argv[1], section="target")
-        load_or_train_resid_mlp(cfg)
-        print(cfg.path)
-
-    run_main(main)
+    target_main(ResidMLPTargetConfig, load_or_train_resid_mlp)

@@ -9,7 +9,6 @@ lr 5e-3 constant, 10k steps, batch 1024 (5-2) or 8192 (40-10).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from spd_common import F_, SPDError, load_config, load_or_train_target, run_main
+from spd_common import F_, SPDError, load_or_train_target, target_main
 
 
 @dataclass
@@ -114,11 +113,4 @@ def load_or_train_tms(cfg: TMSTargetConfig) -> TMSModel:
 
 
 if __name__ == "__main__":
-    def main() -> None:
-        if len(sys.argv) != 2:
-            raise SPDError("usage: python -m train_targets.train_tms CONFIG.yaml")
-        cfg = load_config(TMSTargetConfig, sys.argv[1], section="target")
-        load_or_train_tms(cfg)
-        print(cfg.path)
-
-    run_main(main)
+    target_main(TMSTargetConfig, load_or_train_tms)
