@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from spd_common import F_, ComponentModel, SPDConfig, config_to_dict, get_device, optimize, parse_cli, run_main, \
-    set_seed, write_results
+from spd_common import F_, ComponentModel, Experiment, SPDConfig, config_to_dict, get_device, optimize, parse_cli, \
+    run_main, set_seed, write_results
 from train_targets.train_ih import IHTargetConfig, induction_batch, load_or_train_ih
 
 POSITIONS = ["first A", "B", "other", "final A"]
@@ -139,11 +139,10 @@ def plot_ci_by_position(by_pos: dict[str, Tensor], threshold: float, path) -> No
 
 
 # ------------------------------------------------------------------------------------------------
-def main() -> None:
-    cfg, run_dir = parse_cli(IHConfig, __doc__.splitlines()[0])
+def build(cfg: IHConfig) -> Experiment:
+    """The target (trained first if missing) wrapped in fresh components, and its step-indexed data."""
     device = get_device(cfg.spd.device)
     target = load_or_train_ih(cfg.target).to(device)
-
     set_seed(cfg.spd.seed)
     model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
     t = cfg.target
@@ -155,10 +154,17 @@ def main() -> None:
         return induction_batch(t.vocab_size, t.seq_len, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, step,
                                device)[0]
 
-    held_out = induction_batch(t.vocab_size, t.seq_len, cfg.n_eval, cfg.spd.seed + 20_000, 0, device)
-    tokens, labels, pos_a = held_out
+    return Experiment(model, train_batch, eval_batch, output_fn=final_logits)
 
-    results = optimize(model, cfg.spd, train_batch, eval_batch, run_dir, output_fn=final_logits,
+
+def main() -> None:
+    cfg, run_dir = parse_cli(IHConfig, __doc__.splitlines()[0])
+    exp = build(cfg)
+    model, t = exp.model, cfg.target
+    tokens, labels, pos_a = induction_batch(t.vocab_size, t.seq_len, cfg.n_eval, cfg.spd.seed + 20_000, 0,
+                                            get_device(cfg.spd.device))
+
+    results = optimize(model, cfg.spd, exp.train_batch, exp.eval_batch, run_dir, output_fn=final_logits,
                        eval_fn=lambda m: ih_metrics(m, cfg, tokens, labels, ablate_each=False),
                        full_config=config_to_dict(cfg))
     results |= ih_metrics(model, cfg, tokens, labels, ablate_each=True)

@@ -31,8 +31,8 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from spd_common import F_, ComponentModel, SPDConfig, SPDError, autocast, config_to_dict, get_device, optimize, \
-    output_loss, parse_cli, run_main, sample_masks, set_seed, write_results
+from spd_common import F_, ComponentModel, Experiment, SPDConfig, SPDError, autocast, config_to_dict, get_device, \
+    optimize, output_loss, parse_cli, run_main, sample_masks, set_seed, write_results
 from train_targets.train_lm import TinyLMConfig, TokenBatches, build_tiny_lm, next_token_ce, pack
 
 OFFLINE_HINT = ("without network, set HF_HUB_OFFLINE=1 and use a model/dataset already in the HF cache, "
@@ -179,8 +179,9 @@ def plot_ci(ci: dict[str, Tensor], threshold: float, figures: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-def main() -> None:
-    cfg, run_dir = parse_cli(LMConfig, __doc__.splitlines()[0])
+def build(cfg: LMConfig) -> Experiment:
+    """The model (the offline tiny Llama built first if missing) wrapped in fresh components, and
+    step-indexed batches of its training and held-out text."""
     device = get_device(cfg.spd.device)
     if cfg.target is not None and not Path(cfg.target.path).is_dir():
         print(f"Target {cfg.target.path} not found: building the offline tiny Llama and its story corpus there.")
@@ -191,15 +192,21 @@ def main() -> None:
     held_out = load_tokens(cfg.data, cfg.data.eval_split, tokenizer)
     print(f"{cfg.model}: {sum(p.numel() for p in target.parameters())} params; {cfg.data.name}: "
           f"{train.numel()} train / {held_out.numel()} held-out tokens in sequences of {cfg.data.seq_len}")
-
     set_seed(cfg.spd.seed)
     model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
-    train_batch = TokenBatches(train, cfg.spd.batch_size, cfg.spd.seed, device=device)
-    eval_batch = TokenBatches(held_out, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, device=device)
+    return Experiment(model, TokenBatches(train, cfg.spd.batch_size, cfg.spd.seed, device=device),
+                      TokenBatches(held_out, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, device=device),
+                      output_fn=lambda out: out.logits, tokenizer=tokenizer)
+
+
+def main() -> None:
+    cfg, run_dir = parse_cli(LMConfig, __doc__.splitlines()[0])
+    exp = build(cfg)
+    model, eval_batch = exp.model, exp.eval_batch
     eval_batches = [eval_batch(i) for i in range(cfg.n_eval_batches)]
 
-    results = optimize(model, cfg.spd, train_batch, eval_batch, run_dir,
-                       eval_fn=lambda m: lm_metrics(m, cfg, eval_batches), output_fn=lambda out: out.logits,
+    results = optimize(model, cfg.spd, exp.train_batch, eval_batch, run_dir,
+                       eval_fn=lambda m: lm_metrics(m, cfg, eval_batches), output_fn=exp.output_fn,
                        full_config=config_to_dict(cfg))
     results["tokens_per_s"] = round(results["steps"] * cfg.spd.batch_size * cfg.data.seq_len / results["wall_s"], 1)
     results["C"] = model.C
@@ -207,7 +214,7 @@ def main() -> None:
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
     plot_l0_over_training(run_dir, model.C, figures / "l0_over_training.png")
-    with autocast(cfg.spd, device):
+    with autocast(cfg.spd, get_device(cfg.spd.device)):
         cis = [model.ci_of(x) for x in eval_batches]
     plot_ci({n: torch.cat([c[n] for c in cis]) for n in model.names}, cfg.spd.ci_threshold, figures)
 

@@ -25,8 +25,8 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from spd_common import F_, ComponentModel, SPDConfig, config_to_dict, get_device, optimize, parse_cli, run_main, \
-    set_seed, write_results
+from spd_common import F_, ComponentModel, Experiment, SPDConfig, config_to_dict, get_device, optimize, parse_cli, \
+    run_main, set_seed, write_results
 from train_targets.train_resid_mlp import ResidMLPTargetConfig, labels, load_or_train_resid_mlp, resid_mlp_batch
 
 
@@ -133,11 +133,10 @@ def plot_feature_sweeps(model: ComponentModel, cfg: ResidMLPConfig, path, n_show
 
 
 # ------------------------------------------------------------------------------------------------
-def main() -> None:
-    cfg, run_dir = parse_cli(ResidMLPConfig, __doc__.splitlines()[0])
+def build(cfg: ResidMLPConfig) -> Experiment:
+    """The target (trained first if missing) wrapped in fresh components, and its step-indexed data."""
     device = get_device(cfg.spd.device)
     target = load_or_train_resid_mlp(cfg.target).to(device)
-
     set_seed(cfg.spd.seed)
     model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
     n, p = cfg.target.n_features, cfg.target.feature_probability
@@ -148,8 +147,15 @@ def main() -> None:
     def eval_batch(step: int) -> Tensor:
         return resid_mlp_batch(n, p, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, step, device)
 
-    results = optimize(model, cfg.spd, train_batch, eval_batch, run_dir,
-                       eval_fn=lambda m: resid_mlp_metrics(m, cfg, eval_batch), full_config=config_to_dict(cfg))
+    return Experiment(model, train_batch, eval_batch)
+
+
+def main() -> None:
+    cfg, run_dir = parse_cli(ResidMLPConfig, __doc__.splitlines()[0])
+    exp = build(cfg)
+    model, n = exp.model, cfg.target.n_features
+    results = optimize(model, cfg.spd, exp.train_batch, exp.eval_batch, run_dir,
+                       eval_fn=lambda m: resid_mlp_metrics(m, cfg, exp.eval_batch), full_config=config_to_dict(cfg))
 
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)

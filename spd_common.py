@@ -870,8 +870,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by `optimize`, verified: SPDError if it is missing, truncated or corrupt."""
+def load_checkpoint(path: Path, required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict[str, Any]:
+    """A checkpoint written by `optimize`, verified: SPDError if it is missing, truncated, corrupt or
+    lacks a `required` key (analysis needs only the decomposition, resuming everything)."""
     path = Path(path)
     if not path.is_file():
         raise SPDError(f"checkpoint {path} not found; pass a run's checkpoints/*.pt file")
@@ -881,7 +882,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         if bad is not None:
             raise ValueError(f"bad CRC in {bad}")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
     except Exception as e:
@@ -915,6 +916,47 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     if paths:
         raise SPDError(f"none of the {len(paths)} checkpoints in {ckpt_dir} is readable; start the run again")
     return None
+
+
+@dataclass
+class Experiment:
+    """What an experiment script's `build(cfg)` makes: the target wrapped for decomposition, and its data."""
+    model: ComponentModel
+    train_batch: Callable[[int], Tensor]  # step -> that training step's batch
+    eval_batch: Callable[[int], Tensor]  # step -> a held-out batch
+    output_fn: Callable[[Any], Tensor] = lambda out: out  # target output -> what the output loss compares
+    tokenizer: Any = None  # language models only: decodes token ids (analysis shows contexts)
+
+
+def load_run(run_dir: str | Path) -> tuple[Any, Experiment]:
+    """A run dir's config and the Experiment its script builds, with the newest checkpoint's components
+    and CI functions loaded. The experiment is the one whose config class reads the run's config.yaml."""
+    import importlib
+    import typing
+
+    run_dir = Path(run_dir)
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise SPDError(f"{run_dir} is not a run dir (no config.yaml); pass the directory a decomposition wrote")
+    for script in [*EXPERIMENT_SCRIPTS.values(), "lm_decomposition.py"]:
+        build = importlib.import_module(Path(script).stem).build
+        try:
+            cfg = load_config(typing.get_type_hints(build)["cfg"], config)
+            break
+        except SPDError:
+            continue
+    else:
+        raise SPDError(f"{config} is not the config of any experiment script; was it edited by hand?")
+    paths = checkpoint_paths(run_dir / "checkpoints")
+    if not paths:
+        raise SPDError(f"{run_dir / 'checkpoints'} holds no checkpoint yet; wait for the run's first one")
+    state = load_checkpoint(paths[-1], required=("components", "ci_fns"))
+    exp = build(cfg)
+    if "target_digest" in state and state["target_digest"] != target_digest(exp.model):
+        raise SPDError(f"{paths[-1]} was trained against a different target than {config}'s (retrained since?); "
+                       f"restore the run's original target file")
+    exp.model.load_decomposition_state(state)
+    return cfg, exp
 
 
 def truncate_metrics(path: Path, step: int) -> None:

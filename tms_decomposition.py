@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from spd_common import F_, ComponentModel, SPDConfig, config_to_dict, get_device, optimize, parse_cli, run_main, \
-    set_seed, write_results
+from spd_common import F_, ComponentModel, Experiment, SPDConfig, config_to_dict, get_device, optimize, parse_cli, \
+    run_main, set_seed, write_results
 from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batch
 
 
@@ -135,11 +135,10 @@ def plot_weights(model: ComponentModel, cfg: TMSConfig, path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-def main() -> None:
-    cfg, run_dir = parse_cli(TMSConfig, __doc__.splitlines()[0])
+def build(cfg: TMSConfig) -> Experiment:
+    """The target (trained first if missing) wrapped in fresh components, and its step-indexed data."""
     device = get_device(cfg.spd.device)
     target = load_or_train_tms(cfg.target).to(device)
-
     set_seed(cfg.spd.seed)
     model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
     n, p = cfg.target.n_features, cfg.target.feature_probability
@@ -150,7 +149,14 @@ def main() -> None:
     def eval_batch(step: int) -> Tensor:
         return tms_batch(n, p, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, step, device)
 
-    results = optimize(model, cfg.spd, train_batch, eval_batch, run_dir, eval_fn=lambda m: tms_metrics(m, cfg),
+    return Experiment(model, train_batch, eval_batch)
+
+
+def main() -> None:
+    cfg, run_dir = parse_cli(TMSConfig, __doc__.splitlines()[0])
+    exp = build(cfg)
+    model = exp.model
+    results = optimize(model, cfg.spd, exp.train_batch, exp.eval_batch, run_dir, eval_fn=lambda m: tms_metrics(m, cfg),
                        full_config=config_to_dict(cfg))
 
     figures = run_dir / "figures"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spd_common import SPDError
+from spd_common import SPDError, load_run
 from tms_decomposition import mmcs_ml2r, subcomponent_norms
 from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batch, train_tms
 
@@ -97,6 +97,9 @@ def test_readme_command_short_run(tmp_path):
     assert any("eval/mmcs" in line for line in lines) and any("train/total" in line for line in lines)
     ckpt = torch.load(run_dir / "checkpoints/final.pt", weights_only=True)
     assert ckpt["step"] == 60 and "linear1.V" in ckpt["components"] and "optimizer" in ckpt
+    cfg, exp = load_run(run_dir)  # what the analysis tools start from: the run's config and trained model
+    assert cfg.spd.steps == 60 and cfg.target.path == str(tmp_path / "target.pt")
+    assert torch.equal(exp.model.components.state_dict()["linear1.V"], ckpt["components"]["linear1.V"])
 
     # an explicit --out that already holds a run is refused and left untouched
     before = results_path.read_text()
