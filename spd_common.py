@@ -398,6 +398,7 @@ class DecomposedModule(nn.Module):
         self.is_embedding = isinstance(original, nn.Embedding)
         self.mask: Tensor | None = None
         self.delta_mask: Tensor | None = None
+        self.inner: Tensor | None = None  # inner acts of the target's input here, when the caller has them
         self.cache_input = False
         self.last_input: Tensor | None = None
 
@@ -416,7 +417,7 @@ class DecomposedModule(nn.Module):
 
     def _masked_forward(self, x: Tensor, mask: Tensor, delta_mask: Tensor | None) -> Tensor:
         U, V = self.components.factors()
-        out = (self.inner_acts(x) * mask) @ U.T
+        out = ((self.inner if self.inner is not None else self.inner_acts(x)) * mask) @ U.T
         if delta_mask is not None:
             delta = self.target_weight() - U @ V
             delta_out = F.embedding(x, delta.T) if self.is_embedding else x @ delta.T
@@ -580,17 +581,21 @@ class ComponentModel(nn.Module):
         return self.target(*args, **kwargs)
 
     @contextmanager
-    def masked(self, masks: dict[str, Tensor], delta_masks: dict[str, Tensor] | None = None):
-        """Within the block, module n runs its components with mask masks[n] (the others: the target)."""
+    def masked(self, masks: dict[str, Tensor], delta_masks: dict[str, Tensor] | None = None,
+               inner: dict[str, Tensor] | None = None):
+        """Within the block, module n runs its components with mask masks[n] (the others: the target).
+        `inner[n]`, if given, are module n's inner acts, reused instead of recomputed: valid only when
+        n's input is the target's (e.g. n alone is masked)."""
         try:
             for n, m in masks.items():
                 mod = self.modules_[n]
                 mod.mask = m
                 mod.delta_mask = delta_masks[n] if delta_masks else None
+                mod.inner = inner.get(n) if inner else None
             yield
         finally:
             for mod in self.modules_.values():
-                mod.mask = mod.delta_mask = None
+                mod.mask = mod.delta_mask = mod.inner = None
 
     @torch.no_grad()
     def run_target(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
@@ -607,12 +612,21 @@ class ComponentModel(nn.Module):
             mod.last_input = None
         return out, inputs
 
-    def causal_importances(self, inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """CI per module (..., C): (lower-leaky for masks, upper-leaky for importance minimality)."""
+    def inner_acts(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Inner acts (..., C) of every module on its target input (with gradients to V)."""
+        return {n: mod.inner_acts(inputs[n]) for n, mod in self.modules_.items()}
+
+    def causal_importances(self, inputs: dict[str, Tensor], inner: dict[str, Tensor] | None = None
+                           ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """CI per module (..., C): (lower-leaky for masks, upper-leaky for importance minimality).
+        `inner`: the modules' inner acts on `inputs`, if already computed."""
         lower, upper = {}, {}
         for n, mod in self.modules_.items():
             x = inputs[n]
-            ci_in = mod.inner_acts(x) if (self.ci_reads_inner_acts or mod.is_embedding) else x
+            if self.ci_reads_inner_acts or mod.is_embedding:
+                ci_in = inner[n] if inner is not None else mod.inner_acts(x)
+            else:
+                ci_in = x
             pre = self.ci_fns[_key(n)](ci_in)
             lower[n], upper[n] = lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
         return lower, upper
@@ -692,18 +706,19 @@ def annealed_p(cfg: SPDConfig, frac: float) -> float:
 
 
 def masked_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, masks: dict[str, Tensor],
-                      delta_masks: dict[str, Tensor] | None, kind: str,
-                      output_fn: Callable[[Any], Tensor]) -> Tensor:
-    with model.masked(masks, delta_masks):
+                      delta_masks: dict[str, Tensor] | None, kind: str, output_fn: Callable[[Any], Tensor],
+                      inner: dict[str, Tensor] | None = None) -> Tensor:
+    with model.masked(masks, delta_masks, inner):
         return output_loss(output_fn(model(x)), target_out, kind)
 
 
 def layerwise_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, masks: dict[str, Tensor],
-                         delta_masks: dict[str, Tensor] | None, kind: str,
-                         output_fn: Callable[[Any], Tensor]) -> Tensor:
-    """Mean over modules of the loss when only that module is masked (the others run the target)."""
+                         delta_masks: dict[str, Tensor] | None, kind: str, output_fn: Callable[[Any], Tensor],
+                         inner: dict[str, Tensor] | None = None) -> Tensor:
+    """Mean over modules of the loss when only that module is masked (the others run the target).
+    A module masked alone sees the target's input, so `inner` (its inner acts there) can be reused."""
     losses = [masked_recon_loss(model, x, target_out, {n: m}, {n: delta_masks[n]} if delta_masks else None,
-                                kind, output_fn) for n, m in masks.items()]
+                                kind, output_fn, inner) for n, m in masks.items()]
     return sum(losses) / len(losses)
 
 
@@ -713,19 +728,25 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
     mean over this rank's examples (x: this rank's shard of the global batch)."""
     target_out, inputs = model.run_target(x)
     target_out = output_fn(target_out)
-    ci, ci_upper = model.causal_importances(inputs)
     coeffs = {"faithfulness": cfg.faithfulness_coeff, "stochastic_recon": cfg.stochastic_recon_coeff,
               "stochastic_recon_layerwise": cfg.stochastic_recon_layerwise_coeff,
               "ci_masked_recon": cfg.ci_masked_recon_coeff,
               "importance_minimality": cfg.importance_minimality_coeff}
     on = {k: c for k, c in coeffs.items() if c}
+    # Inner acts on the target's inputs, computed once: the CI functions and the layerwise losses (where
+    # each module sees the target's input) share them, which saves a (batch, d_in) x (d_in, C) matmul
+    # and its backward per module and mask sample.
+    inner = (model.inner_acts(inputs) if model.ci_reads_inner_acts or "stochastic_recon_layerwise" in on
+             else None)
+    ci, ci_upper = model.causal_importances(inputs, inner)
     losses: dict[str, Tensor] = {}
     if "faithfulness" in on:
         losses["faithfulness"] = faithfulness_loss(model)
-    for key, fn in (("stochastic_recon", masked_recon_loss), ("stochastic_recon_layerwise", layerwise_recon_loss)):
+    for key, fn, reuse in (("stochastic_recon", masked_recon_loss, None),
+                           ("stochastic_recon_layerwise", layerwise_recon_loss, inner)):
         if key in on:
             samples = [fn(model, x, target_out, *sample_masks(ci, cfg.sampling, cfg.use_delta_component, ddp=ddp),
-                          cfg.output_loss, output_fn) for _ in range(cfg.n_mask_samples)]
+                          cfg.output_loss, output_fn, reuse) for _ in range(cfg.n_mask_samples)]
             losses[key] = sum(samples) / len(samples)
     if "ci_masked_recon" in on:
         losses["ci_masked_recon"] = masked_recon_loss(model, x, target_out, ci, None, cfg.output_loss, output_fn)

@@ -214,6 +214,23 @@ def test_layerwise_masks_one_module_at_a_time():
     torch.testing.assert_close(loss, fc2_alone / 2)
 
 
+def test_layerwise_reuses_inner_acts_exactly():
+    """Each module masked alone sees the target's input, so the layerwise loss with the inner acts
+    computed once (as training does) has the same value and gradients as recomputing them."""
+    model = make_model()
+    tokens = torch.randint(0, 7, (6, 3))
+    target_out, inputs = model.run_target(tokens)
+    masks = {n: torch.rand(6, 3, 5) for n in model.names}
+    params = list(model.components.parameters())
+    plain = layerwise_recon_loss(model, tokens, target_out, masks, None, "mse", lambda o: o)
+    grads = torch.autograd.grad(plain, params)
+    reused = layerwise_recon_loss(model, tokens, target_out, masks, None, "mse", lambda o: o,
+                                  model.inner_acts(inputs))
+    torch.testing.assert_close(reused, plain)
+    for g, h in zip(grads, torch.autograd.grad(reused, params)):
+        torch.testing.assert_close(h, g)
+
+
 def test_lr_schedules_and_p_annealing():
     cfg = SPDConfig(steps=100, lr=1.0, lr_schedule="cosine", lr_warmup_frac=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1)
