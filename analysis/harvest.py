@@ -1,0 +1,180 @@
+"""Harvest per-subcomponent statistics of a finished (or running) decomposition from held-out batches.
+
+    python analysis/harvest.py RUN_DIR [--batches N] [--top-k K] [--out DIR]
+
+Streams N held-out batches (`exp.eval_batch(i)`, i < N) through the run's decomposed model and, per
+module and subcomponent c, records how often it fires (CI > spd.ci_threshold), its mean CI and its
+weight norm ||U[:, c]|| ||V[c]||. For language models (the experiment has a tokenizer) it also records,
+per alive subcomponent, the top-k activating contexts and its next-token effects:
+
+  next-token effect of c in module n = mean over the positions where c fires of
+      softmax(logits | n masked with CI, c's mask 0 there) - softmax(logits | n masked with CI)
+  with every other module running the target and n's delta component (W - UV) on, so that the only
+  difference between the two forward passes is c's own contribution where it fires. Tokens whose
+  probability drops most are the ones c promotes; those that rise most, the ones it suppresses.
+  (Probabilities, not log-probs: the changes sum to 0 at every position, and a flatter distribution
+  without c does not read as c suppressing every rare token.)
+  Cost: one forward pass per alive subcomponent and batch in which it fires.
+
+Writes OUT/harvest.json (OUT defaults to RUN_DIR/analysis) and prints its path as the last line:
+
+  {"run_dir": str, "checkpoint": str (the checkpoint harvested), "n_batches": N, "top_k": K,
+   "ci_threshold": float, "n_examples": int (rows of CI per module: examples, or tokens for LMs),
+   "lm": bool,
+   "modules": {module name: {
+       "C": int,
+       "density": [C floats],      fraction of examples/tokens with CI > ci_threshold
+       "mean_ci": [C floats],      mean of CI clipped to [0, 1]
+       "weight_norm": [C floats],  ||U[:, c]|| ||V[c]||
+       "alive": [ints],            the c with density > 0, densest first
+       "lm": {str(c): {            LMs only, for every alive c
+           "contexts": [{"tokens": [str], "pos": int (index of the firing token in tokens), "ci": float}],
+                                   top-k by CI, highest first; up to CONTEXT_BEFORE tokens before, CONTEXT_AFTER after
+           "promotes": [{"token": str, "delta_prob": float}],   top-k, most negative change first
+           "suppresses": [{"token": str, "delta_prob": float}]  top-k, most positive change first
+       }}}}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from spd_common import ComponentModel, Experiment, SPDError, checkpoint_paths, load_run, run_main  # noqa: E402
+
+CONTEXT_BEFORE, CONTEXT_AFTER = 10, 4  # tokens shown around a firing token
+
+
+def context_window(tokens: Tensor, pos: int, tokenizer: Any, before: int = CONTEXT_BEFORE,
+                   after: int = CONTEXT_AFTER) -> tuple[list[str], int]:
+    """Decoded tokens of one sequence (seq,) around `pos`, and the index of tokens[pos] among them."""
+    start = max(pos - before, 0)
+    window = tokens[start: pos + after + 1].tolist()
+    return [tokenizer.decode([t]) for t in window], pos - start
+
+
+def merge_top_k(best: tuple[Tensor, Tensor] | None, values: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Running top-k per column: (values (k, C), index (k, C)) of the best of `best` and the new rows."""
+    if best is not None:
+        values, index = torch.cat([best[0], values]), torch.cat([best[1], index])
+    top = values.topk(min(k, values.shape[0]), dim=0)
+    return top.values, index.gather(0, top.indices)
+
+
+@torch.no_grad()
+def next_token_effects(model: ComponentModel, output_fn, x: Tensor, name: str, ci: Tensor, alive: list[int],
+                       threshold: float) -> dict[int, tuple[Tensor, int]]:
+    """Per alive c that fires in batch x (batch, seq): the sum over its firing positions of the change in
+    next-token probabilities (vocab,) when its mask goes from its CI to 0 there (module `name` alone masked,
+    delta on), and the number of those positions."""
+    delta = {name: torch.ones(ci.shape[:-1], device=ci.device)}
+    with model.masked({name: ci}, delta):  # the CI-masked baseline, shared by the module's subcomponents
+        base = output_fn(model(x)).float().softmax(-1)
+    effects = {}
+    for c in alive:
+        fires = ci[..., c] > threshold  # (batch, seq)
+        if not fires.any():
+            continue
+        ablated = ci.clone()
+        ablated[..., c] = torch.where(fires, 0.0, ci[..., c])
+        with model.masked({name: ablated}, delta):
+            probs = output_fn(model(x))[fires].float().softmax(-1)
+        effects[c] = ((probs - base[fires]).sum(0).cpu(), int(fires.sum()))
+    return effects
+
+
+def token_list(tokenizer: Any, delta: Tensor, k: int, largest: bool) -> list[dict]:
+    top = delta.topk(k, largest=largest)
+    return [{"token": tokenizer.decode([int(t)]), "delta_prob": round(v, 5)}
+            for v, t in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def lm_details(model: ComponentModel, exp: Experiment, batches: list[Tensor], cis: list[dict[str, Tensor]], name: str,
+               alive: list[int], best: tuple[Tensor, Tensor], threshold: float, top_k: int) -> dict[str, dict]:
+    """Top contexts and next-token effects of each alive subcomponent of one module (see the docstring)."""
+    seq = batches[0].shape[1]
+    per_batch = batches[0].numel()
+    sums, counts = dict.fromkeys(alive, 0), dict.fromkeys(alive, 0)
+    for x, ci in zip(batches, cis):
+        for c, (s, k) in next_token_effects(model, exp.output_fn, x, name, ci[name], alive, threshold).items():
+            sums[c], counts[c] = sums[c] + s, counts[c] + k
+    details = {}
+    for c in alive:
+        contexts = []
+        for value, flat in zip(*(t[:, c].tolist() for t in best)):
+            if value <= threshold:
+                break
+            b, row = divmod(flat, per_batch)
+            tokens, pos = context_window(batches[b].reshape(-1, seq)[row // seq].cpu(), row % seq, exp.tokenizer)
+            contexts.append({"tokens": tokens, "pos": pos, "ci": round(value, 4)})
+        mean = sums[c] / counts[c]
+        details[str(c)] = {"contexts": contexts, "promotes": token_list(exp.tokenizer, mean, top_k, largest=False),
+                           "suppresses": token_list(exp.tokenizer, mean, top_k, largest=True)}
+    return details
+
+
+@torch.no_grad()
+def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8) -> Path:
+    """Compute the statistics above on the run's first `n_batches` held-out batches; write out/harvest.json."""
+    cfg, exp = load_run(run_dir)
+    model, threshold = exp.model, cfg.spd.ci_threshold
+    is_lm = exp.tokenizer is not None
+    batches = [exp.eval_batch(i) for i in range(n_batches)]
+    fired = {n: torch.zeros(C) for n, C in model.C.items()}
+    ci_sum = {n: torch.zeros(C) for n, C in model.C.items()}
+    best: dict[str, tuple[Tensor, Tensor] | None] = {n: None for n in model.names}
+    cis = []
+    n_rows = 0
+    for b, x in enumerate(batches):
+        ci = model.ci_of(x)
+        for n, g in ci.items():
+            rows = g.flatten(0, -2).float().cpu()  # (examples or tokens, C)
+            fired[n] += (rows > threshold).sum(0)
+            ci_sum[n] += rows.clamp(0, 1).sum(0)  # masks use a lower-leaky CI that dips below 0
+            if is_lm:  # index b * rows + row: which batch, and which token of it
+                top = rows.topk(min(top_k, rows.shape[0]), dim=0)
+                best[n] = merge_top_k(best[n], top.values, top.indices + b * rows.shape[0], top_k)
+        n_rows += rows.shape[0]
+        if is_lm:  # kept for the next-token effects
+            cis.append(ci)
+
+    modules: dict[str, dict] = {}
+    for n in model.names:
+        U, V = model.modules_[n].components.factors()
+        density = fired[n] / n_rows
+        alive = [c for c in density.argsort(descending=True).tolist() if density[c] > 0]
+        modules[n] = {"C": model.C[n], "density": density.tolist(), "mean_ci": (ci_sum[n] / n_rows).tolist(),
+                      "weight_norm": (U.norm(dim=0) * V.norm(dim=1)).cpu().tolist(), "alive": alive}
+        if is_lm:
+            modules[n]["lm"] = lm_details(model, exp, batches, cis, n, alive, best[n], threshold, top_k)
+    result = {"run_dir": str(run_dir), "checkpoint": checkpoint_paths(run_dir / "checkpoints")[-1].name,
+              "n_batches": n_batches, "top_k": top_k, "ci_threshold": threshold, "n_examples": n_rows,
+              "lm": is_lm, "modules": modules}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "harvest.json"
+    path.write_text(json.dumps(result))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path, help="a decomposition's run dir (holds config.yaml and checkpoints/)")
+    ap.add_argument("--batches", type=int, default=4, help="held-out batches to stream (default 4)")
+    ap.add_argument("--top-k", type=int, default=8, help="contexts and tokens kept per subcomponent (default 8)")
+    ap.add_argument("--out", type=Path, default=None, help="output dir (default RUN_DIR/analysis)")
+    args = ap.parse_args()
+    if args.batches < 1 or args.top_k < 1:
+        raise SPDError(f"--batches {args.batches} --top-k {args.top_k}: both must be at least 1")
+    print(harvest(args.run_dir, args.out or args.run_dir / "analysis", args.batches, args.top_k))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,174 @@
+"""One self-contained HTML report of a decomposition run: config, results, curves, figures, components.
+
+    python analysis/report.py RUN_DIR [--out DIR]
+
+Writes OUT/report.html (OUT defaults to RUN_DIR/analysis): images embedded as base64 PNGs, inline CSS
+and no scripts, so it opens offline in any browser. The component tables come from OUT/harvest.json,
+which analysis/harvest.py writes first when it is missing or older than the run's newest checkpoint.
+Prints the path of the HTML as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+from html import escape
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from analysis.harvest import harvest  # noqa: E402
+from spd_common import SPDError, checkpoint_paths, run_main  # noqa: E402
+
+SECTIONS = ["Config", "Results", "Training curves", "Figures", "Components"]  # the report's <h2>s, in order
+SHOWN_CONTEXTS, SHOWN_TOKENS = 5, 5  # per LM subcomponent in the table (harvest.json keeps top-k of each)
+CSS = """
+body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+h2 { border-bottom: 2px solid #4a7; padding-bottom: 0.2em; margin-top: 1.6em; }
+table { border-collapse: collapse; font-size: 13px; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: left; vertical-align: top; }
+th { background: #eef5f0; }
+td.num { text-align: right; font-family: monospace; }
+pre { background: #f6f6f6; padding: 0.8em; font-size: 12px; overflow-x: auto; }
+img { max-width: 100%; border: 1px solid #ddd; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; }
+.ctx { font-family: monospace; white-space: pre; font-size: 12px; }
+.ctx mark { border-radius: 2px; color: #000; }
+.note { color: #666; font-size: 13px; }
+.module { display: inline-block; vertical-align: top; margin-right: 2em; }
+"""
+
+
+def png_tag(png: bytes, alt: str) -> str:
+    return f'<img alt="{escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def fig_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def fmt(v) -> str:
+    """A results.json value as table-cell HTML: floats to 4 digits, a dict (e.g. C per module) one key a line."""
+    if isinstance(v, dict):
+        return "<br>".join(f"{escape(str(k))}: {fmt(x)}" for k, x in v.items())
+    return f"{v:.4g}" if isinstance(v, float) else escape(str(v))
+
+
+def curves_png(rows: list[dict]) -> bytes:
+    """Training loss terms (left) and eval L0 per module (right) against step, from metrics.jsonl rows."""
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    for ax, prefix, title in ((axes[0], "train/", "training losses"), (axes[1], "eval/l0/", "L0 per module")):
+        keys = sorted({k for r in rows for k in r if k.startswith(prefix) and k not in ("train/lr",
+                                                                                        "train/skipped_steps")})
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in rows if k in r]
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=k.removeprefix(prefix))
+        ax.set(yscale="log", xlabel="step", title=title)
+        if keys:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axes[1].set_ylabel("active subcomponents per example / token")
+    fig.tight_layout()
+    return fig_png(fig)
+
+
+def context_html(ctx: dict) -> str:
+    """One context, its firing token highlighted with an opacity of its CI."""
+    parts = []
+    for i, tok in enumerate(ctx["tokens"]):
+        tok = escape(tok.replace("\n", "⏎"))
+        if i == ctx["pos"]:
+            tok = f'<mark style="background: rgba(255, 140, 0, {max(ctx["ci"], 0.2):.2f})">{tok}</mark>'
+        parts.append(tok)
+    return f'<div class="ctx">{"".join(parts)}  <span class="note">CI {ctx["ci"]:.2f}</span></div>'
+
+
+def tokens_html(effects: list[dict]) -> str:
+    return "<br>".join(f'<span class="ctx">{escape(repr(e["token"]))}</span> {e["delta_prob"]:+.3f}'
+                       for e in effects[:SHOWN_TOKENS])
+
+
+def components_html(h: dict) -> str:
+    """Per module: its alive subcomponents, densest first (for LMs with contexts and next-token effects)."""
+    out = [f'<p class="note">{h["n_examples"]} held-out {"tokens" if h["lm"] else "examples"} '
+           f'({h["n_batches"]} batches, checkpoint {escape(h["checkpoint"])}); a subcomponent fires when its '
+           f'CI &gt; {h["ci_threshold"]}. Weight norm = ||U[:, c]|| ||V[c]||.'
+           + (" Next-token effect: mean change in next-token probability when c is ablated (CI mask → 0) "
+              "where it fires, this module alone masked; promoted tokens drop most, suppressed rise most."
+              if h["lm"] else "")
+           + "</p>"]
+    for name, m in h["modules"].items():
+        alive = m["alive"]
+        out.append(f'<div class="module"><h3>{escape(name)}</h3><p class="note">{len(alive)} of {m["C"]} subcomponents fired; '
+                   f'the {m["C"] - len(alive)} that never did are not listed.</p>')
+        head = ["c", "firing density", "mean CI", "weight norm"]
+        if h["lm"]:
+            head += ["top activating contexts", "promotes", "suppresses"]
+        rows = ["<tr>" + "".join(f"<th>{x}</th>" for x in head) + "</tr>"]
+        for c in alive:
+            cells = [f'<td class="num">{c}</td>'] + [f'<td class="num">{m[k][c]:.4g}</td>'
+                                                      for k in ("density", "mean_ci", "weight_norm")]
+            if h["lm"]:
+                d = m["lm"][str(c)]
+                cells += [f"<td>{''.join(context_html(x) for x in d['contexts'][:SHOWN_CONTEXTS])}</td>",
+                          f"<td>{tokens_html(d['promotes'])}</td>", f"<td>{tokens_html(d['suppresses'])}</td>"]
+            rows.append("<tr>" + "".join(cells) + "</tr>")
+        out.append(f"<table>{''.join(rows)}</table></div>")
+    return "\n".join(out)
+
+
+def report(run_dir: Path, out: Path) -> Path:
+    """Write out/report.html for the run (harvesting first if needed); return its path."""
+    if not (run_dir / "config.yaml").is_file():
+        raise SPDError(f"{run_dir} is not a run dir (no config.yaml); pass the directory a decomposition wrote")
+    ckpts = checkpoint_paths(run_dir / "checkpoints")
+    harvest_path = out / "harvest.json"
+    if not harvest_path.exists() or (ckpts and harvest_path.stat().st_mtime < ckpts[-1].stat().st_mtime):
+        harvest(run_dir, out)
+    h = json.loads(harvest_path.read_text())
+
+    body = {"Config": f"<pre>{escape((run_dir / 'config.yaml').read_text())}</pre>"}
+    results = run_dir / "results.json"
+    body["Results"] = ("<table>" + "".join(f"<tr><th>{escape(k)}</th><td class='num'>{fmt(v)}</td></tr>"
+                                           for k, v in json.loads(results.read_text()).items()) + "</table>"
+                       if results.exists() else '<p class="note">no results.json: the run has not finished</p>')
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    body["Training curves"] = png_tag(curves_png(rows), "training curves") if rows else \
+        '<p class="note">no metrics.jsonl</p>'
+    pngs = sorted((run_dir / "figures").glob("*.png"))
+    body["Figures"] = "".join(f"<figure>{png_tag(p.read_bytes(), p.name)}<figcaption>{escape(p.name)}</figcaption>"
+                              f"</figure>" for p in pngs) or '<p class="note">no figures/*.png</p>'
+    body["Components"] = components_html(h)
+
+    title = f"SPD report: {run_dir.resolve()}"
+    html = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{escape(title)}</title><style>{CSS}</style>'
+            f"</head><body><h1>{escape(title)}</h1>"
+            + "".join(f'<section id="{s.lower().replace(" ", "-")}"><h2>{s}</h2>{body[s]}</section>' for s in SECTIONS)
+            + "</body></html>")
+    path = out / "report.html"
+    path.write_text(html)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path, help="a decomposition's run dir (holds config.yaml and checkpoints/)")
+    ap.add_argument("--out", type=Path, default=None, help="output dir (default RUN_DIR/analysis)")
+    args = ap.parse_args()
+    print(report(args.run_dir, args.out or args.run_dir / "analysis"))
+
+
+if __name__ == "__main__":
+    run_main(main)
