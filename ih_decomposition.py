@@ -9,9 +9,11 @@ The story:
      the output loss being the KL of the final position's next-token distribution.
   3. Evaluate: accuracy of the target, of the model with CI masks, and with each layer's
      components ablated; mean CI of each component at the positions that matter (first A, B,
-     final A); and which components carry the mechanism: those whose ablation (with every other
-     component at its CI) drops accuracy most, in layer 0 (previous-token) and the last layer
-     (induction).
+     final A); and which components carry the mechanism: those whose ablation drops accuracy most,
+     in layer 0 (previous-token) and the last layer (induction). Ablating a component here means
+     removing U_c V_c from the target's weight for every input (every other mask 1, delta on), not
+     masking it with the rest at their CI: CI masks are computed from the target's activations and
+     leak them, so a CI-masked model still solves the task with all of layer 0's v_proj ablated.
   4. Figures: attention patterns of the target and of the CI-masked decomposition; CI by position.
 """
 
@@ -53,8 +55,9 @@ def layer_of(name: str) -> int:
 # Evaluations
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def masked_accuracy(model: ComponentModel, tokens: Tensor, labels: Tensor, masks: dict[str, Tensor]) -> float:
-    with model.masked(masks):
+def masked_accuracy(model: ComponentModel, tokens: Tensor, labels: Tensor, masks: dict[str, Tensor],
+                    delta_masks: dict[str, Tensor] | None = None) -> float:
+    with model.masked(masks, delta_masks):
         return (final_logits(model(tokens)).argmax(-1) == labels).float().mean().item()
 
 
@@ -71,8 +74,9 @@ def ci_by_position(ci: dict[str, Tensor], pos_a: Tensor) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def ih_metrics(model: ComponentModel, cfg: IHConfig, tokens: Tensor, labels: Tensor, ablate_each: bool) -> dict:
-    """Accuracies of the target, CI-masked and per-layer-ablated models; with `ablate_each`, also
-    the mechanism's components (one forward pass per alive component, so only at the end)."""
+    """Accuracies of the target, CI-masked and per-layer-ablated models; with `ablate_each`, also per
+    module and per alive component ablated from the target's weights (one forward pass each, so
+    only at the end), and the mechanism's components."""
     ci = model.ci_of(tokens)
     out = {"acc_target": (final_logits(model(tokens)).argmax(-1) == labels).float().mean().item(),
            "acc_ci_masked": masked_accuracy(model, tokens, labels, ci)}
@@ -83,19 +87,32 @@ def ih_metrics(model: ComponentModel, cfg: IHConfig, tokens: Tensor, labels: Ten
     out["mean_l0"] = sum((g > cfg.spd.ci_threshold).sum(-1).float().mean().item() for g in ci.values()) / len(ci)
     if not ablate_each:
         return out
-    # Ablate each alive component alone (the rest at their CI) and rank by the accuracy left.
+    # Remove each alive component from the target (all other masks 1, delta on: the target exactly,
+    # less U_c V_c) and rank by the accuracy left.
+    ones = {n: torch.ones_like(g) for n, g in ci.items()}
+    deltas = {n: torch.ones_like(g[..., 0]) for n, g in ci.items()}
     drops = []
     for n, g in ci.items():
         for c in (g > cfg.spd.ci_threshold).flatten(0, -2).any(0).nonzero().flatten().tolist():
-            masks = dict(ci)
-            masks[n] = g.clone()
+            masks = ones | {n: ones[n].clone()}
             masks[n][..., c] = 0
-            drops.append((masked_accuracy(model, tokens, labels, masks), n, c))
+            drops.append((masked_accuracy(model, tokens, labels, masks, deltas), n, c))
     for role, layer in (("prev_token", layers[0]), ("induction", layers[-1])):
-        acc, n, c = min(d for d in drops if layer_of(d[1]) == layer)
+        ranked = sorted(d for d in drops if layer_of(d[1]) == layer)
+        acc, n, c = ranked[0]
         out[f"top_{role}_component"] = f"{n}:{c}"
         out[f"acc_without_top_{role}_component"] = acc
+        # How spread the mechanism is: ablate the layer's components cumulatively, most harmful alone
+        # first, until accuracy falls below 50%.
+        masks = {m: g.clone() for m, g in ones.items()}
+        for k, (_, n, c) in enumerate(ranked, 1):
+            masks[n][..., c] = 0
+            if masked_accuracy(model, tokens, labels, masks, deltas) < 0.5:
+                out[f"n_components_to_break_{role}"] = k
+                break
     out["component_ablations"] = [f"{n}:{c} acc={acc:.3f}" for acc, n, c in sorted(drops)[:10]]
+    for n, g in ci.items():  # which matrices the mechanisms need: one module's components all ablated
+        out[f"acc_module_ablated/{n}"] = masked_accuracy(model, tokens, labels, {n: torch.zeros_like(g)})
     return out
 
 
@@ -180,7 +197,8 @@ def main() -> None:
           + f"; mean L0 {results['mean_l0']:.2f}")
     for role in ("prev_token", "induction"):
         print(f"top {role} component {results[f'top_{role}_component']}: accuracy without it "
-              f"{results[f'acc_without_top_{role}_component']:.3f}")
+              f"{results[f'acc_without_top_{role}_component']:.3f}; components to remove for accuracy < 0.5: "
+              f"{results.get(f'n_components_to_break_{role}', 'more than all alive')}")
     print(f"{results['steps']} steps in {results['wall_s']} s ({results['steps_per_s']} steps/s), "
           f"peak RSS {results['peak_rss_mb']} MB")
     write_results(run_dir, results)

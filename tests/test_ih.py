@@ -1,14 +1,16 @@
 """The induction-head experiment: data by construction, a tiny target, ablations, the script."""
 
+import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ih_decomposition import ci_by_position, masked_accuracy
+from ih_decomposition import ci_by_position, ih_metrics, masked_accuracy
 from spd_common import ComponentModel
 from train_targets.train_ih import IHTargetConfig, accuracy, induction_batch, train_ih
 
@@ -48,7 +50,7 @@ def exact_factorisation(model):
 
 
 def test_layer_ablation_destroys_accuracy_while_full_masks_keep_it(tiny_target):
-    model = ComponentModel(tiny_target, {"blocks.*.attn.*_proj": 32}, {}, "vector_mlp", [8])
+    model = ComponentModel(copy.deepcopy(tiny_target), {"blocks.*.attn.*_proj": 32}, {}, "vector_mlp", [8])
     exact_factorisation(model)
     tokens, labels, pos_a = induction_batch(8, 8, 2048, seed=98, step=0)
     ones = {n: torch.ones(2048, 8, 32) for n in model.names}
@@ -59,6 +61,27 @@ def test_layer_ablation_destroys_accuracy_while_full_masks_keep_it(tiny_target):
         assert masked_accuracy(model, tokens, labels, ablated) < 0.5
     by_pos = ci_by_position(model.ci_of(tokens), pos_a)
     assert by_pos["blocks.0.attn.q_proj"].shape == (4, 32)
+
+
+def test_ablations_remove_components_from_the_target_weights(tiny_target):
+    """Ablation results equal the target with U_c V_c subtracted from its weight (or a whole weight
+    zeroed): the other modules run at the target's weights, not at CI masks, which are computed from
+    the target's activations and would leak what the ablation removed."""
+    model = ComponentModel(copy.deepcopy(tiny_target), {"blocks.*.attn.*_proj": 32}, {}, "vector_mlp", [8])
+    exact_factorisation(model)
+    tokens, labels, _ = induction_batch(8, 8, 1024, seed=97, step=0)
+    out = ih_metrics(model, SimpleNamespace(spd=SimpleNamespace(ci_threshold=0.0)), tokens, labels, ablate_each=True)
+    with torch.no_grad():
+        v0 = model.modules_["blocks.0.attn.v_proj"].original.weight
+        kept = v0.clone()
+        v0.zero_()
+        assert accuracy(model.target, tokens, labels) == pytest.approx(out["acc_module_ablated/blocks.0.attn.v_proj"])
+        v0.copy_(kept)
+        name, c = out["top_induction_component"].split(":")
+        U, V = model.modules_[name].components.factors()
+        model.modules_[name].original.weight -= U[:, int(c), None] @ V[None, int(c)]
+        assert accuracy(model.target, tokens, labels) == pytest.approx(out["acc_without_top_induction_component"],
+                                                                       abs=2e-3)
 
 
 def test_script_tiny_run(tmp_path):
