@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from spd_common import script_for  # noqa: E402 (needs ROOT on the path)
 
-QUALITY = ["mmcs", "ml2r", "n_nonnegligible/linear1", "n_nonnegligible/hidden_layers.0", "n_monosemantic_features",
-           "w_out_summed_rank/layers.0.mlp_out", "ci_masked_mse_over_target_var", "ce_unrecovered",
-           "accuracy_ci_masked", "ce/target", "ce/ci_masked", "kl/ci_masked", "tokens_per_s", "peak_gpu_mem_mb"]
+QUALITY = ["mmcs", "ml2r", "n_nonnegligible/", "n_monosemantic_features", "w_out_summed_rank/",
+           "ci_masked_mse_over_target_var", "ce_unrecovered", "acc_ci_masked", "acc_without_top_", "ce/target",
+           "ce/ci_masked", "kl/ci_masked", "tokens_per_s", "peak_gpu_mem_mb"]  # keys, or key prefixes ending in / or _
 
 
 def main() -> None:
@@ -42,8 +42,8 @@ def main() -> None:
                     print(f"{config.stem:<22} failed: {proc.stderr.strip().splitlines()[-1:]}")
                     continue
                 r = json.loads((Path(tmp) / "results.json").read_text())
-            quality = "  ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}"
-                                for k in QUALITY if k in r)
+            keys = [k for q in QUALITY for k in r if k == q or (q[-1] in "/_" and k.startswith(q))]
+            quality = "  ".join(f"{k}={r[k]:.4g}" if isinstance(r[k], float) else f"{k}={r[k]}" for k in keys)
             print(f"{config.stem:<22}{'-' if seed is None else seed:>5}{r['steps']:>7}{r['wall_s']:>8.1f}"
                   f"{r['steps_per_s']:>9.1f}{1000 / r['steps_per_s']:>9.1f}{r['peak_rss_mb']:>8.0f}  {quality}",
                   flush=True)
