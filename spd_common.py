@@ -610,12 +610,16 @@ class ComponentModel(nn.Module):
     def causal_importances(self, inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """CI per module (..., C): (lower-leaky for masks, upper-leaky for importance minimality)."""
         lower, upper = {}, {}
-        for n, mod in self.modules_.items():
-            x = inputs[n]
-            ci_in = mod.inner_acts(x) if (self.ci_reads_inner_acts or mod.is_embedding) else x
-            pre = self.ci_fns[_key(n)](ci_in)
-            lower[n], upper[n] = lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
+        for n in self.modules_:
+            lower[n], upper[n] = self.module_ci(n, inputs[n])
         return lower, upper
+
+    def module_ci(self, name: str, x: Tensor) -> tuple[Tensor, Tensor]:
+        """CI (..., C) of one module on its input x, (lower-leaky, upper-leaky)."""
+        mod = self.modules_[name]
+        ci_in = mod.inner_acts(x) if (self.ci_reads_inner_acts or mod.is_embedding) else x
+        pre = self.ci_fns[_key(name)](ci_in)
+        return lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
 
     @torch.no_grad()
     def ci_of(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
