@@ -9,7 +9,8 @@ module after A recomputes its CI from the changed activations. For each alive c 
 on at least --min-density of the inputs), on the inputs (positions, for sequence models) where c fires in
 the unablated pass:
   - delta CI of every subcomponent d of B: mean of CI_B[d] (ablated) - CI_B[d] (unablated); an edge
-    c -> d is kept when |delta| >= --min-effect (negative: c is needed to switch d on);
+    c -> d is kept when |delta| >= --min-effect (negative: c is needed to switch d on), with the mean
+    unablated CI of d on those inputs beside it;
   - output change: mean squared change of the output on those inputs over the unablated output's mean
     square there (1 = as far off as an output of zeros).
 
@@ -114,20 +115,28 @@ def ablate_pair(model: ComponentModel, output_fn, x: Tensor, a: str, b: str, thr
             out = output_fn(model(x[rows]))
             ci_b = cis[b]
         pos = fires[rows]  # the positions where c fired, among the selected rows
-        delta = (ci_b[pos] - base[b][rows][pos]).mean(0)
+        before = base[b][rows][pos]
+        delta = (ci_b[pos] - before).mean(0)
         change = (out - base_out[rows]).pow(2).mean() / base_out[rows].pow(2).mean().clamp_min(1e-12)
         results.append({"component": f"{a}:{c}", "n_inputs": int(pos.sum()), "output_change": round(change.item(), 4),
-                        "edges": [{"to": f"{b}:{d}", "delta_ci": round(v, 4)} for d, v in edges(delta, min_effect)]})
+                        "edges": [{"to": f"{b}:{d}", "delta_ci": round(v, 4),
+                                   "ci_unablated": round(before[:, d].mean().item(), 4)}
+                                  for d, v in edges(delta, min_effect)]})
     return results
 
 
 def plot(pairs: dict[str, list[dict]], path) -> None:
-    """Per pair, a bipartite graph: ablated subcomponents left, later-layer subcomponents right."""
+    """Per pair, a bipartite graph: ablated subcomponents left, the later layer's subcomponents with an
+    edge right, each beside its strongest driver."""
     fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 8), squeeze=False)
     for ax, (title, results) in zip(axes[0], pairs.items()):
         left = [r["component"] for r in results]
-        right = sorted({e["to"] for r in results for e in r["edges"]}, key=lambda s: int(s.rsplit(":", 1)[1]))
         ly = {n: i / max(len(left) - 1, 1) for i, n in enumerate(left)}
+        strongest: dict[str, tuple[float, float]] = {}  # right node -> (|delta|, y of its strongest driver)
+        for r in results:
+            for e in r["edges"]:
+                strongest[e["to"]] = max(strongest.get(e["to"], (0.0, 0.0)), (abs(e["delta_ci"]), ly[r["component"]]))
+        right = sorted(strongest, key=lambda n: strongest[n][1])  # one-to-one drive shows as parallel lines
         ry = {n: i / max(len(right) - 1, 1) for i, n in enumerate(right)}
         for r in results:
             for e in r["edges"]:
@@ -135,13 +144,13 @@ def plot(pairs: dict[str, list[dict]], path) -> None:
                         lw=0.5 + 3 * abs(e["delta_ci"]), alpha=0.7)
         ax.scatter([0] * len(left), list(ly.values()), s=12, color="black", zorder=3)
         ax.scatter([1] * len(right), list(ry.values()), s=12, color="black", zorder=3)
-        fs = 7 if max(len(left), len(right)) <= 60 else 0  # names unreadable beyond that
-        for n, y in ly.items():
-            ax.text(-0.03, y, n.rsplit(":", 1)[1], ha="right", va="center", fontsize=fs)
-        for n, y in ry.items():
-            ax.text(1.03, y, n.rsplit(":", 1)[1], ha="left", va="center", fontsize=fs)
+        for x, ys, ha in ((-0.03, ly, "right"), (1.03, ry, "left")):
+            if len(ys) <= 60:  # beyond that, subcomponent numbers overlap
+                for n, y in ys.items():
+                    ax.text(x, y, n.rsplit(":", 1)[1], ha=ha, va="center", fontsize=7)
         n_edges = sum(len(r["edges"]) for r in results)
         ax.set(title=f"{title}\n{len(left)} ablated, {n_edges} edges (red: CI drops)", xlim=(-0.3, 1.3))
+        ax.invert_yaxis()
         ax.axis("off")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -149,7 +158,8 @@ def plot(pairs: dict[str, list[dict]], path) -> None:
 
 def main() -> None:
     ap = parser(__doc__.splitlines()[0], ["RUN_DIR"])
-    ap.add_argument("--layers", nargs=2, metavar=("A", "B"), help="ablate A's subcomponents, watch B's (default: see above)")
+    ap.add_argument("--layers", nargs=2, metavar=("A", "B"),
+                    help="ablate A's subcomponents, watch B's (default: see above)")
     ap.add_argument("--min-effect", type=float, default=0.1, help="keep an edge when |mean delta CI| >= this")
     args = ap.parse_args()
     cfg, exp = load(args.run_dir)

@@ -62,7 +62,7 @@ def cluster(sim: Tensor, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     dist = (1 - sim).numpy()
     np.fill_diagonal(dist, 0)
     Z = linkage(squareform(dist, checks=False), "average")
-    labels = fcluster(Z, 1 - threshold + 1e-12, "distance") - 1
+    labels = fcluster(Z, 1 - threshold + 1e-12, "distance") - 1  # + 1e-12: a merge at exactly threshold happens
     return labels, Z
 
 
@@ -91,7 +91,7 @@ def plot(sim: Tensor, labels: np.ndarray, Z: np.ndarray, names: list[str], thres
     fig, ax = plt.subplots(figsize=(min(16, max(8, 0.18 * K)), 5))
     if len(Z):
         dendrogram(Z, ax=ax, labels=names if show_names else None, color_threshold=1 - threshold,
-                   no_labels=not show_names, leaf_font_size=7)
+                   no_labels=not show_names, leaf_font_size=7, leaf_rotation=90)
     ax.axhline(1 - threshold, color="grey", ls="--", lw=1, label=f"stop: mean Jaccard < {threshold}")
     ax.set(ylabel="1 - mean Jaccard (average linkage)", title=f"{K} alive subcomponents, {labels.max() + 1} clusters")
     ax.legend(fontsize=8)

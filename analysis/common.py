@@ -1,7 +1,8 @@
 """What the structure tools (clustering, compare_models, causal) share: their command line, and the alive
 subcomponents of a run with their CI on held-out batches.
 
-A subcomponent is named "module:c" (e.g. "layers.0.mlp_in:17") in every JSON file and figure.
+A subcomponent is named "module:c" (e.g. "layers.0.mlp_in:17") in every JSON file and figure. The scripts
+import this module after putting the repository root on sys.path.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from spd_common import Experiment, SPDError, load_run
+from spd_common import ComponentModel, Experiment, SPDError, load_run
 
 
 def parser(description: str, runs: list[str]) -> argparse.ArgumentParser:
@@ -54,7 +55,7 @@ def load(run_dir: str):
 
 
 @torch.no_grad()
-def collect_ci(exp: Experiment, n_batches: int, model=None) -> dict[str, Tensor]:
+def collect_ci(exp: Experiment, n_batches: int, model: ComponentModel | None = None) -> dict[str, Tensor]:
     """CI of every decomposed module on held-out batches 0..n_batches-1 of `exp`, run through `model`
     (default exp.model; another decomposition of the same target reads the same inputs):
     {name: (N, C)}, N = inputs (batch x seq positions for sequence models)."""

@@ -82,7 +82,8 @@ def plot(panels: list[tuple[str, Tensor, Tensor, Tensor, Tensor, list[tuple[int,
 
 def main() -> None:
     ap = parser(__doc__.splitlines()[0], ["RUN_A", "RUN_B"])
-    ap.add_argument("--min-cosine", type=float, default=0.9, help="a matched pair counts as a match at this weight cosine")
+    ap.add_argument("--min-cosine", type=float, default=0.9,
+                    help="a matched pair counts as a match at this weight cosine")
     args = ap.parse_args()
     cfg_a, exp_a = load(args.run_a)
     cfg_b, exp_b = load(args.run_b)
@@ -108,9 +109,9 @@ def main() -> None:
         corr = correlations(ci_a[name][:, a], ci_b[name][:, b])
         pairs = match(cos, args.min_cosine) if len(a) and len(b) else []
         n = max(len(a), len(b))
+        mean_corr = float(np.mean([corr[i, j] for i, j, _ in pairs])) if pairs else None
         modules[name] = {"n_alive_a": len(a), "n_alive_b": len(b), "n_matched": len(pairs),
-                         "match_rate": len(pairs) / n if n else None,
-                         "mean_ci_corr_of_matches": float(np.mean([corr[i, j] for i, j, _ in pairs])) if pairs else None,
+                         "match_rate": len(pairs) / n if n else None, "mean_ci_corr_of_matches": mean_corr,
                          "matches": [{"a": int(a[i]), "b": int(b[j]), "cosine": round(c, 4),
                                       "ci_corr": round(float(corr[i, j]), 4)} for i, j, c in pairs]}
         panels.append((name, a, b, cos, corr, pairs))

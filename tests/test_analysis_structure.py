@@ -125,3 +125,37 @@ def test_causal_script_and_bad_input(tiny_run, tmp_path):
     proc = analysis("clustering.py", moved, cwd=tmp_path)
     assert proc.returncode == 2 and "targets/target.pt, is not there" in proc.stderr, proc.stderr
     assert not (tmp_path / "targets").exists()
+
+
+
+def decompose(config, tmp, *overrides):
+    """A TMS decomposition run in tmp/<name>, from the repository root (targets/ as the config says)."""
+    out = tmp / "_".join([Path(config).stem, *overrides]).replace("=", "").replace(".", "")
+    proc = subprocess.run([sys.executable, str(ROOT / "tms_decomposition.py"), str(ROOT / config), *overrides,
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_two_tms_seeds_match(tmp_path):
+    """Ground truth (about 3 minutes): two seeds of TMS 5-2 match all their alive subcomponents."""
+    a, b = (decompose("configs/tms_5-2.yaml", tmp_path, f"spd.seed={s}", "spd.steps=3000") for s in (0, 1))
+    proc = analysis("compare_models.py", a, b, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+    assert result["match_rate"] == 1.0 and result["modules"]["linear1"]["n_matched"] == 5
+
+
+@pytest.mark.slow
+def test_the_identity_is_one_cluster(tmp_path):
+    """Ground truth (about 3 minutes): TMS 5-2+ID's identity subcomponents come out in one cluster (with
+    the encoder and decoder subcomponents of the features that need both of them)."""
+    run = decompose("configs/tms_5-2-id.yaml", tmp_path)
+    proc = analysis("clustering.py", run, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    clusters = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())["clusters"]
+    with_identity = [c for c in clusters if c["modules"].get("hidden_layers.0", 0) >= 2]
+    assert len(with_identity) == 1
+    others = [c for c in clusters if "hidden_layers.0" in c["modules"] and c not in with_identity]
+    assert all(c["size"] == 1 and c["density"] < 0.01 for c in others)  # at most stragglers about to die
