@@ -130,7 +130,8 @@ def plot(pairs: dict[str, list[dict]], path) -> None:
     edge right, each beside its strongest driver."""
     fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 8), squeeze=False)
     for ax, (title, results) in zip(axes[0], pairs.items()):
-        left = [r["component"] for r in results]
+        # drivers grouped by the subcomponent they drive most (edges are sorted by |delta|), silent ones last
+        left = [r["component"] for r in sorted(results, key=lambda r: r["edges"][0]["to"] if r["edges"] else "~")]
         ly = {n: i / max(len(left) - 1, 1) for i, n in enumerate(left)}
         strongest: dict[str, tuple[float, float]] = {}  # right node -> (|delta|, y of its strongest driver)
         for r in results:
