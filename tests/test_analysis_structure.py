@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.causal import default_pairs, edges
+from analysis.causal import ablate_pair, default_pairs, edges
 from analysis.clustering import cluster, jaccard
 from analysis.compare_models import match, rank_one_cosines
+from spd_common import ComponentModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +61,34 @@ def test_causal_edges_and_default_pairs():
     # TMS: linear1 and linear2 are different roles, not layers 1 and 2 of one
     assert default_pairs(["linear1", "hidden_layers.0", "linear2"]) == [("linear1", "hidden_layers.0"),
                                                                       ("hidden_layers.0", "linear2")]
+
+
+def test_ablation_recomputes_the_later_layers_ci():
+    """Two identity layers, each split into its two coordinates (U = V = I), with CI_c = GELU(h_c)
+    clipped to [0, 1] (~1 for h_c = 2, 0 for h_c = 0): coordinate c of the first layer switches on
+    coordinate c of the second, and nothing else."""
+    target = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False))
+    with torch.no_grad():
+        for layer in target:
+            layer.weight.copy_(torch.eye(2))
+    model = ComponentModel(target, {"0": 2, "1": 2}, {}, "mlp", [1])
+    with torch.no_grad():
+        for p in model.components.parameters():
+            p.copy_(torch.eye(2))
+        for fn in model.ci_fns.values():  # 1 -> 1 -> 1 MLPs with weights 1 and biases 0: CI = GELU(h)
+            for i, p in enumerate(fn.layers):
+                p.fill_(1.0 if i % 2 == 0 else 0.0)
+    x = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 2.0]])
+    results = ablate_pair(model, lambda out: out, x, "0", "1", threshold=0.1, min_density=0.0, min_effect=0.1)
+    assert [r["component"] for r in results] == ["0:0", "0:1"]
+    for c, r in enumerate(results):
+        assert r["n_inputs"] == 2  # the one-hot input and the input with both on
+        assert [e["to"] for e in r["edges"]] == [f"1:{c}"]
+        assert r["edges"][0]["delta_ci"] == pytest.approx(-1.0, abs=1e-3)
+        # outputs (2, 0) and (2, 2) lose coordinate c: squared change 4 + 4 over squared norm 4 + 8
+        assert r["output_change"] == pytest.approx(8 / 12, abs=1e-3)
+    assert all(mod.mask is None for mod in model.modules_.values())  # masks and hooks are gone afterwards
+    assert torch.equal(model(x), x)
 
 
 @pytest.fixture(scope="module")
