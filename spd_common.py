@@ -621,15 +621,20 @@ class ComponentModel(nn.Module):
         """CI per module (..., C): (lower-leaky for masks, upper-leaky for importance minimality).
         `inner`: the modules' inner acts on `inputs`, if already computed."""
         lower, upper = {}, {}
-        for n, mod in self.modules_.items():
-            x = inputs[n]
-            if self.ci_reads_inner_acts or mod.is_embedding:
-                ci_in = inner[n] if inner is not None else mod.inner_acts(x)
-            else:
-                ci_in = x
-            pre = self.ci_fns[_key(n)](ci_in)
-            lower[n], upper[n] = lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
+        for n in self.modules_:
+            lower[n], upper[n] = self.module_ci(n, inputs[n], None if inner is None else inner[n])
         return lower, upper
+
+    def module_ci(self, name: str, x: Tensor, inner: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """CI (..., C) of one module on its input x, (lower-leaky, upper-leaky); `inner`: its inner
+        acts on x, if already computed."""
+        mod = self.modules_[name]
+        if self.ci_reads_inner_acts or mod.is_embedding:
+            ci_in = inner if inner is not None else mod.inner_acts(x)
+        else:
+            ci_in = x
+        pre = self.ci_fns[_key(name)](ci_in)
+        return lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
 
     @torch.no_grad()
     def ci_of(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:

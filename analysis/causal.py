@@ -1,0 +1,198 @@
+"""How the subcomponents of one decomposed layer drive those of a later one: ablate each, watch the next.
+
+    python analysis/causal.py RUN_DIR [--layers A B] [--min-effect 0.1] [--n-batches 4] [--out DIR]
+
+The forward pass: every decomposed module runs its components masked by its own CI, computed from the
+input it receives in this very pass ("self-consistent CI masks"; the weight residual W - UV is left out, as
+in CI-masked evaluation). Ablating subcomponent c of module A sets its mask to 0 on top of that, so every
+module after A recomputes its CI from the changed activations. For each alive c of A (CI > spd.ci_threshold
+on at least --min-density of the inputs), on the inputs (positions, for sequence models) where c fires in
+the unablated pass:
+  - delta CI of every subcomponent d of B: mean of CI_B[d] (ablated) - CI_B[d] (unablated); an edge
+    c -> d is kept when |delta| >= --min-effect (negative: c is needed to switch d on), with the mean
+    unablated CI of d on those inputs beside it;
+  - output change: mean squared change of the output on those inputs over the unablated output's mean
+    square there (1 = as far off as an output of zeros).
+
+Default pairs: modules with the same role in consecutive blocks (names equal up to the layer number:
+layers.0.mlp_in -> layers.1.mlp_in, which is where a feature's W_in subcomponent of one layer should drive
+its own in the next); in a model without such pairs (TMS), each module -> the next one in forward order.
+
+Writes causal.json (per pair: each ablated subcomponent's inputs, output change and edges) and causal.png
+(per pair, a bipartite graph: edge width ~ |delta CI|, red = ablation lowers CI, blue = raises it) to
+--out (default RUN_DIR/analysis).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from analysis.common import alive, load, out_dir, parser  # noqa: E402 (needs ROOT on the path)
+from spd_common import ComponentModel, SPDError, run_main  # noqa: E402
+
+
+@contextmanager
+def self_consistent_masks(model: ComponentModel, ablate: tuple[str, int] | None = None):
+    """Inside, each forward masks every decomposed module with the CI of the input it receives (component
+    `ablate` = (module, c) masked to 0 as well); yields {module: CI (..., C)} of the latest forward."""
+    cis: dict[str, Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(mod, args):
+            cis[name] = model.module_ci(name, args[0])[0]
+            mask = cis[name]
+            if ablate is not None and ablate[0] == name:
+                mask = mask.clone()
+                mask[..., ablate[1]] = 0
+            mod.mask = mask
+        return hook
+
+    handles = [mod.register_forward_pre_hook(hook_for(n)) for n, mod in model.modules_.items()]
+    try:
+        with model.masked({}):  # clears every mask on the way out
+            yield cis
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def forward_order(model: ComponentModel, x: Tensor) -> list[str]:
+    """Decomposed module names in the order a forward pass calls them."""
+    order: list[str] = []
+    handles = [mod.register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n, mod in model.modules_.items()]
+    try:
+        model.run_target(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def default_pairs(order: list[str]) -> list[tuple[str, str]]:
+    """Same role in consecutive blocks (names equal up to their numeric segments), else consecutive modules."""
+    role = {n: re.sub(r"(^|\.)\d+(?=\.|$)", r"\1#", n) for n in order}  # layers.3.mlp_in -> layers.#.mlp_in
+    pairs = []
+    for i, a in enumerate(order):
+        later = [b for b in order[i + 1:] if role[b] == role[a]]
+        if later:
+            pairs.append((a, later[0]))
+    return pairs or list(zip(order[:-1], order[1:]))
+
+
+def edges(delta: Tensor, min_effect: float) -> list[tuple[int, float]]:
+    """(d, delta_d) for the later-layer subcomponents whose mean CI change |delta_d| >= min_effect,
+    largest first. delta (C_B,)."""
+    keep = (delta.abs() >= min_effect).nonzero().flatten()
+    return sorted(((int(d), float(delta[d])) for d in keep), key=lambda e: -abs(e[1]))
+
+
+@torch.no_grad()
+def ablate_pair(model: ComponentModel, output_fn, x: Tensor, a: str, b: str, threshold: float, min_density: float,
+                min_effect: float) -> list[dict]:
+    """Ablate each alive subcomponent of module `a` on x (its firing inputs only); effects on module `b`."""
+    with self_consistent_masks(model) as cis:
+        base_out = output_fn(model(x))
+        base = {a: cis[a], b: cis[b]}
+    n_batch = x.shape[0]
+    results = []
+    for c in alive({a: base[a].flatten(0, -2)}, threshold, min_density)[a].tolist():
+        fires = base[a][..., c] > threshold  # (batch,) or (batch, seq)
+        rows = fires.reshape(n_batch, -1).any(1)
+        with self_consistent_masks(model, ablate=(a, c)) as cis:
+            out = output_fn(model(x[rows]))
+            ci_b = cis[b]
+        pos = fires[rows]  # the positions where c fired, among the selected rows
+        before = base[b][rows][pos]
+        delta = (ci_b[pos] - before).mean(0)
+        change = (out - base_out[rows]).pow(2).mean() / base_out[rows].pow(2).mean().clamp_min(1e-12)
+        results.append({"component": f"{a}:{c}", "n_inputs": int(pos.sum()), "output_change": round(change.item(), 4),
+                        "edges": [{"to": f"{b}:{d}", "delta_ci": round(v, 4),
+                                   "ci_unablated": round(before[:, d].mean().item(), 4)}
+                                  for d, v in edges(delta, min_effect)]})
+    return results
+
+
+def plot(pairs: dict[str, list[dict]], path) -> None:
+    """Per pair, a bipartite graph: ablated subcomponents left, the later layer's subcomponents with an
+    edge right, each beside its strongest driver."""
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 8), squeeze=False)
+    for ax, (title, results) in zip(axes[0], pairs.items()):
+        # drivers grouped by the subcomponent they drive most (edges are sorted by |delta|), silent ones last
+        left = [r["component"] for r in sorted(results, key=lambda r: r["edges"][0]["to"] if r["edges"] else "~")]
+        ly = {n: i / max(len(left) - 1, 1) for i, n in enumerate(left)}
+        strongest: dict[str, tuple[float, float]] = {}  # right node -> (|delta|, y of its strongest driver)
+        for r in results:
+            for e in r["edges"]:
+                strongest[e["to"]] = max(strongest.get(e["to"], (0.0, 0.0)), (abs(e["delta_ci"]), ly[r["component"]]))
+        right = sorted(strongest, key=lambda n: strongest[n][1])  # one-to-one drive shows as parallel lines
+        ry = {n: i / max(len(right) - 1, 1) for i, n in enumerate(right)}
+        for r in results:
+            for e in r["edges"]:
+                ax.plot([0, 1], [ly[r["component"]], ry[e["to"]]], color="tab:red" if e["delta_ci"] < 0 else "tab:blue",
+                        lw=0.5 + 3 * abs(e["delta_ci"]), alpha=0.7)
+        ax.scatter([0] * len(left), list(ly.values()), s=12, color="black", zorder=3)
+        ax.scatter([1] * len(right), list(ry.values()), s=12, color="black", zorder=3)
+        for x, ys, ha in ((-0.03, ly, "right"), (1.03, ry, "left")):
+            if len(ys) <= 60:  # beyond that, subcomponent numbers overlap
+                for n, y in ys.items():
+                    ax.text(x, y, n.rsplit(":", 1)[1], ha=ha, va="center", fontsize=7)
+        n_edges = sum(len(r["edges"]) for r in results)
+        ax.set(title=f"{title}\n{len(left)} ablated, {n_edges} edges (red: CI drops)", xlim=(-0.3, 1.3))
+        ax.invert_yaxis()
+        ax.axis("off")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = parser(__doc__.splitlines()[0], ["RUN_DIR"])
+    ap.add_argument("--layers", nargs=2, metavar=("A", "B"),
+                    help="ablate A's subcomponents, watch B's (default: see above)")
+    ap.add_argument("--min-effect", type=float, default=0.1, help="keep an edge when |mean delta CI| >= this")
+    args = ap.parse_args()
+    cfg, exp = load(args.run_dir)
+    model = exp.model
+    x = torch.cat([exp.eval_batch(i) for i in range(args.n_batches)])
+    order = forward_order(model, x[:1])
+    if args.layers:
+        a, b = args.layers
+        for n in (a, b):
+            if n not in order:
+                raise SPDError(f"--layers: '{n}' is not a decomposed module of {args.run_dir}; "
+                               f"its modules, in forward order: {', '.join(order)}")
+        if order.index(a) >= order.index(b):
+            raise SPDError(f"--layers {a} {b}: {b} does not come after {a} in the forward pass; swap them")
+        pairs = [(a, b)]
+    else:
+        pairs = default_pairs(order)
+    out = out_dir(args.out, args.run_dir)
+    results = {f"{a} -> {b}": ablate_pair(model, exp.output_fn, x, a, b, cfg.spd.ci_threshold, args.min_density,
+                                          args.min_effect) for a, b in pairs}
+    (out / "causal.json").write_text(json.dumps(
+        {"run_dir": str(args.run_dir), "n_inputs": len(x), "ci_threshold": cfg.spd.ci_threshold,
+         "min_density": args.min_density, "min_effect": args.min_effect, "pairs": results}, indent=1))
+    plot(results, out / "causal.png")
+
+    for title, res in results.items():
+        n_edges = [len(r["edges"]) for r in res]
+        print(f"{title}: {len(res)} alive subcomponents ablated, {sum(n_edges)} edges with |delta CI| >= "
+              f"{args.min_effect} ({sum(n == 1 for n in n_edges)} ablations drive exactly one), mean output change "
+              f"{sum(r['output_change'] for r in res) / max(len(res), 1):.3f}")
+    print(out / "causal.json")
+
+
+if __name__ == "__main__":
+    run_main(main)
