@@ -27,6 +27,8 @@ class ResidMLPTargetConfig:
     d_embed: int = F_(1000, "residual stream width", ge=1)
     d_mlp: int = F_(50, "ReLU neurons per MLP layer", ge=1)
     n_layers: int = F_(1, "number of MLP layers", ge=1)
+    mlp_bias: bool = F_(False, "biases in W_in and W_out (with them, 2- and 3-layer targets fit worse: "
+                               "the layers learn large outputs that cancel each other)")
     feature_probability: float = F_(0.01, "probability each feature is active (value ~ U[-1, 1])", gt=0, le=1)
     steps: int = F_(10_000, "training steps", ge=1)
     batch_size: int = F_(2048, "training batch size", ge=1)
@@ -37,10 +39,10 @@ class ResidMLPTargetConfig:
 
 
 class MLP(nn.Module):
-    def __init__(self, d_embed: int, d_mlp: int):
+    def __init__(self, d_embed: int, d_mlp: int, bias: bool):
         super().__init__()
-        self.mlp_in = nn.Linear(d_embed, d_mlp)
-        self.mlp_out = nn.Linear(d_mlp, d_embed)
+        self.mlp_in = nn.Linear(d_embed, d_mlp, bias=bias)
+        self.mlp_out = nn.Linear(d_mlp, d_embed, bias=bias)
 
     def forward(self, resid: Tensor) -> Tensor:
         return self.mlp_out(F.relu(self.mlp_in(resid)))
@@ -54,7 +56,7 @@ class ResidMLP(nn.Module):
         gen = torch.Generator().manual_seed(cfg.seed)
         W_E = torch.randn(cfg.n_features, cfg.d_embed, generator=gen)
         self.register_buffer("W_E", W_E / W_E.norm(dim=1, keepdim=True))  # fixed, unit-norm rows
-        self.layers = nn.ModuleList(MLP(cfg.d_embed, cfg.d_mlp) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(MLP(cfg.d_embed, cfg.d_mlp, cfg.mlp_bias) for _ in range(cfg.n_layers))
 
     def forward(self, x: Tensor) -> Tensor:
         resid = x @ self.W_E
@@ -100,7 +102,7 @@ def train_resid_mlp(cfg: ResidMLPTargetConfig) -> ResidMLP:
 def load_or_train_resid_mlp(cfg: ResidMLPTargetConfig) -> ResidMLP:
     """The cached target at cfg.path, trained first (and cached) when missing."""
     return load_or_train_target(cfg, lambda: ResidMLP(cfg), lambda: train_resid_mlp(cfg),
-                                ("n_features", "d_embed", "d_mlp", "n_layers", "seed"))
+                                ("n_features", "d_embed", "d_mlp", "n_layers", "mlp_bias", "seed"))
 
 
 if __name__ == "__main__":
