@@ -7,7 +7,9 @@ The story:
      fewer neurons than features computing y_i = x_i + ReLU(x_i)), trained and cached if missing.
   2. Decompose every W_in and W_out with `spd_common.optimize`.
   3. Evaluate against the ground truth: a one-hot input x_i = 0.75 should give causal importance to
-     exactly one W_in subcomponent, its own (a "monosemantic" feature); the W_out subcomponents
+     exactly one W_in subcomponent, its own (a "monosemantic" feature; `n_monosemantic_per_layer`
+     also counts a feature whose computation is split over layers, one own subcomponent in each);
+     the W_out subcomponents
      together should form one dense mechanism of full rank (50 for the 1-layer model). Also: how
      well the CI-masked model reproduces the target's output.
   4. Figures: CI heatmaps (features x subcomponents) and target vs decomposed output on a sweep of
@@ -56,6 +58,15 @@ def monosemantic(ci: Tensor, threshold: float) -> Tensor:
     return (used.sum(1) == 1) & (used & exclusive).any(1)
 
 
+def monosemantic_per_layer(ci_layers: list[Tensor], threshold: float) -> Tensor:
+    """(n_features,) bool: feature i is monosemantic (see above) in every layer that uses it, and at
+    least one layer does: its computation may be split over layers, each part its own subcomponent.
+    `ci_layers`: one (n_features, C) CI matrix per layer's W_in."""
+    used = [(ci >= threshold).any(1) for ci in ci_layers]
+    clean = [monosemantic(ci, threshold) | ~u for ci, u in zip(ci_layers, used)]
+    return torch.stack(clean).all(0) & torch.stack(used).any(0)
+
+
 def summed_rank(U: Tensor, V: Tensor, which: Tensor, rtol: float) -> int:
     """Rank of sum_{c in which} U[:, c] V[c, :], the matrix the chosen subcomponents form together."""
     if which.sum() == 0:
@@ -69,7 +80,9 @@ def resid_mlp_metrics(model: ComponentModel, cfg: ResidMLPConfig, eval_batch) ->
     n = cfg.target.n_features
     ci = model.ci_of(cfg.one_hot_value * torch.eye(n, device=device))
     ci_in = torch.cat([ci[name] for name in layer_names(model, "mlp_in")], dim=1)
-    out = {"n_monosemantic_features": int(monosemantic(ci_in, cfg.monosemantic_ci).sum())}
+    out = {"n_monosemantic_features": int(monosemantic(ci_in, cfg.monosemantic_ci).sum()),
+           "n_monosemantic_per_layer": int(monosemantic_per_layer([ci[n] for n in layer_names(model, "mlp_in")],
+                                                                  cfg.monosemantic_ci).sum())}
     for name in layer_names(model, "mlp_out"):
         alive = (ci[name] > cfg.spd.ci_threshold).any(0)
         U, V = model.modules_[name].components.factors()
@@ -162,7 +175,8 @@ def main() -> None:
     plot_ci_heatmaps(model, cfg, figures / "ci_heatmaps.png")
     plot_feature_sweeps(model, cfg, figures / "feature_sweeps.png")
 
-    print(f"monosemantic features {results['n_monosemantic_features']}/{n}  "
+    print(f"monosemantic features {results['n_monosemantic_features']}/{n} (per layer: "
+          f"{results['n_monosemantic_per_layer']}/{n})  "
           + "  ".join(f"{k} {v}" for k, v in results.items() if k.startswith("w_out"))
           + f"  CI-masked MSE / target var {results['ci_masked_mse_over_target_var']:.3g}")
     print(f"{results['steps']} steps in {results['wall_s']} s ({results['steps_per_s']} steps/s), "

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from resid_mlp_decomposition import monosemantic, summed_rank
+from resid_mlp_decomposition import monosemantic, monosemantic_per_layer, summed_rank
 from train_targets.train_resid_mlp import ResidMLPTargetConfig, labels, resid_mlp_batch, train_resid_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,18 @@ def test_monosemantic_on_hand_made_ci():
     assert monosemantic(split, 0.5).sum() == n - 1
     scrambled = torch.rand(n, 2 * n)  # dense CI: nothing is monosemantic
     assert monosemantic(scrambled, 0.05).sum() == 0
+
+
+def test_monosemantic_per_layer_allows_one_own_subcomponent_in_each_layer():
+    n = 4
+    own = torch.eye(n)
+    assert monosemantic_per_layer([own, own], 0.5).all()  # each feature split over both layers
+    assert not monosemantic(torch.cat([own, own], 1), 0.5).any()  # the strict count: two subcomponents
+    assert monosemantic_per_layer([own, torch.zeros(n, n)], 0.5).all()  # all in layer 0
+    shared = own.clone()
+    shared[1, 0] = 1  # feature 1 also uses feature 0's layer-1 subcomponent
+    assert monosemantic_per_layer([own, shared], 0.5).tolist() == [False, False, True, True]
+    assert not monosemantic_per_layer([torch.zeros(n, n), torch.zeros(n, n)], 0.5).any()  # unused
 
 
 def test_summed_rank_on_hand_made_components():
