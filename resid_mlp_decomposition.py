@@ -9,8 +9,8 @@ The story:
   3. Evaluate against the ground truth: a one-hot input x_i = 0.75 should give causal importance to
      exactly one W_in subcomponent, its own (a "monosemantic" feature; `n_monosemantic_per_layer`
      also counts a feature whose computation is split over layers, one own subcomponent in each);
-     the W_out subcomponents
-     together should form one dense mechanism of full rank (50 for the 1-layer model). Also: how
+     the W_out subcomponents together should form one dense mechanism of full rank (50 for the
+     1-layer model). Also: how
      well the CI-masked model reproduces the target's output.
   4. Figures: CI heatmaps (features x subcomponents) and target vs decomposed output on a sweep of
      each feature's value.
