@@ -976,6 +976,10 @@ def load_run(run_dir: str | Path) -> tuple[Any, Experiment]:
     paths = checkpoint_paths(run_dir / "checkpoints")
     if not paths:
         raise SPDError(f"{run_dir / 'checkpoints'} holds no checkpoint yet; wait for the run's first one")
+    target_path = getattr(getattr(cfg, "target", None), "path", None)
+    if target_path and not Path(target_path).exists():  # building the run would train a new target
+        raise SPDError(f"the target of {run_dir}, {target_path}, is not there (relative to {Path.cwd()}); "
+                       f"run from the directory the decomposition ran in")
     state = load_checkpoint(paths[-1], required=("components", "ci_fns"))
     exp = build(cfg)
     if "target_digest" in state and state["target_digest"] != target_digest(exp.model):

@@ -40,8 +40,8 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis.common import alive, load, out_dir, parser  # noqa: E402 (needs ROOT on the path)
-from spd_common import ComponentModel, SPDError, run_main  # noqa: E402
+from analysis.common import alive, out_dir, parser  # noqa: E402 (needs ROOT on the path)
+from spd_common import ComponentModel, SPDError, load_run, run_main  # noqa: E402
 
 
 @contextmanager
@@ -163,7 +163,7 @@ def main() -> None:
                     help="ablate A's subcomponents, watch B's (default: see above)")
     ap.add_argument("--min-effect", type=float, default=0.1, help="keep an edge when |mean delta CI| >= this")
     args = ap.parse_args()
-    cfg, exp = load(args.run_dir)
+    cfg, exp = load_run(args.run_dir)
     model = exp.model
     x = torch.cat([exp.eval_batch(i) for i in range(args.n_batches)])
     order = forward_order(model, x[:1])

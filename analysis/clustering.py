@@ -42,8 +42,8 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis.common import alive, collect_ci, load, out_dir, parser  # noqa: E402 (needs ROOT on the path)
-from spd_common import SPDError, run_main  # noqa: E402
+from analysis.common import alive, collect_ci, out_dir, parser  # noqa: E402 (needs ROOT on the path)
+from spd_common import SPDError, load_run, run_main  # noqa: E402
 
 
 def jaccard(fires: Tensor) -> Tensor:
@@ -119,7 +119,7 @@ def main() -> None:
     ap = parser(__doc__.splitlines()[0], ["RUN_DIR"])
     ap.add_argument("--threshold", type=float, default=0.15, help="stop merging below this mean Jaccard")
     args = ap.parse_args()
-    cfg, exp = load(args.run_dir)
+    cfg, exp = load_run(args.run_dir)
     out = out_dir(args.out, args.run_dir)
     ci = collect_ci(exp, args.n_batches)
     live = alive(ci, cfg.spd.ci_threshold, args.min_density)

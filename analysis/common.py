@@ -11,10 +11,9 @@ import argparse
 from pathlib import Path
 
 import torch
-import yaml
 from torch import Tensor
 
-from spd_common import ComponentModel, Experiment, SPDError, load_run
+from spd_common import ComponentModel, Experiment, SPDError
 
 
 def parser(description: str, runs: list[str]) -> argparse.ArgumentParser:
@@ -39,19 +38,6 @@ def out_dir(out: str | None, run_dir: str) -> Path:
     path = Path(out) if out is not None else Path(run_dir) / "analysis"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def load(run_dir: str):
-    """(cfg, Experiment) of a finished or running decomposition, with a one-line error for anything else.
-    A target missing at its (often relative) path is refused: building the run would train a new one."""
-    if not Path(run_dir).is_dir():
-        raise SPDError(f"{run_dir} is not a directory; pass the run dir a decomposition wrote (it holds config.yaml)")
-    config = Path(run_dir) / "config.yaml"
-    target = (yaml.safe_load(config.read_text()) or {}).get("target") if config.is_file() else None
-    if isinstance(target, dict) and target.get("path") and not Path(target["path"]).exists():
-        raise SPDError(f"the target of {run_dir}, {target['path']}, is not there (relative to {Path.cwd()}); "
-                       f"run from the directory the decomposition ran in")
-    return load_run(run_dir)
 
 
 @torch.no_grad()

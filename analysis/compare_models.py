@@ -35,8 +35,8 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis.common import alive, collect_ci, load, out_dir, parser  # noqa: E402 (needs ROOT on the path)
-from spd_common import SPDError, run_main, target_digest  # noqa: E402
+from analysis.common import alive, collect_ci, out_dir, parser  # noqa: E402 (needs ROOT on the path)
+from spd_common import SPDError, load_run, run_main, target_digest  # noqa: E402
 
 
 def rank_one_cosines(U_a: Tensor, V_a: Tensor, U_b: Tensor, V_b: Tensor) -> Tensor:
@@ -85,8 +85,8 @@ def main() -> None:
     ap.add_argument("--min-cosine", type=float, default=0.9,
                     help="a matched pair counts as a match at this weight cosine")
     args = ap.parse_args()
-    cfg_a, exp_a = load(args.run_a)
-    cfg_b, exp_b = load(args.run_b)
+    cfg_a, exp_a = load_run(args.run_a)
+    cfg_b, exp_b = load_run(args.run_b)
     if exp_a.model.names != exp_b.model.names:
         raise SPDError(f"{args.run_a} and {args.run_b} decompose different modules ({exp_a.model.names} vs "
                        f"{exp_b.model.names}); compare two decompositions of the same target and modules")

@@ -2,6 +2,7 @@
 inputs, then each script end to end on a tiny TMS+ID run."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,13 +143,13 @@ def test_causal_script_and_bad_input(tiny_run, tmp_path):
             ("causal.py", [tiny_run, "--layers", "linear1", "fc9"], "'fc9' is not a decomposed module"),
             ("causal.py", [tiny_run, "--layers", "linear2", "linear1"], "does not come after"),
             ("clustering.py", [tmp_path], "is not a run dir"),
-            ("compare_models.py", [tiny_run, tmp_path / "nowhere"], "is not a directory")]:
+            ("compare_models.py", [tiny_run, tmp_path / "nowhere"], "nowhere is not a run dir")]:
         proc = analysis(script, *args, cwd=tiny_run.parent)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     # a run whose target is not where its config says (a relative path, run from elsewhere) is refused,
     # rather than built by training a new target there
     moved = tmp_path / "moved"
-    moved.mkdir()
+    shutil.copytree(tiny_run / "checkpoints", moved / "checkpoints")
     (moved / "config.yaml").write_text((tiny_run / "config.yaml").read_text().replace(
         str(tiny_run.parent / "target.pt"), "targets/target.pt"))
     proc = analysis("clustering.py", moved, cwd=tmp_path)
