@@ -310,7 +310,8 @@ def load_or_train_target(cfg: Any, build: Callable[[], nn.Module], train: Callab
     """The frozen target cached at `cfg.path`; trained with `train()` (and cached) when missing.
 
     The cache stores the target config it was trained with; one whose `shape_keys` differ from
-    `cfg` is refused rather than silently loaded into a model of another shape.
+    `cfg` is refused rather than silently loaded into a model of another shape, and one trained
+    with other settings (steps, weight decay, ...) is used with a note saying so.
     """
     path = Path(cfg.path)
     if not path.exists():
@@ -330,6 +331,10 @@ def load_or_train_target(cfg: Any, build: Callable[[], nn.Module], train: Callab
         raise SPDError(f"target checkpoint {path} has shape {[saved_cfg.get(k) for k in shape_keys]} but the config "
                        f"asks for {[getattr(cfg, k) for k in shape_keys]} ({', '.join(shape_keys)}); "
                        f"set target.path to a new file or delete {path}")
+    trained_with = {k: v for k, v in saved_cfg.items() if k != "path" and getattr(cfg, k, v) != v}
+    if trained_with:
+        print(f"Note: target {path} was trained with {trained_with}, not this config's values; using it "
+              f"(delete it to retrain)")
     model = build()
     model.load_state_dict(state)
     return model.requires_grad_(False)

@@ -1,5 +1,6 @@
 """The TMS experiment: ground-truth metrics, target training, and the README command end to end."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def test_target_trains_a_pentagon_and_caches(tmp_path, capsys):
     for (k, v), (k2, w) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, w) and v.stride() == w.stride(), k
     assert "training it" not in capsys.readouterr().out
+    load_or_train_tms(dataclasses.replace(cfg, lr=1e-3))  # other training settings: loaded, with a note
+    assert "was trained with {'lr': 0.005}" in capsys.readouterr().out
     with pytest.raises(SPDError, match="has shape .* set target.path to a new file"):
         load_or_train_tms(TMSTargetConfig(n_features=6, path=cfg.path))
 
