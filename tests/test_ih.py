@@ -101,3 +101,19 @@ def test_script_tiny_run(tmp_path):
     assert results["top_induction_component"].startswith("blocks.1.")
     for fig in ["attention_patterns.png", "ci_by_position.png"]:
         assert (tmp_path / "run/figures" / fig).is_file()
+
+
+@pytest.mark.slow
+def test_default_config_finds_each_mechanism_in_one_component(tmp_path):
+    """The default run (about 8 minutes on 2 CPU cores): the CI-masked model keeps the target's accuracy
+    at an L0 far below C, and removing the single most important layer-0 (previous-token) or layer-1
+    (induction) component from the target breaks the task."""
+    proc = subprocess.run([sys.executable, str(ROOT / "ih_decomposition.py"), str(ROOT / "configs/ih.yaml"),
+                           "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+    assert results["acc_target"] >= 0.95
+    assert results["acc_ci_masked"] >= 0.95 * results["acc_target"]
+    assert results["mean_l0"] <= 16 / 4
+    assert results["acc_without_top_prev_token_component"] < 0.5
+    assert results["acc_without_top_induction_component"] < 0.5

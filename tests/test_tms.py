@@ -131,6 +131,20 @@ def test_default_tms_5_2_recovers_ground_truth(tmp_path, seed):
     assert results["n_alive/linear1"] == 5
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("config, n_identity", [("tms_40-10.yaml", None), ("tms_40-10-id.yaml", 10)])
+def test_default_tms_40_10_recovers_ground_truth(tmp_path, config, n_identity):
+    """About 8 (40-10) and 14 (40-10+ID) minutes on 2 CPU cores."""
+    proc = run_script([str(ROOT / "configs" / config), "--out", str(tmp_path / "run")], cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+    assert results["mmcs"] >= 0.995
+    assert 0.97 <= results["ml2r"] <= 1.04
+    assert results["n_nonnegligible/linear1"] == 40
+    if n_identity is not None:
+        assert results["n_nonnegligible/hidden_layers.0"] == n_identity
+
+
 def test_wandb_project_logs_offline_without_login(tmp_path):
     """Naming a wandb project must never ask for a login: with no credentials it logs offline."""
     import os
