@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -86,3 +87,15 @@ def test_script_short_run(tmp_path):
     assert 0 <= results["n_monosemantic_features"] <= 10
     assert (tmp_path / "run/figures/ci_heatmaps.png").is_file()
     assert (tmp_path / "run/figures/feature_sweeps.png").is_file()
+
+
+@pytest.mark.slow
+def test_default_resid_mlp2_finds_each_features_w_in_subcomponents(tmp_path):
+    """About 20 minutes on 2 CPU cores (plus 10 to train the target if it is not cached)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "resid_mlp_decomposition.py"), str(ROOT / "configs/resid_mlp2.yaml"),
+                           "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+    assert results["n_monosemantic_per_layer"] >= 98
+    for layer in (0, 1):
+        assert results[f"w_out_summed_rank/layers.{layer}.mlp_out"] == 25
