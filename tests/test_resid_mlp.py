@@ -71,16 +71,20 @@ def test_summed_rank_on_hand_made_components():
     assert summed_rank(U, V, torch.zeros(8, dtype=torch.bool), 1e-2) == 0
 
 
+def run_script(args: list[str], cwd: Path, timeout: float = 300) -> dict:
+    """Run resid_mlp_decomposition.py (config path relative to the repo root) and return its results.json."""
+    proc = subprocess.run([sys.executable, str(ROOT / "resid_mlp_decomposition.py"), str(ROOT / args[0]), *args[1:]],
+                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+
+
 def test_script_short_run(tmp_path):
     overrides = [f"target.{k}={v}" for k, v in SMALL.items()] + [
         "target.steps=300", f"target.path={tmp_path / 't.pt'}", "spd.modules={layers.*.mlp_in: 12, layers.*.mlp_out: 12}",
         "spd.steps=40", "spd.eval_every=20", "spd.batch_size=256", "spd.eval_batch_size=256",
         "spd.faithfulness_warmup_steps=10"]
-    proc = subprocess.run([sys.executable, str(ROOT / "resid_mlp_decomposition.py"), str(ROOT / "configs/resid_mlp1.yaml"),
-                           *overrides, "--out", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+    results = run_script(["configs/resid_mlp1.yaml", *overrides, "--out", str(tmp_path / "run")], cwd=tmp_path)
     for key in ["n_monosemantic_features", "w_out_alive/layers.0.mlp_out", "w_out_summed_rank/layers.0.mlp_out",
                 "ci_masked_mse_over_target_var", "steps_per_s", "l0/layers.0.mlp_in"]:
         assert key in results, key
@@ -92,10 +96,7 @@ def test_script_short_run(tmp_path):
 @pytest.mark.slow
 def test_default_resid_mlp2_finds_each_features_w_in_subcomponents(tmp_path):
     """About 20 minutes on 2 CPU cores (plus 10 to train the target if it is not cached)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "resid_mlp_decomposition.py"), str(ROOT / "configs/resid_mlp2.yaml"),
-                           "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=3600)
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
+    results = run_script(["configs/resid_mlp2.yaml", "--out", str(tmp_path / "run")], cwd=ROOT, timeout=3600)
     assert results["n_monosemantic_per_layer"] >= 98
     for layer in (0, 1):
         assert results[f"w_out_summed_rank/layers.{layer}.mlp_out"] == 25
