@@ -113,13 +113,16 @@ def ce_unrecovered(ce_masked: float, ce_target: float, ce_ablated: float) -> flo
 @torch.no_grad()
 def lm_metrics(model: ComponentModel, cfg: LMConfig, batches: list[Tensor]) -> dict[str, float]:
     """CE of the target and of the model with CI / stochastic / zero masks (components only, no
-    delta), each one's KL to the target, and CE unrecovered, averaged over the held-out batches."""
+    delta), each one's KL to the target, and CE unrecovered, averaged over the held-out batches.
+    The stochastic masks come from their own generator, the same at every evaluation: evaluating on
+    rank 0 alone leaves the training's random stream, which every rank shares, untouched."""
     sums: dict[str, float] = defaultdict(float)
+    noise = torch.Generator(batches[0].device).manual_seed(cfg.spd.seed + 20_000)
     for x in batches:
         target_out, inputs = model.run_target(x)
         ci = model.causal_importances(inputs)[0]
         sums["ce/target"] += next_token_ce(target_out.logits, x).item()
-        variants = {"ci_masked": ci, "stochastic": sample_masks(ci, cfg.spd.sampling, use_delta=False)[0],
+        variants = {"ci_masked": ci, "stochastic": sample_masks(ci, cfg.spd.sampling, False, noise)[0],
                     "ablated": {n: torch.zeros_like(g) for n, g in ci.items()}}
         for key, masks in variants.items():
             with model.masked(masks):

@@ -113,27 +113,81 @@ class SPDConfig:
             raise SPDError(f"no loss term is on: set at least one of {', '.join(coeffs)} to a positive value")
 
 
-EXPERIMENT_SCRIPTS = {"tms": "tms_decomposition.py", "resid_mlp": "resid_mlp_decomposition.py",
-                      "ih": "ih_decomposition.py"}
+ROOT = Path(__file__).resolve().parent
+RUN_RECORD = "run.json"  # in every run dir: the experiment script that made it, for load_run and --resume
+
+
+def import_script(script: str | Path) -> Any:
+    """An experiment script as a module, imported by its path once (its main does not run)."""
+    import importlib.util
+
+    path = Path(script).resolve()
+    names = [path.stem, f"{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"]  # the 2nd: a namesake
+    for module in [sys.modules.get("__main__")] + [sys.modules.get(n) for n in names]:
+        if getattr(module, "__file__", None) and Path(module.__file__).resolve() == path:
+            return module
+    name = names[names[0] in sys.modules]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: dataclasses and type hints look the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def config_class(module: Any) -> type:
+    """The config class of an experiment script: the annotation of its `build(cfg)`'s argument."""
+    import inspect
+    import typing
+
+    build = getattr(module, "build", None)
+    params = list(inspect.signature(build).parameters) if callable(build) else []
+    cls = typing.get_type_hints(build).get(params[0]) if params else None
+    if not isinstance(cls, type):
+        raise SPDError(f"{module.__file__} has no module-level `build(cfg: YourConfig) -> Experiment` with its "
+                       f"config class annotated; every experiment script needs one (README: Adding an experiment)")
+    return cls
 
 
 def script_for(config: str | Path) -> str:
-    """The experiment script that runs a config, by the config's file name: tms_* -> tms_decomposition.py,
-    resid_mlp* -> resid_mlp_decomposition.py, ih* -> ih_decomposition.py, anything else -> lm_decomposition.py."""
-    for prefix, script in EXPERIMENT_SCRIPTS.items():
-        if Path(config).stem.startswith(prefix):
-            return script
-    return "lm_decomposition.py"
+    """The experiment script that runs `config`: the one `*_decomposition.py` beside this file whose
+    config class reads it. None or several (a copied script reads its original's configs too) is an
+    SPDError: then name the script (a sweep section's `script:`, bench.py's --script)."""
+    readers = []
+    for script in sorted(ROOT.glob("*_decomposition.py")):
+        try:
+            load_config(config_class(import_script(script)), config)
+            readers.append(script.name)
+        except SPDError:
+            continue
+    if len(readers) != 1:
+        found = f"is read by {' and '.join(readers)}" if readers else "is read by no *_decomposition.py script"
+        raise SPDError(f"config {config} {found}; name the experiment script that runs it")
+    return readers[0]
+
+
+def run_script(run_dir: Path) -> Path:
+    """The experiment script that made a run dir, from its run.json (runs from before run.json
+    existed: the one script that reads its config.yaml)."""
+    record = run_dir / RUN_RECORD
+    if not record.is_file():
+        return ROOT / script_for(run_dir / "config.yaml")
+    script = Path(json.loads(record.read_text())["script"])
+    if not script.is_file() and (ROOT / script.name).is_file():  # the repository moved since
+        script = ROOT / script.name
+    if not script.is_file():
+        raise SPDError(f"{run_dir} was made by {script}, which is not there any more; restore it or edit "
+                       f"{record} to name where it is now")
+    return script
 
 
 def make_run_dir(config_path: Path, out: str | None) -> Path:
-    """`out` if given (absent, empty, or holding only the config.yaml of a run that failed before it
-    started), else runs/<config name>/<timestamp>; never overwrites results."""
+    """`out` if given (absent, empty, or holding only the config.yaml and run.json of a run that failed
+    before it started), else runs/<config name>/<timestamp>; never overwrites results."""
     if out is not None:
         run_dir = Path(out)
         if run_dir.exists() and not run_dir.is_dir():
             raise SPDError(f"--out {run_dir} is a file, not a directory; choose another --out")
-        if run_dir.exists() and any(p.name != "config.yaml" for p in run_dir.iterdir()):
+        if run_dir.exists() and any(p.name not in ("config.yaml", RUN_RECORD) for p in run_dir.iterdir()):
             raise SPDError(f"output dir {run_dir} already holds files; choose another --out, remove it, "
                            f"or continue it with --resume {run_dir}")
     else:
@@ -200,13 +254,23 @@ def _config_and_run_dir(cls: type, args: argparse.Namespace, error: Callable[[st
                            f"overrides and --out (edit {Path(args.resume) / 'config.yaml'} to change it)")
         run_dir = Path(args.resume)
         check_resumable(run_dir)
+        made_by, this = run_script(run_dir).resolve(), script_of(cls)
+        if made_by != this:
+            raise SPDError(f"--resume {run_dir}: that run was made by {made_by.name}, not {this.name}; continue it "
+                           f"with python {made_by} --resume {run_dir}")
         return load_config(cls, run_dir / "config.yaml"), run_dir
     if args.config is None:
         error("no config given: pass CONFIG.yaml (e.g. configs/tms_5-2.yaml) or --resume RUN_DIR")
     cfg = load_config(cls, args.config, args.overrides)
     run_dir = make_run_dir(Path(args.config), args.out)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    (run_dir / RUN_RECORD).write_text(json.dumps({"script": str(script_of(cls)), "argv": sys.argv}, indent=2))
     return cfg, run_dir
+
+
+def script_of(cls: type) -> Path:
+    """The file of the experiment script that defines config class `cls`."""
+    return Path(sys.modules[cls.__module__].__file__).resolve()
 
 
 def run_main(main: Callable[[], None]) -> None:
@@ -222,6 +286,26 @@ def run_main(main: Callable[[], None]) -> None:
         sys.exit(EXIT_PREEMPTED)
 
 
+Batch = Any  # one step's data: a tensor, or a tuple / list / dict of tensors (inputs, labels, masks, ...)
+
+
+def map_batch(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
+    """`fn` applied to every tensor of a batch, keeping its structure (examples lie along axis 0)."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: map_batch(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_batch(v, fn) for v in batch)
+    raise SPDError(f"a batch must be a tensor, or a tuple / list / dict of tensors, not {type(batch).__name__}; "
+                   f"fix the experiment's train_batch / eval_batch")
+
+
+def split_batch(batch: Batch, n: int) -> list[Batch]:
+    """`n` micro-batches of (nearly) equal size along the examples axis."""
+    return [map_batch(batch, lambda t: t.tensor_split(n)[i]) for i in range(n)]
+
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in a torchrun job; rank 0 of 1 without torchrun."""
@@ -233,31 +317,46 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, x: Tensor) -> Tensor:
-        """This rank's equal share of the rows of a global batch."""
-        if x.shape[0] % self.world_size:
-            raise SPDError(f"a batch of {x.shape[0]} does not split over {self.world_size} processes; "
-                           f"make spd.batch_size and spd.eval_batch_size multiples of the process count")
-        n = x.shape[0] // self.world_size
-        return x[self.rank * n: (self.rank + 1) * n]
+    def shard(self, batch: Batch) -> Batch:
+        """This rank's equal share of the rows of a global batch (of each of its tensors)."""
+        def rows(x: Tensor) -> Tensor:
+            if x.shape[0] % self.world_size:
+                raise SPDError(f"a batch of {x.shape[0]} does not split over {self.world_size} processes; "
+                               f"make spd.batch_size and spd.eval_batch_size multiples of the process count")
+            n = x.shape[0] // self.world_size
+            return x[self.rank * n: (self.rank + 1) * n]
+
+        return map_batch(batch, rows)
 
     def mean(self, values: Tensor) -> Tensor:
-        """Average over ranks (a no-op on one process)."""
+        """Average over ranks (a no-op on one process). `values` must be on the training device:
+        NCCL reduces CUDA tensors only."""
         if self.world_size > 1:
             dist.all_reduce(values)
             values = values / self.world_size
         return values
 
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether `flag` is set on any rank, so that every rank takes the same branch. It travels as
+        a tensor on `device`, the training device (a CPU tensor would fail under NCCL)."""
+        if self.world_size == 1:
+            return flag
+        return self.mean(torch.tensor(float(flag), device=device)).item() > 0
+
 
 def init_distributed() -> Dist:
-    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK (gloo on CPU, nccl on CUDA)."""
+    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK.
+
+    `optimize` reduces tensors on the training device (NCCL takes CUDA tensors only, and a CPU copy
+    would cost a transfer each way). On a GPU node the group is still `cpu:gloo,cuda:nccl`, so that
+    a run with spd.device=cpu there reduces its CPU tensors through gloo instead of failing."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist()
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so that device "cuda" is this rank's GPU
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return Dist(dist.get_rank(), world_size)
 
 
@@ -582,7 +681,10 @@ class ComponentModel(nn.Module):
         self.names = list(self.modules_)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The target's forward (masks, if any, were set by `masked`)."""
+        """The target's forward (masks, if any, were set by `masked`). One dict argument is passed as
+        keyword arguments (e.g. a transformers model's input_ids and attention_mask)."""
+        if len(args) == 1 and isinstance(args[0], dict) and not kwargs:
+            args, kwargs = (), args[0]
         return self.target(*args, **kwargs)
 
     @contextmanager
@@ -608,7 +710,7 @@ class ComponentModel(nn.Module):
         for mod in self.modules_.values():
             mod.cache_input = True
         try:
-            out = self.target(*args, **kwargs)
+            out = self(*args, **kwargs)
         finally:
             for mod in self.modules_.values():
                 mod.cache_input = False
@@ -952,32 +1054,23 @@ def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 @dataclass
 class Experiment:
     """What an experiment script's `build(cfg)` makes: the target wrapped for decomposition, and its data."""
-    model: ComponentModel
-    train_batch: Callable[[int], Tensor]  # step -> that training step's batch
-    eval_batch: Callable[[int], Tensor]  # step -> a held-out batch
+    model: ComponentModel  # the target with its decomposed modules, CI functions attached
+    train_batch: Callable[[int], Batch]  # step -> that training step's batch (a pure function of the step)
+    eval_batch: Callable[[int], Batch]  # step -> a held-out batch
     output_fn: Callable[[Any], Tensor] = lambda out: out  # target output -> what the output loss compares
+    input_fn: Callable[[Batch], Any] = lambda batch: batch  # batch -> the model's input (a dict: keyword args)
     tokenizer: Any = None  # language models only: decodes token ids (analysis shows contexts)
 
 
 def load_run(run_dir: str | Path) -> tuple[Any, Experiment]:
-    """A run dir's config and the Experiment its script builds, with the newest checkpoint's components
-    and CI functions loaded. The experiment is the one whose config class reads the run's config.yaml."""
-    import importlib
-    import typing
-
+    """A run dir's config and the Experiment its script (recorded in run.json) builds, with the newest
+    checkpoint's components and CI functions loaded."""
     run_dir = Path(run_dir)
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise SPDError(f"{run_dir} is not a run dir (no config.yaml); pass the directory a decomposition wrote")
-    for script in [*EXPERIMENT_SCRIPTS.values(), "lm_decomposition.py"]:
-        build = importlib.import_module(Path(script).stem).build
-        try:
-            cfg = load_config(typing.get_type_hints(build)["cfg"], config)
-            break
-        except SPDError:
-            continue
-    else:
-        raise SPDError(f"{config} is not the config of any experiment script; was it edited by hand?")
+    module = import_script(run_script(run_dir))
+    cfg, build = load_config(config_class(module), config), module.build
     paths = checkpoint_paths(run_dir / "checkpoints")
     if not paths:
         raise SPDError(f"{run_dir / 'checkpoints'} holds no checkpoint yet; wait for the run's first one")
@@ -1041,12 +1134,13 @@ def nonfinite_term(losses: dict[str, Tensor], grad_norm: Tensor) -> tuple[str, f
 def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int], Tensor],
              eval_batch: Callable[[int], Tensor],
              run_dir: Path, eval_fn: Callable[[ComponentModel], dict[str, float]] | None = None,
-             output_fn: Callable[[Any], Tensor] = lambda out: out, full_config: dict | None = None) -> dict:
+             output_fn: Callable[[Any], Tensor] = lambda out: out, full_config: dict | None = None,
+             input_fn: Callable[[Batch], Any] = lambda batch: batch) -> dict:
     """Train the components and CI functions of `model`; return the final results.
 
     `train_batch(step)` / `eval_batch(step)` give the data of each step (indexed, not streamed, so
-    that a run is reproducible from its step alone); a training batch is split into
-    `grad_accum_steps` micro-batches along its first axis. Every `eval_every` steps (and at the end)
+    that a run is reproducible from its step alone) and `input_fn(batch)` the model's input; a
+    training batch is split into `grad_accum_steps` micro-batches along its first axis. Every `eval_every` steps (and at the end)
     logs `evaluate` on `eval_batch(step)` plus `eval_fn(model)`.
     Writes metrics.jsonl, checkpoints/step_N.pt (after N steps; the newest keep_checkpoints) and
     checkpoints/final.pt.
@@ -1095,7 +1189,7 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     def run_eval(step: int) -> dict[str, float]:
         noise = torch.Generator(next(iter(params)).device).manual_seed(cfg.seed * 1_000_003 + step)
         with autocast(cfg, device):
-            metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, eval_batch(step), output_fn, noise).items()}
+            metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, input_fn(eval_batch(step)), output_fn, noise).items()}
             if eval_fn is not None:
                 metrics.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
         logger.log(step, metrics)
@@ -1131,7 +1225,7 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
                     group["lr"] = lr
                 opt.zero_grad(set_to_none=True)
                 losses: dict[str, Tensor] = {}
-                for x in ddp.shard(train_batch(step)).tensor_split(cfg.grad_accum_steps):
+                for x in split_batch(input_fn(ddp.shard(train_batch(step))), cfg.grad_accum_steps):
                     with autocast(cfg, device):
                         micro = training_losses(model, cfg, x, step / cfg.steps, output_fn, ddp)
                     (micro["total"] / cfg.grad_accum_steps).backward()
@@ -1145,7 +1239,7 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip is not None
                              else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
                 bad = nonfinite_term(losses, grad_norm)
-                if ddp.world_size > 1 and ddp.mean(torch.tensor(float(bad is not None))) > 0 and bad is None:
+                if ddp.any(bad is not None, device) and bad is None:
                     bad = ("total (on another rank)", float("nan"))  # every rank must take the same branch
                 if bad is None:
                     opt.step()
@@ -1167,9 +1261,8 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
                 periodic = bool(cfg.checkpoint_every) and n % cfg.checkpoint_every == 0 and n < cfg.steps
                 if periodic:
                     last_ckpt = checkpoint(n, f"step_{n}.pt")
-                if ddp.world_size > 1:  # a signal to any rank stops them all at the same step
-                    if ddp.mean(torch.tensor(float(bool(caught)))) > 0 and not caught:
-                        caught.append("a signal to another rank")
+                if ddp.any(bool(caught), device) and not caught:  # a signal to any rank stops them all
+                    caught.append("a signal to another rank")
                 if caught and n < cfg.steps:
                     if not periodic:
                         last_ckpt = checkpoint(n, f"step_{n}.pt")

@@ -165,7 +165,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg, exp = load_run(args.run_dir)
     model = exp.model
-    x = torch.cat([exp.eval_batch(i) for i in range(args.n_batches)])
+    x = torch.cat([exp.input_fn(exp.eval_batch(i)) for i in range(args.n_batches)])
     order = forward_order(model, x[:1])
     if args.layers:
         a, b = args.layers

@@ -46,7 +46,7 @@ def collect_ci(exp: Experiment, n_batches: int, model: ComponentModel | None = N
     (default exp.model; another decomposition of the same target reads the same inputs):
     {name: (N, C)}, N = inputs (batch x seq positions for sequence models)."""
     model = model or exp.model
-    cis = [model.ci_of(exp.eval_batch(i)) for i in range(n_batches)]
+    cis = [model.ci_of(exp.input_fn(exp.eval_batch(i))) for i in range(n_batches)]
     return {n: torch.cat([ci[n].flatten(0, -2) for ci in cis]).cpu() for n in model.names}
 
 

@@ -127,7 +127,7 @@ def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8) -> Pat
     cfg, exp = load_run(run_dir)
     model, threshold = exp.model, cfg.spd.ci_threshold
     is_lm = exp.tokenizer is not None
-    batches = [exp.eval_batch(i) for i in range(n_batches)]
+    batches = [exp.input_fn(exp.eval_batch(i)) for i in range(n_batches)]
     fired = {n: torch.zeros(C) for n, C in model.C.items()}
     ci_sum = {n: torch.zeros(C) for n, C in model.C.items()}
     best: dict[str, tuple[Tensor, Tensor] | None] = {n: None for n in model.names}

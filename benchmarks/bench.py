@@ -1,6 +1,6 @@
 """Speed and quality of default runs: one row per config.
 
-    python benchmarks/bench.py [configs/tms_5-2.yaml ...] [--steps N] [--seeds 0 1 2]
+    python benchmarks/bench.py [configs/tms_5-2.yaml ...] [--steps N] [--seeds 0 1 2] [--script S.py]
 
 Each run goes through the experiment's own script (as a user would run it) into a temporary run
 dir; the table shows steps/s, ms/step, peak RSS and the quality metrics from results.json.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from spd_common import script_for  # noqa: E402 (needs ROOT on the path)
+from spd_common import run_main, script_for  # noqa: E402 (needs ROOT on the path)
 
 QUALITY = ["mmcs", "ml2r", "n_nonnegligible/", "n_monosemantic_features", "n_monosemantic_per_layer",
            "w_out_summed_rank/", "ci_masked_mse_over_target_var", "ce_unrecovered", "acc_ci_masked", "acc_without_top_",
@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("configs", nargs="*", default=["configs/tms_5-2.yaml"])
     ap.add_argument("--steps", type=int, default=None, help="override spd.steps (default: the config's)")
     ap.add_argument("--seeds", type=int, nargs="*", default=[None], help="spd.seed values (default: the config's)")
+    ap.add_argument("--script", help="the experiment script (default: the one *_decomposition.py that reads each config)")
     args = ap.parse_args()
     header = f"{'config':<22}{'seed':>5}{'steps':>7}{'wall s':>8}{'steps/s':>9}{'ms/step':>9}{'RSS MB':>8}  quality"
     print(header)
@@ -36,8 +37,9 @@ def main() -> None:
             overrides = ([f"spd.steps={args.steps}"] if args.steps else []) + \
                         ([f"spd.seed={seed}"] if seed is not None else [])
             with tempfile.TemporaryDirectory() as tmp:
-                proc = subprocess.run([sys.executable, str(ROOT / script_for(config)), str(config), *overrides,
-                                       "--out", tmp], cwd=ROOT, capture_output=True, text=True)
+                script = ROOT / (args.script or script_for(config))
+                proc = subprocess.run([sys.executable, str(script), str(config), *overrides, "--out", tmp], cwd=ROOT,
+                                      capture_output=True, text=True)
                 if proc.returncode != 0:
                     print(f"{config.stem:<22} failed: {proc.stderr.strip().splitlines()[-1:]}")
                     continue
@@ -50,4 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -6,7 +6,8 @@
     python slurm/sweep.py SWEEP.yaml ... key.sub=value ...  # appended to every run (e.g. spd.steps=100)
 
 A sweep YAML has one section per experiment, named after its config (`tms_5-2:` runs configs/tms_5-2.yaml
-with tms_decomposition.py), plus an optional `global:` section that applies to every experiment:
+with the one experiment script whose config class reads it; `script: my_decomposition.py` in a section
+names the script instead), plus an optional `global:` section that applies to every experiment:
 
     global:
       spd.steps: 2000                 # a fixed value (a YAML list is a list value: spd.ci_hidden: [32, 32])
@@ -103,8 +104,10 @@ def expand(sweep: dict, extra: list[str] = ()) -> list[Run]:
             if not isinstance(part, (dict, type(None))):
                 raise SPDError(f"sweep section '{name}': expected a mapping of parameters or a list of them, "
                                f"got {part!r}")
-            for point in grid(common | flatten(part or {})):
-                runs.append(Run(script_for(config), config, [override(k, v) for k, v in point.items()] + list(extra)))
+            params = flatten(part or {})
+            script = params.pop("script", None) or script_for(ROOT / config)
+            for point in grid(common | params):
+                runs.append(Run(script, config, [override(k, v) for k, v in point.items()] + list(extra)))
     if not runs:
         raise SPDError("the sweep has no experiment sections (e.g. 'tms_5-2:'), so no runs")
     return runs

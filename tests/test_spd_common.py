@@ -265,3 +265,44 @@ def test_grad_accumulation_matches_one_batch_and_bf16_autocast_runs(tmp_path):
     assert r1["train/total"] == pytest.approx(r2["train/total"], rel=1e-5)
     _, r3 = run(autocast_bf16=True)  # bf16 on CPU: slow but the same code path as on CUDA
     assert math.isfinite(r3["train/total"]) and "peak_gpu_mem_mb" not in r3
+
+
+def test_batches_may_carry_more_than_the_models_input(tmp_path):
+    """A batch of (tokens, labels) or {"tokens", "labels"}, with `input_fn` picking the model's input,
+    trains exactly what the bare tensor does, through micro-batches and a 2-rank shard alike."""
+    from spd_common import Dist, map_batch, split_batch
+
+    tokens = lambda step: torch.randint(0, 7, (8, 3), generator=torch.Generator().manual_seed(step))  # noqa: E731
+    labels = lambda step: torch.arange(8) + step  # noqa: E731
+    cfg = SPDConfig(steps=3, batch_size=8, eval_batch_size=8, eval_every=2, grad_accum_steps=2)
+
+    def run(name, batch, input_fn):
+        model = make_model()
+        (tmp_path / name).mkdir()
+        optimize(model, cfg, batch, batch, tmp_path / name, full_config={}, input_fn=input_fn)
+        return model
+
+    plain = run("plain", tokens, lambda b: b)
+    pair = run("pair", lambda s: (tokens(s), labels(s)), lambda b: b[0])
+    for p1, p2 in zip(plain.components.parameters(), pair.components.parameters()):
+        assert torch.equal(p1, p2)
+    batch = {"tokens": tokens(0), "labels": labels(0)}
+    halves = [Dist(r, 2).shard(batch) for r in range(2)]
+    assert torch.equal(halves[1]["labels"], torch.arange(4, 8)) and halves[0]["tokens"].shape == (4, 3)
+    assert [m["labels"].tolist() for m in split_batch(batch, 3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    with pytest.raises(SPDError, match="a batch must be a tensor, or a tuple / list / dict of tensors, not str"):
+        map_batch(("text",), lambda t: t)
+
+
+def test_a_dict_input_is_passed_as_keyword_arguments():
+    class KeywordNet(TinyNet):
+        def forward(self, tokens, scale=1.0):
+            return super().forward(tokens) * scale
+
+    torch.manual_seed(0)
+    model = ComponentModel(KeywordNet(), {"fc1": 4}, {}, "mlp", [8])
+    tokens = torch.randint(0, 7, (5, 3))
+    out, inputs = model.run_target({"tokens": tokens, "scale": 2.0})
+    torch.testing.assert_close(out, 2.0 * model.target(tokens))
+    assert inputs["fc1"].shape == (5, 3, 4)
+    torch.testing.assert_close(model({"tokens": tokens}), model(tokens))

@@ -26,11 +26,22 @@ def points(runs) -> list[tuple[str, list[str]]]:
     return [(run.config, run.overrides) for run in runs]
 
 
-def test_script_for_maps_config_names_to_scripts():
-    assert script_for("configs/tms_5-2.yaml") == "tms_decomposition.py"
-    assert script_for("resid_mlp2.yaml") == "resid_mlp_decomposition.py"
-    assert script_for("configs/ih.yaml") == "ih_decomposition.py"
-    assert script_for("configs/ss_llama.yaml") == "lm_decomposition.py"
+def test_script_for_finds_the_one_script_whose_config_class_reads_the_config(tmp_path):
+    assert script_for(ROOT / "configs/tms_5-2.yaml") == "tms_decomposition.py"
+    assert script_for(ROOT / "configs/resid_mlp2.yaml") == "resid_mlp_decomposition.py"
+    assert script_for(ROOT / "configs/ih.yaml") == "ih_decomposition.py"
+    assert script_for(ROOT / "configs/ss_llama.yaml") == "lm_decomposition.py"
+    renamed = tmp_path / "my_toy.yaml"  # the file name plays no part
+    renamed.write_text((ROOT / "configs/tms_5-2.yaml").read_text())
+    assert script_for(renamed) == "tms_decomposition.py"
+    with pytest.raises(SPDError, match="is read by no .*_decomposition.py script; name the experiment script"):
+        script_for(ROOT / "configs/sweep_tms.yaml")  # not an experiment config: never a silent LM fallback
+
+
+def test_a_sweep_section_can_name_its_script():
+    runs = expand({"tms_5-2": {"script": "my_decomposition.py", "spd.seed": {"values": [0, 1]}}})
+    assert [(r.script, r.overrides) for r in runs] == [("my_decomposition.py", ["spd.seed=0"]),
+                                                        ("my_decomposition.py", ["spd.seed=1"])]
 
 
 def test_grid_is_the_cartesian_product_with_the_last_axis_fastest():
