@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import transformers as T
 
-from spd_common import ComponentModel, SPDError, decomposable_modules
+from spd_common import ComponentModel, SPDConfig, SPDError, decomposable_modules, training_losses
 
 VOCAB = 50
 LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -87,6 +87,17 @@ def test_own_forward_layers_see_their_base_inputs():
     opt = ComponentModel(build("opt"), {"model.decoder.embed_positions": 4}, {}, "mlp", [4])
     _, inputs = opt.run_target(tokens)
     assert inputs["model.decoder.embed_positions"].tolist() == [list(range(2, 7))] * 2
+
+
+@pytest.mark.parametrize("arch", ["gemma", "opt", "mixtral"])
+def test_every_loss_trains_every_component(arch):
+    """One step's losses (layerwise ones reuse the inner acts) give every component a finite, nonzero gradient."""
+    model = ComponentModel(build(arch), {"*": 4}, {}, "mlp", [4])
+    cfg = SPDConfig(output_loss="kl", ci_masked_recon_coeff=1.0)  # no faithfulness: gradients via the forward
+    tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    training_losses(model, cfg, tokens, 0.0, lambda out: out.logits)["total"].backward()
+    for n, p in model.components.named_parameters():
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
 
 
 def test_one_expert_by_name_with_its_own_C():
