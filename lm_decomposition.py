@@ -5,11 +5,11 @@
 The story:
   1. Load the config; load the model and its tokenizer by hub name or local directory. The offline
      default (configs/tiny_llama.yaml) builds its tiny Llama and story corpus on the way if missing.
+     Attach components to the modules the config's patterns match (a bad pattern stops here).
   2. Load the text dataset (hub name or local files), tokenise it and pack it into fixed-length
      sequences; batch `step` of rank `rank` is a pure function of (seed, step, rank).
-  3. Decompose the modules the config's patterns match (nn.Linear, nn.Embedding, GPT-2's Conv1D),
-     with the KL divergence between the target's and the masked model's next-token distributions
-     as the output loss.
+  3. Decompose those modules (nn.Linear, nn.Embedding, GPT-2's Conv1D, MoE expert matrices), with the
+     KL divergence between the target's and the masked model's next-token distributions as the output loss.
   4. Evaluate on held-out text: CE of the target and of the model with CI masks, stochastic masks
      and every component ablated (masks 0), KL of each to the target, and "CE unrecovered"
      (CE_masked - CE_target) / (CE_ablated - CE_target). Per-module L0 is logged over training.
@@ -19,6 +19,7 @@ The story:
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +36,14 @@ from spd_common import F_, ComponentModel, Experiment, SPDConfig, SPDError, auto
     optimize, output_loss, parse_cli, run_main, sample_masks, set_seed, write_results
 from train_targets.train_lm import TinyLMConfig, TokenBatches, build_tiny_lm, next_token_ce, pack
 
-OFFLINE_HINT = ("without network, set HF_HUB_OFFLINE=1 and use a model/dataset already in the HF cache, "
-                "or run the offline default: python lm_decomposition.py configs/tiny_llama.yaml")
+
+
+def offline_hint() -> str:
+    """How to work without network (HF_HUB_OFFLINE's part left out where it is already set)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}  # as huggingface_hub reads it
+    use = "use a model/dataset already in the HF cache" if offline else \
+        "without network, set HF_HUB_OFFLINE=1 and use a model/dataset already in the HF cache"
+    return f"{use}, or run the offline default: python lm_decomposition.py configs/tiny_llama.yaml"
 
 
 @dataclass
@@ -67,14 +74,19 @@ def load_model(name: str) -> tuple[Any, Any]:
     """(model, tokenizer) from a local directory (never touching the network) or the hub."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = Path(name).is_dir()
+    path = Path(name).expanduser()
+    local = path.is_dir()
+    if not local and name.startswith(("./", "../", "/", "~")):  # a path, not a hub name: no point asking the hub
+        raise SPDError(f"model '{name}': no such directory (set model to a hub name or a directory saved with "
+                       "save_pretrained)")
+    src = str(path) if local else name
     looked = "the local directory" if local else "no local directory of that name; the hub and the HF cache"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(name, local_files_only=local).float()  # fp32 master weights
+        tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(src, local_files_only=local).float()  # fp32 master weights
     except (OSError, ValueError) as e:  # missing files, no network, not a repo name
         raise SPDError(f"model '{name}' could not be loaded (looked in {looked}; {type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:200]}); {OFFLINE_HINT}") from None
+                       f"{str(e).splitlines()[0][:200]}); {offline_hint()}") from None
     model.config.use_cache = False  # no KV cache: every forward sees whole sequences
     return model, tokenizer
 
@@ -90,7 +102,7 @@ def load_tokens(cfg: DataConfig, split: str, tokenizer: Any) -> Tensor:
     except (OSError, ValueError) as e:  # not found, no network, no such split
         raise SPDError(f"dataset '{cfg.name}' split '{split}'{f' from {cfg.data_files}' if cfg.data_files else ''} "
                        f"could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                       f"{OFFLINE_HINT}") from None
+                       f"{offline_hint()}") from None
     if ds.column_names is not None and cfg.column not in ds.column_names:
         raise SPDError(f"dataset '{cfg.name}' has no column '{cfg.column}' (set data.column to one of {ds.column_names})")
 
@@ -191,12 +203,13 @@ def build(cfg: LMConfig) -> Experiment:
         build_tiny_lm(cfg.target)
     target, tokenizer = load_model(cfg.model)
     target.to(device)
+    set_seed(cfg.spd.seed)
+    # Before the data: a pattern matching nothing, or a layer that cannot be decomposed, stops here.
+    model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
     train = load_tokens(cfg.data, cfg.data.split, tokenizer)
     held_out = load_tokens(cfg.data, cfg.data.eval_split, tokenizer)
     print(f"{cfg.model}: {sum(p.numel() for p in target.parameters())} params; {cfg.data.name}: "
           f"{train.numel()} train / {held_out.numel()} held-out tokens in sequences of {cfg.data.seq_len}")
-    set_seed(cfg.spd.seed)
-    model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
     return Experiment(model, TokenBatches(train, cfg.spd.batch_size, cfg.spd.seed, device=device),
                       TokenBatches(held_out, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, device=device),
                       output_fn=lambda out: out.logits, tokenizer=tokenizer)

@@ -2,7 +2,8 @@
 
 Sections, in reading order:
   1. The SPD config, run directories, torchrun (typed YAML loading itself is in spd_config.py).
-  2. Components: rank-one factors U, V standing in for a target module's weight.
+  2. Components: rank-one factors U, V standing in for a target module's weight (a Linear, Embedding or
+     Conv1D, subclasses with their own forward included, or one MoE expert's matrix).
   3. Causal-importance (CI) functions and leaky hard sigmoids.
   4. ComponentModel: attaches components to an unmodified target model by module-name pattern.
   5. Masks and losses.
@@ -476,29 +477,129 @@ class Components(nn.Module):
 
 
 def decomposable_types() -> tuple[type, ...]:
-    """Layer types that can be decomposed: nn.Linear, nn.Embedding and GPT-2's Conv1D."""
+    """Layer types that can be decomposed: nn.Linear, nn.Embedding, GPT-2's Conv1D and one expert's matrix."""
     from transformers.pytorch_utils import Conv1D  # imported here: transformers is slow to import
 
-    return nn.Linear, nn.Embedding, Conv1D
+    return nn.Linear, nn.Embedding, Conv1D, ExpertLinear
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A transformers MoE experts module (`@use_experts_implementation`): one 3-D parameter per matrix,
+    (n_experts, d_out, d_in), or (n_experts, d_in, d_out) where `is_transposed`."""
+    return hasattr(module, "has_gate") and hasattr(module, "num_experts") and hasattr(module, "down_proj")
+
+
+def expert_params(experts: nn.Module) -> tuple[str, str]:
+    """The names of an experts module's (input, output) 3-D matrices."""
+    return "gate_up_proj" if experts.has_gate else "up_proj", "down_proj"
+
+
+class ExpertLinear(nn.Module):
+    """Expert `e`'s slice of one 3-D parameter of an MoE experts module, as a linear layer (no copy)."""
+
+    def __init__(self, experts: nn.Module, param: str, e: int):
+        super().__init__()
+        self._experts = [experts]  # a list hides it from nn.Module: it stays where the target has it
+        self.param, self.e = param, e
+
+    @property
+    def weight(self) -> Tensor:
+        """(d_out, d_in)."""
+        w = getattr(self._experts[0], self.param)[self.e]
+        return w.T if self._experts[0].is_transposed else w
+
+    @property
+    def bias(self) -> Tensor | None:
+        ex = self._experts[0]
+        return getattr(ex, f"{self.param}_bias")[self.e] if ex.has_bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def decomposable_modules(target: nn.Module) -> dict[str, nn.Module]:
+    """Every decomposable layer of the target by name. Expert e's matrix of an experts module M is
+    `M.P.e` for P its 3-D parameter, e.g. `model.layers.0.mlp.experts.gate_up_proj.3`."""
+    found: dict[str, nn.Module] = {}
+    for n, m in target.named_modules():
+        if isinstance(m, decomposable_types()):
+            found[n] = m
+        elif is_experts(m):
+            found.update({f"{n}.{p}.{e}": ExpertLinear(m, p, e) for p in expert_params(m) for e in range(m.num_experts)})
+    return found
+
+
+def base_layer(module: nn.Module) -> type:
+    """The decomposable type a layer is an instance of (a subclass, e.g. Gemma's scaled embedding, gives its base)."""
+    return next(t for t in decomposable_types() if isinstance(module, t))
 
 
 def weight_out_in(module: nn.Module) -> Tensor:
     """A decomposable layer's weight as (d_out, d_in). nn.Linear stores it so; nn.Embedding stores
     (vocab, d) = (d_in, d_out) for one-hot inputs, and Conv1D (d_in, d_out) (it computes x @ W + b)."""
-    return module.weight if isinstance(module, nn.Linear) else module.weight.T
+    return module.weight if isinstance(module, (nn.Linear, ExpertLinear)) else module.weight.T
+
+
+class BaseLayerCall(torch.overrides.TorchFunctionMode):
+    """Within a layer subclass's own forward, replaces the base layer's call (F.linear or F.embedding on
+    `weight`) by `fn(input)`, and counts such calls."""
+
+    def __init__(self, weight: Tensor, fn: Callable[[Tensor], Tensor]):
+        super().__init__()
+        self.weight, self.fn, self.calls = weight, fn, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (F.linear, F.embedding) and len(args) > 1 and args[1] is self.weight:
+            self.calls += 1
+            return self.fn(args[0])  # the mode is off in here: fn's own F.linear / F.embedding run as usual
+        return func(*args, **(kwargs or {}))
+
+
+def runs_own_forward(name: str, module: nn.Module) -> bool:
+    """Whether a decomposed layer must run its own forward around the components (True), or is its base
+    layer's computation (False). A subclass overriding forward is probed on a small input: one F.linear /
+    F.embedding call on its weight (Gemma's embedding scale after it, OPT's position offset before it) runs
+    the override with the components in that call; the base layer's output (Falcon's FalconLinear computes
+    x @ W.T + b by hand) is plain; anything else is refused."""
+    base = base_layer(module)
+    if type(module).forward is base.forward:
+        return False
+    w = module.weight
+    d_in = w.shape[0] if base is not nn.Linear else w.shape[1]
+    x = (torch.ones(1, 2, dtype=torch.long, device=w.device) if base is nn.Embedding
+         else torch.randn(1, 2, d_in, dtype=w.dtype, device=w.device))  # OPT's position embedding reads 1s as a mask
+    probe = BaseLayerCall(w, lambda a: base.forward(module, a))
+    where = f"module '{name}' ({type(module).__name__}) overrides {base.__name__}.forward"
+    try:
+        with torch.no_grad():
+            with probe:
+                out = module(x)
+            plain = base.forward(module, x)
+    except Exception as e:  # its forward takes other inputs: we cannot know what they mean
+        raise SPDError(f"{where} and fails on a probe input ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                       "leave it out of spd.modules") from None
+    if probe.calls == 1:
+        return True
+    if isinstance(out, Tensor) and out.shape == plain.shape and torch.allclose(out, plain):
+        return False
+    raise SPDError(f"{where} without one F.linear / F.embedding call on its weight, so its components cannot "
+                   "stand in for it; leave it out of spd.modules")
 
 
 class DecomposedModule(nn.Module):
-    """Stands in for a target `nn.Linear`, `nn.Embedding` or `Conv1D` inside the target model.
+    """Stands in for a decomposable layer (see `decomposable_types`) inside the target model.
 
     With no mask set it runs the original module. With a mask (..., C) it runs the masked
-    components instead: `((a V^T) * m) U^T (+ delta_mask * a (W - UV)^T) + bias`.
+    components instead: `((a V^T) * m) U^T (+ delta_mask * a (W - UV)^T) + bias`. A layer with its own
+    forward (`runs_own_forward`) runs it, extra arguments and all, with that computation in its base call.
     """
 
-    def __init__(self, original: nn.Module, components: Components):
+    def __init__(self, original: nn.Module, components: Components, own_forward: bool = False):
         super().__init__()
         self.original = original
         self._components = [components]
+        self.base = base_layer(original)
+        self.own_forward = own_forward
         self.is_embedding = isinstance(original, nn.Embedding)
         self.mask: Tensor | None = None
         self.delta_mask: Tensor | None = None
@@ -529,12 +630,56 @@ class DecomposedModule(nn.Module):
         bias = getattr(self.original, "bias", None)
         return out if bias is None else out + bias
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _layer(self, x: Tensor) -> Tensor:
+        """The base layer's computation on its input x (..., d_in): the target's, or the masked components'."""
         if self.cache_input:
             self.last_input = x
         if self.mask is None:
-            return self.original(x)
+            return self.base.forward(self.original, x)
         return self._masked_forward(x, self.mask, self.delta_mask)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        if not self.own_forward:
+            return self._layer(*args, **kwargs)
+        if self.mask is None and not self.cache_input:
+            return self.original(*args, **kwargs)
+        with BaseLayerCall(self.original.weight, self._layer):
+            return self.original(*args, **kwargs)
+
+
+class DecomposedExperts(nn.Module):
+    """Stands in for an MoE experts module (`is_experts`) some of whose expert matrices are decomposed.
+
+    While none of them is masked or caching its input, the original runs (any experts implementation).
+    Otherwise every expert runs on every token, with input 0 where the router did not pick it: each
+    expert matrix then has inputs, CI and masks per token like any other layer, at n_experts / top_k
+    times the expert FLOPs. The gate, activation and post-norm are the module's own.
+    """
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.matrices: dict[tuple[str, int], nn.Module] = {  # DecomposedModules replace the decomposed ones
+            (p, e): ExpertLinear(original, p, e) for p in expert_params(original) for e in range(original.num_experts)}
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """hidden_states (N, d), top_k_index and top_k_weights (N, top_k) -> (N, d)."""
+        ex = self.original
+        if not any(isinstance(m, DecomposedModule) and (m.mask is not None or m.cache_input)
+                   for m in self.matrices.values()):
+            return ex(hidden_states, top_k_index, top_k_weights)
+        up, down = expert_params(ex)
+        out = torch.zeros_like(hidden_states)
+        for e in range(ex.num_experts):
+            picked = top_k_index == e  # (N, top_k)
+            routed = picked.any(-1, keepdim=True).to(hidden_states.dtype)
+            h = self.matrices[up, e](hidden_states * routed)
+            h = ex._apply_gate(h) if ex.has_gate else ex.act_fn(h)
+            h = self.matrices[down, e](h * routed)  # * routed: a bias or gate may be nonzero at input 0
+            if ex.has_post_expert_norm:
+                h = ex.post_expert_norm(h)
+            out = out + h * (top_k_weights * picked).sum(-1, keepdim=True)
+        return out.to(hidden_states.dtype)
 
 
 # ================================================================================================
@@ -631,11 +776,19 @@ def _key(name: str) -> str:
     return name.replace(".", "-")  # ModuleDict keys may not contain dots
 
 
+def _swap(target: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` in the target where module `name` was."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(target.get_submodule(parent_name) if parent_name else target, child, new)
+    return new
+
+
 class ComponentModel(nn.Module):
     """A frozen target model with some modules decomposed into components, each with a CI function.
 
-    `patterns` maps fnmatch patterns over module names to C. The target's code is untouched: each
-    matched module is swapped for a `DecomposedModule` that runs the original unless masks are set.
+    `patterns` maps fnmatch patterns over module names (`decomposable_modules`) to C. The target's code is
+    untouched: each matched module is swapped for a `DecomposedModule` that runs the original unless masks
+    are set (an MoE expert's matrix: its experts module for a `DecomposedExperts`).
     """
 
     def __init__(self, target: nn.Module, patterns: dict[str, int], tied: dict[str, str],
@@ -644,15 +797,15 @@ class ComponentModel(nn.Module):
         target.requires_grad_(False)
         target.eval()
         self.target = target
-        found = {n: m for n, m in target.named_modules() if isinstance(m, decomposable_types())}
+        found = decomposable_modules(target)
         if not patterns:
             raise SPDError(f"no modules to decompose: set spd.modules, e.g. {{{next(iter(found), 'fc1')}: 20}}")
         self.C: dict[str, int] = {}
         for pattern, C in patterns.items():
             matches = [n for n in found if fnmatch.fnmatchcase(n, pattern)]
             if not matches:
-                raise SPDError(f"module pattern '{pattern}' matches no nn.Linear/nn.Embedding/Conv1D of the target; "
-                               f"its modules are: {', '.join(found) or '(none)'}")
+                raise SPDError(f"module pattern '{pattern}' matches no nn.Linear/nn.Embedding/Conv1D (or MoE expert "
+                               f"matrix) of the target; its modules are: {', '.join(found) or '(none)'}")
             for n in matches:
                 self.C.setdefault(n, C)
         for name, src in tied.items():
@@ -674,9 +827,15 @@ class ComponentModel(nn.Module):
             self.components[_key(name)] = comps
             ci_in = self.C[name] if isinstance(original, nn.Embedding) else d_in
             self.ci_fns[_key(name)] = make_ci_fn(ci_fn, self.C[name], ci_in, ci_hidden)
-            wrapper = DecomposedModule(original, comps)
-            parent_name, _, child = name.rpartition(".")
-            setattr(target.get_submodule(parent_name) if parent_name else target, child, wrapper)
+            wrapper = DecomposedModule(original, comps, runs_own_forward(name, original))
+            if isinstance(original, ExpertLinear):  # its experts module, wrapped once, runs it in the expert's place
+                experts_name = name.rsplit(".", 2)[0]
+                experts = target.get_submodule(experts_name)
+                if not isinstance(experts, DecomposedExperts):
+                    experts = _swap(target, experts_name, DecomposedExperts(experts))
+                experts.matrices[original.param, original.e] = wrapper
+            else:
+                _swap(target, name, wrapper)
             self.modules_[name] = wrapper
         self.names = list(self.modules_)
 

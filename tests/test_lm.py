@@ -13,8 +13,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from lm_decomposition import DataConfig, LMConfig, ce_unrecovered, load_tokens
-from spd_common import ComponentModel, SPDError, load_config
+import lm_decomposition
+from lm_decomposition import DataConfig, LMConfig, ce_unrecovered, load_model, load_tokens, offline_hint
+from spd_common import ComponentModel, SPDConfig, SPDError, load_config
 from train_targets.train_lm import TokenBatches, next_token_ce, pack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +153,29 @@ def test_missing_model_offline_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: model 'nobody/no-such-model-xyz' could not be loaded")
-    assert "HF_HUB_OFFLINE=1" in last and "configs/tiny_llama.yaml" in last
+    assert "HF_HUB_OFFLINE" not in last and "configs/tiny_llama.yaml" in last  # it is set already
+
+
+def test_offline_hint_names_hf_hub_offline_only_when_unset(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert "set HF_HUB_OFFLINE=1" in offline_hint()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "HF_HUB_OFFLINE" not in offline_hint() and "configs/tiny_llama.yaml" in offline_hint()
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "../no/such/model", "/no/such/model", "~/no-such-model-xyz"])
+def test_missing_model_path_is_no_such_directory(name):
+    with pytest.raises(SPDError, match=rf"^model '{name}': no such directory"):  # the hub is never asked
+        load_model(name)
+
+
+def test_module_patterns_are_checked_before_the_data_is_read(monkeypatch):
+    monkeypatch.setattr(lm_decomposition, "load_model", lambda name: (tiny_llama(), None))
+    monkeypatch.setattr(lm_decomposition, "load_tokens", lambda *a: pytest.fail("tokenised before the patterns"))
+    cfg = LMConfig(model="m", data=DataConfig(name="json"), spd=SPDConfig(modules={"model.layers.*.mlpp.*": 4},
+                                                                           device="cpu"))
+    with pytest.raises(SPDError, match=r"'model.layers.\*.mlpp.\*' matches no"):
+        lm_decomposition.build(cfg)
 
 
 def test_script_builds_tiny_target_and_decomposes(tmp_path):
