@@ -28,18 +28,21 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from spd_common import F_, ComponentModel, Experiment, SPDConfig, config_to_dict, get_device, optimize, parse_cli, \
-    run_main, set_seed, write_results
+from spd_common import ComponentModel, Experiment, SPDConfig, optimize
+from spd_config import config_to_dict, option
+from spd_run import get_device, parse_cli, run_main, set_seed, step_batches, write_results
 from train_targets.train_ih import IHTargetConfig, induction_batch, load_or_train_ih
 
 POSITIONS = ["first A", "B", "other", "final A"]
 
 
+# COPYING THIS SCRIPT? Change: the config below (keep its `spd: SPDConfig`), the target and data in
+# build(), the metrics and the figures. Keep: build's signature and main's skeleton.
 @dataclass
 class IHConfig:
-    target: IHTargetConfig = F_(doc="the target model and how to train it")
-    spd: SPDConfig = F_(doc="the decomposition")
-    n_eval: int = F_(2048, "held-out sequences for accuracies, ablations and figures", ge=1)
+    target: IHTargetConfig = option(doc="the target model and how to train it")
+    spd: SPDConfig = option(doc="the decomposition")
+    n_eval: int = option(2048, "held-out sequences for accuracies, ablations and figures", ge=1)
 
 
 def final_logits(logits: Tensor) -> Tensor:
@@ -156,24 +159,20 @@ def plot_ci_by_position(by_pos: dict[str, Tensor], threshold: float, path) -> No
 
 
 # ------------------------------------------------------------------------------------------------
+# KEEP build(cfg: YourConfig) -> Experiment at module level: --resume and the analysis tools import it.
 def build(cfg: IHConfig) -> Experiment:
     """The target (trained first if missing) wrapped in fresh components, and its step-indexed data."""
     device = get_device(cfg.spd.device)
     target = load_or_train_ih(cfg.target).to(device)
     set_seed(cfg.spd.seed)
-    model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
+    model = ComponentModel.from_config(target, cfg.spd).to(device)
     t = cfg.target
-
-    def train_batch(step: int) -> Tensor:
-        return induction_batch(t.vocab_size, t.seq_len, cfg.spd.batch_size, cfg.spd.seed, step, device)[0]
-
-    def eval_batch(step: int) -> Tensor:
-        return induction_batch(t.vocab_size, t.seq_len, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, step,
-                               device)[0]
-
+    train_batch, eval_batch = step_batches(
+        lambda size, seed, step: induction_batch(t.vocab_size, t.seq_len, size, seed, step, device)[0], cfg.spd)
     return Experiment(model, train_batch, eval_batch, output_fn=final_logits)
 
 
+# KEEP main's skeleton: parse_cli, build, optimize, figures, write_results (last line), run_main.
 def main() -> None:
     cfg, run_dir = parse_cli(IHConfig, __doc__.splitlines()[0])
     exp = build(cfg)

@@ -32,8 +32,9 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from spd_common import F_, ComponentModel, Experiment, SPDConfig, SPDError, autocast, config_to_dict, get_device, \
-    optimize, output_loss, parse_cli, run_main, sample_masks, set_seed, write_results
+from spd_common import ComponentModel, Experiment, SPDConfig, autocast, optimize, output_loss, sample_masks
+from spd_config import SPDError, config_to_dict, option
+from spd_run import eval_seed, get_device, parse_cli, run_main, set_seed, write_results
 from train_targets.train_lm import TinyLMConfig, TokenBatches, build_tiny_lm, next_token_ce, pack
 
 
@@ -46,25 +47,27 @@ def offline_hint() -> str:
     return f"{use}, or run the offline default: python lm_decomposition.py configs/tiny_llama.yaml"
 
 
+# COPYING THIS SCRIPT? Change: the config below (keep its `spd: SPDConfig`), the target and data in
+# build(), the metrics and the figures. Keep: build's signature and main's skeleton.
 @dataclass
 class DataConfig:
-    name: str = F_(doc="hub dataset (SimpleStories/SimpleStories) or a local-file builder ('json', 'text')")
-    data_files: Optional[dict[str, str]] = F_(None, "split -> local file, for the 'json' / 'text' builders")
-    column: str = F_("text", "the column holding the text")
-    split: str = F_("train", "split the decomposition trains on")
-    eval_split: str = F_("test", "held-out split for evaluations")
-    streaming: bool = F_(False, "stream instead of downloading the whole dataset (needs max_tokens)")
-    max_tokens: Optional[int] = F_(None, "tokenise at most this many tokens per split (null = all)", ge=1)
-    seq_len: int = F_(128, "tokens per packed sequence", ge=2)
+    name: str = option(doc="hub dataset (SimpleStories/SimpleStories) or a local-file builder ('json', 'text')")
+    data_files: Optional[dict[str, str]] = option(None, "split -> local file, for the 'json' / 'text' builders")
+    column: str = option("text", "the column holding the text")
+    split: str = option("train", "split the decomposition trains on")
+    eval_split: str = option("test", "held-out split for evaluations")
+    streaming: bool = option(False, "stream instead of downloading the whole dataset (needs max_tokens)")
+    max_tokens: Optional[int] = option(None, "tokenise at most this many tokens per split (null = all)", ge=1)
+    seq_len: int = option(128, "tokens per packed sequence", ge=2)
 
 
 @dataclass
 class LMConfig:
-    model: str = F_(doc="causal LM: hub name (gpt2) or a local directory saved with save_pretrained")
-    data: DataConfig = F_(doc="the text the decomposition trains and is evaluated on")
-    spd: SPDConfig = F_(doc="the decomposition (batch sizes count sequences)")
-    target: Optional[TinyLMConfig] = F_(None, "build this offline tiny Llama and corpus at target.path if missing")
-    n_eval_batches: int = F_(8, "held-out batches of spd.eval_batch_size sequences for CE / KL", ge=1)
+    model: str = option(doc="causal LM: hub name (gpt2) or a local directory saved with save_pretrained")
+    data: DataConfig = option(doc="the text the decomposition trains and is evaluated on")
+    spd: SPDConfig = option(doc="the decomposition (batch sizes count sequences)")
+    target: Optional[TinyLMConfig] = option(None, "build this offline tiny Llama and corpus at target.path if missing")
+    n_eval_batches: int = option(8, "held-out batches of spd.eval_batch_size sequences for CE / KL", ge=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +197,7 @@ def plot_ci(ci: dict[str, Tensor], threshold: float, figures: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# KEEP build(cfg: YourConfig) -> Experiment at module level: --resume and the analysis tools import it.
 def build(cfg: LMConfig) -> Experiment:
     """The model (the offline tiny Llama built first if missing) wrapped in fresh components, and
     step-indexed batches of its training and held-out text."""
@@ -205,16 +209,17 @@ def build(cfg: LMConfig) -> Experiment:
     target.to(device)
     set_seed(cfg.spd.seed)
     # Before the data: a pattern matching nothing, or a layer that cannot be decomposed, stops here.
-    model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
+    model = ComponentModel.from_config(target, cfg.spd).to(device)
     train = load_tokens(cfg.data, cfg.data.split, tokenizer)
     held_out = load_tokens(cfg.data, cfg.data.eval_split, tokenizer)
     print(f"{cfg.model}: {sum(p.numel() for p in target.parameters())} params; {cfg.data.name}: "
           f"{train.numel()} train / {held_out.numel()} held-out tokens in sequences of {cfg.data.seq_len}")
     return Experiment(model, TokenBatches(train, cfg.spd.batch_size, cfg.spd.seed, device=device),
-                      TokenBatches(held_out, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, device=device),
+                      TokenBatches(held_out, cfg.spd.eval_batch_size, eval_seed(cfg.spd.seed), device=device),
                       output_fn=lambda out: out.logits, tokenizer=tokenizer)
 
 
+# KEEP main's skeleton: parse_cli, build, optimize, figures, write_results (last line), run_main.
 def main() -> None:
     cfg, run_dir = parse_cli(LMConfig, __doc__.splitlines()[0])
     exp = build(cfg)

@@ -27,19 +27,23 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from spd_common import F_, ComponentModel, Experiment, SPDConfig, config_to_dict, get_device, optimize, parse_cli, \
-    run_main, set_seed, write_results
+from spd_common import ComponentModel, Experiment, SPDConfig, optimize
+from spd_config import config_to_dict, option
+from spd_run import get_device, parse_cli, run_main, set_seed, step_batches, write_results
 from train_targets.train_resid_mlp import ResidMLPTargetConfig, labels, load_or_train_resid_mlp, resid_mlp_batch
 
 
+# COPYING THIS SCRIPT? Change: the config below (keep its `spd: SPDConfig`), the target and data in
+# build(), the metrics and the figures. Keep: build's signature and main's skeleton.
 @dataclass
 class ResidMLPConfig:
-    target: ResidMLPTargetConfig = F_(doc="the target model and how to train it")
-    spd: SPDConfig = F_(doc="the decomposition")
-    one_hot_value: float = F_(0.75, "value of the single active feature in the one-hot probes")
-    monosemantic_ci: float = F_(0.5, "CI at or above which a subcomponent counts as used by a one-hot input", gt=0, le=1)
-    rank_rtol: float = F_(1e-2, "singular values below rtol * the largest do not count towards a rank", gt=0)
-    n_eval_batches: int = F_(4, "eval batches for the CI-masked output error", ge=1)
+    target: ResidMLPTargetConfig = option(doc="the target model and how to train it")
+    spd: SPDConfig = option(doc="the decomposition")
+    one_hot_value: float = option(0.75, "value of the single active feature in the one-hot probes")
+    monosemantic_ci: float = option(0.5, "CI at or above which a subcomponent counts as used by a one-hot input",
+                                    gt=0, le=1)
+    rank_rtol: float = option(1e-2, "singular values below rtol * the largest do not count towards a rank", gt=0)
+    n_eval_batches: int = option(4, "eval batches for the CI-masked output error", ge=1)
 
 
 def layer_names(model: ComponentModel, kind: str) -> list[str]:
@@ -85,7 +89,7 @@ def resid_mlp_metrics(model: ComponentModel, cfg: ResidMLPConfig, eval_batch) ->
                                                                   cfg.monosemantic_ci).sum())}
     for name in layer_names(model, "mlp_out"):
         alive = (ci[name] > cfg.spd.ci_threshold).any(0)
-        U, V = model.modules_[name].components.factors()
+        U, V = model.decomposed[name].components.factors()
         out[f"w_out_alive/{name}"] = int(alive.sum())
         out[f"w_out_summed_rank/{name}"] = summed_rank(U, V, alive, cfg.rank_rtol)
     # CI-masked model vs target: MSE relative to the variance of the target's output
@@ -146,23 +150,19 @@ def plot_feature_sweeps(model: ComponentModel, cfg: ResidMLPConfig, path, n_show
 
 
 # ------------------------------------------------------------------------------------------------
+# KEEP build(cfg: YourConfig) -> Experiment at module level: --resume and the analysis tools import it.
 def build(cfg: ResidMLPConfig) -> Experiment:
     """The target (trained first if missing) wrapped in fresh components, and its step-indexed data."""
     device = get_device(cfg.spd.device)
     target = load_or_train_resid_mlp(cfg.target).to(device)
     set_seed(cfg.spd.seed)
-    model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
+    model = ComponentModel.from_config(target, cfg.spd).to(device)
     n, p = cfg.target.n_features, cfg.target.feature_probability
-
-    def train_batch(step: int) -> Tensor:
-        return resid_mlp_batch(n, p, cfg.spd.batch_size, cfg.spd.seed, step, device)
-
-    def eval_batch(step: int) -> Tensor:
-        return resid_mlp_batch(n, p, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, step, device)
-
-    return Experiment(model, train_batch, eval_batch)
+    return Experiment(model, *step_batches(lambda size, seed, step: resid_mlp_batch(n, p, size, seed, step, device),
+                                           cfg.spd))
 
 
+# KEEP main's skeleton: parse_cli, build, optimize, figures, write_results (last line), run_main.
 def main() -> None:
     cfg, run_dir = parse_cli(ResidMLPConfig, __doc__.splitlines()[0])
     exp = build(cfg)

@@ -1,14 +1,16 @@
-"""Generic Stochastic Parameter Decomposition (SPD) machinery shared by every experiment script.
+"""The Stochastic Parameter Decomposition (SPD) method, shared by every experiment script. What a run
+needs around it (run dirs, CLI, torchrun, checkpoints, resume) is in spd_run.py; typed YAML loading
+in spd_config.py.
 
 Sections, in reading order:
-  1. The SPD config, run directories, torchrun (typed YAML loading itself is in spd_config.py).
+  1. The SPD config: every generic hyperparameter, with one-line docs.
   2. Components: rank-one factors U, V standing in for a target module's weight (a Linear, Embedding or
      Conv1D, subclasses with their own forward included, or one MoE expert's matrix).
   3. Causal-importance (CI) functions and leaky hard sigmoids.
   4. ComponentModel: attaches components to an unmodified target model by module-name pattern.
   5. Masks and losses.
   6. Evaluation metrics.
-  7. The `optimize` loop: schedules, logging, checkpoints.
+  7. The `optimize` loop: `train_step` and the loop around it (its checkpoints: spd_run.py).
 
 Shapes: `...` is any batch shape (batch, or batch x seq); C is the number of subcomponents of a
 module; a module's weight is seen as a (d_out, d_in) matrix W, approximated by U (d_out, C) @ V (C, d_in).
@@ -16,93 +18,80 @@ module; a module's weight is seen as a (d_out, d_in) matrix W, approximated by U
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import fnmatch
-import hashlib
-import json
 import math
-import os
-import random
-import resource
-import signal
 import sys
-import threading
 import time
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
-import numpy as np
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 from tqdm import tqdm
 
-from spd_config import F_, SPDError, config_to_dict, load_config  # noqa: F401 (re-exported for the scripts)
+from spd_config import SPDError, config_to_dict, option
+from spd_run import (Batch, Dist, MetricsLogger, Preempted, TrainState, init_distributed, peak_rss_mb,
+                     preemption_signals, resume_training, save_training_checkpoint, split_batch, step_generator,
+                     target_digest)
 
 
 # ================================================================================================
-# 1. The SPD config, run directories, torchrun
+# 1. The SPD config
 # ================================================================================================
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGUSR1 with a checkpoint saved; --resume
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGUSR1 arrived and `optimize` saved a checkpoint; `run_main` exits with EXIT_PREEMPTED."""
 
 
 @dataclass
 class SPDConfig:
     """Everything generic about one decomposition; experiment configs hold one under `spd:`."""
 
-    modules: dict[str, int] = F_({}, "module-name pattern (fnmatch) -> C, subcomponents per matched module")
-    tied: dict[str, str] = F_({}, "module -> module whose components it reuses transposed (TMS decoder)")
-    ci_fn: Literal["mlp", "vector_mlp", "shared_mlp"] = F_("mlp", "CI function type")
-    ci_hidden: list[int] = F_([16], "hidden widths of the CI MLPs")
-    sampling: Literal["continuous", "binomial"] = F_("continuous", "mask noise r ~ U(0,1) or {0,1}")
-    n_mask_samples: int = F_(1, "stochastic mask samples S per step", ge=1)
-    use_delta_component: bool = F_(True, "add W - UV as one extra stochastically masked component")
-    faithfulness_warmup_steps: int = F_(0, "steps fitting UV to W before training", ge=0)
-    faithfulness_warmup_lr: float = F_(0.01, "learning rate of the faithfulness warm-up", gt=0)
-    faithfulness_warmup_weight_decay: float = F_(0.1, "AdamW weight decay of the warm-up", ge=0)
-    faithfulness_coeff: Optional[float] = F_(None, "weight of ||W - UV||^2 (null = not computed)", ge=0)
-    stochastic_recon_coeff: Optional[float] = F_(1.0, "weight of the all-layers stochastic recon loss", ge=0)
-    stochastic_recon_layerwise_coeff: Optional[float] = F_(1.0, "weight of the one-layer-at-a-time recon loss", ge=0)
-    ci_masked_recon_coeff: Optional[float] = F_(None, "weight of the recon loss with masks = CI", ge=0)
-    importance_minimality_coeff: Optional[float] = F_(3e-3, "weight of sum_c |g_c|^p", ge=0)
-    p: float = F_(1.0, "exponent p of the importance-minimality loss", gt=0)
-    p_anneal_final: Optional[float] = F_(None, "anneal p linearly to this value (null = no annealing)", gt=0)
-    p_anneal_start_frac: float = F_(0.0, "fraction of training where p annealing starts", ge=0, le=1)
-    p_anneal_end_frac: float = F_(1.0, "fraction of training where p annealing ends", ge=0, le=1)
-    output_loss: Literal["mse", "kl"] = F_("mse", "output distance: MSE (toys) or KL of next-token dists (LMs)")
-    optimizer: Literal["adam", "adamw"] = F_("adam", "optimizer")
-    lr: float = F_(1e-3, "peak learning rate", gt=0)
-    weight_decay: float = F_(0.0, "AdamW weight decay", ge=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = F_("cosine", "decay after warm-up (to 0)")
-    lr_warmup_frac: float = F_(0.0, "fraction of steps with linear lr warm-up", ge=0, le=1)
-    grad_clip: Optional[float] = F_(None, "clip the global grad norm to this (null = off)", gt=0)
-    steps: int = F_(10_000, "optimisation steps", ge=1)
-    batch_size: int = F_(4096, "examples per step", ge=1)
-    eval_every: int = F_(1000, "evaluate every N steps (and at the end)", ge=1)
-    eval_batch_size: int = F_(4096, "examples per evaluation batch", ge=1)
-    grad_accum_steps: int = F_(1, "split each step's batch into this many micro-batches (same result, less memory)", ge=1)
-    autocast_bf16: bool = F_(False, "run forward passes under bf16 autocast (meant for CUDA; works but is slow on CPU)")
-    compile: bool = F_(False, "torch.compile the target model (the forward every loss runs through)")
-    log_every: int = F_(100, "write training losses to metrics.jsonl every N steps", ge=1)
-    ci_threshold: float = F_(0.1, "CI above this counts a subcomponent as active (L0, alive)", ge=0, le=1)
-    checkpoint_every: Optional[int] = F_(1000, "save a checkpoint every N steps, for --resume (null = none)", ge=1)
-    keep_checkpoints: int = F_(3, "keep the newest N periodic checkpoints (final.pt is always kept)", ge=1)
-    on_nan: Literal["stop", "skip"] = F_("stop", "a nan/inf loss or gradient stops the run, or skips that step")
-    seed: int = F_(0, "seed of parameters, data and masks")
-    device: str = F_("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:i]'")
-    wandb_project: Optional[str] = F_(None, "log to this wandb project (null = no wandb)")
+    modules: dict[str, int] = option({}, "module-name pattern (fnmatch) -> C, subcomponents per matched module")
+    tied: dict[str, str] = option({}, "module -> module whose components it reuses transposed (TMS decoder)")
+    ci_fn: Literal["mlp", "vector_mlp", "shared_mlp"] = option("mlp", "CI function type")
+    ci_hidden: list[int] = option([16], "hidden widths of the CI MLPs")
+    sampling: Literal["continuous", "binomial"] = option("continuous", "mask noise r ~ U(0,1) or {0,1}")
+    n_mask_samples: int = option(1, "stochastic mask samples S per step", ge=1)
+    use_delta_component: bool = option(True, "add W - UV as one extra stochastically masked component")
+    faithfulness_warmup_steps: int = option(0, "steps fitting UV to W before training", ge=0)
+    faithfulness_warmup_lr: float = option(0.01, "learning rate of the faithfulness warm-up", gt=0)
+    faithfulness_warmup_weight_decay: float = option(0.1, "AdamW weight decay of the warm-up", ge=0)
+    faithfulness_coeff: Optional[float] = option(None, "weight of ||W - UV||^2 (null = not computed)", ge=0)
+    stochastic_recon_coeff: Optional[float] = option(1.0, "weight of the all-layers stochastic recon loss", ge=0)
+    stochastic_recon_layerwise_coeff: Optional[float] = option(1.0, "weight of the one-module-at-a-time recon loss",
+                                                              ge=0)
+    ci_masked_recon_coeff: Optional[float] = option(None, "weight of the recon loss with masks = CI", ge=0)
+    importance_minimality_coeff: Optional[float] = option(3e-3, "weight of sum_c |g_c|^p", ge=0)
+    p: float = option(1.0, "exponent p of the importance-minimality loss", gt=0)
+    p_anneal_final: Optional[float] = option(None, "anneal p linearly to this value (null = no annealing)", gt=0)
+    p_anneal_start_frac: float = option(0.0, "fraction of training where p annealing starts", ge=0, le=1)
+    p_anneal_end_frac: float = option(1.0, "fraction of training where p annealing ends", ge=0, le=1)
+    output_loss: Literal["mse", "kl"] = option("mse", "output distance: MSE (toys) or KL of next-token dists (LMs)")
+    optimizer: Literal["adam", "adamw"] = option("adam", "optimizer")
+    lr: float = option(1e-3, "peak learning rate", gt=0)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", "decay after warm-up (to 0)")
+    lr_warmup_frac: float = option(0.0, "fraction of steps with linear lr warm-up", ge=0, le=1)
+    grad_clip: Optional[float] = option(None, "clip the global grad norm to this (null = off)", gt=0)
+    steps: int = option(10_000, "optimisation steps", ge=1)
+    batch_size: int = option(4096, "examples per step", ge=1)
+    eval_every: int = option(1000, "evaluate every N steps (and at the end)", ge=1)
+    eval_batch_size: int = option(4096, "examples per evaluation batch", ge=1)
+    grad_accum_steps: int = option(1, "split each step's batch into this many micro-batches (less memory)", ge=1)
+    autocast_bf16: bool = option(False, "run forward passes under bf16 autocast (for CUDA; slow on CPU)")
+    compile: bool = option(False, "torch.compile the target model (the forward every loss runs through)")
+    log_every: int = option(100, "write training losses to metrics.jsonl every N steps", ge=1)
+    ci_threshold: float = option(0.1, "CI above this counts a subcomponent as active (L0, alive)", ge=0, le=1)
+    checkpoint_every: Optional[int] = option(1000, "save a checkpoint every N steps, for --resume (null = none)", ge=1)
+    keep_checkpoints: int = option(3, "keep the newest N periodic checkpoints (final.pt is always kept)", ge=1)
+    on_nan: Literal["stop", "skip"] = option("stop", "a nan/inf loss or gradient stops the run, or skips that step")
+    seed: int = option(0, "seed of parameters, data and masks")
+    device: str = option("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:i]'")
+    wandb_project: Optional[str] = option(None, "log to this wandb project (null = no wandb)")
 
     def __post_init__(self) -> None:
         """Checks that involve more than one field (single-field bounds are in the metadata)."""
@@ -112,332 +101,6 @@ class SPDConfig:
         coeffs = [f.name for f in dataclasses.fields(self) if f.name.endswith("_coeff")]
         if not any(getattr(self, c) for c in coeffs):
             raise SPDError(f"no loss term is on: set at least one of {', '.join(coeffs)} to a positive value")
-
-
-ROOT = Path(__file__).resolve().parent
-RUN_RECORD = "run.json"  # in every run dir: the experiment script that made it, for load_run and --resume
-
-
-def import_script(script: str | Path) -> Any:
-    """An experiment script as a module, imported by its path once (its main does not run)."""
-    import importlib.util
-
-    path = Path(script).resolve()
-    names = [path.stem, f"{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"]  # the 2nd: a namesake
-    for module in [sys.modules.get("__main__")] + [sys.modules.get(n) for n in names]:
-        if getattr(module, "__file__", None) and Path(module.__file__).resolve() == path:
-            return module
-    name = names[names[0] in sys.modules]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # before running it: dataclasses and type hints look the module up
-    spec.loader.exec_module(module)
-    return module
-
-
-def config_class(module: Any) -> type:
-    """The config class of an experiment script: the annotation of its `build(cfg)`'s argument."""
-    import inspect
-    import typing
-
-    build = getattr(module, "build", None)
-    params = list(inspect.signature(build).parameters) if callable(build) else []
-    cls = typing.get_type_hints(build).get(params[0]) if params else None
-    if not isinstance(cls, type):
-        raise SPDError(f"{module.__file__} has no module-level `build(cfg: YourConfig) -> Experiment` with its "
-                       f"config class annotated; every experiment script needs one (README: Adding an experiment)")
-    return cls
-
-
-def script_for(config: str | Path) -> str:
-    """The experiment script that runs `config`: the one `*_decomposition.py` beside this file whose
-    config class reads it. None or several (a copied script reads its original's configs too) is an
-    SPDError: then name the script (a sweep section's `script:`, bench.py's --script)."""
-    readers = []
-    for script in sorted(ROOT.glob("*_decomposition.py")):
-        try:
-            load_config(config_class(import_script(script)), config)
-            readers.append(script.name)
-        except SPDError:
-            continue
-    if len(readers) != 1:
-        found = f"is read by {' and '.join(readers)}" if readers else "is read by no *_decomposition.py script"
-        raise SPDError(f"config {config} {found}; name the experiment script that runs it")
-    return readers[0]
-
-
-def run_script(run_dir: Path) -> Path:
-    """The experiment script that made a run dir, from its run.json (runs from before run.json
-    existed: the one script that reads its config.yaml)."""
-    record = run_dir / RUN_RECORD
-    if not record.is_file():
-        return ROOT / script_for(run_dir / "config.yaml")
-    script = Path(json.loads(record.read_text())["script"])
-    if not script.is_file() and (ROOT / script.name).is_file():  # the repository moved since
-        script = ROOT / script.name
-    if not script.is_file():
-        raise SPDError(f"{run_dir} was made by {script}, which is not there any more; restore it or edit "
-                       f"{record} to name where it is now")
-    return script
-
-
-def make_run_dir(config_path: Path, out: str | None) -> Path:
-    """`out` if given (absent, empty, or holding only the config.yaml and run.json of a run that failed
-    before it started), else runs/<config name>/<timestamp>; never overwrites results."""
-    if out is not None:
-        run_dir = Path(out)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise SPDError(f"--out {run_dir} is a file, not a directory; choose another --out")
-        if run_dir.exists() and any(p.name not in ("config.yaml", RUN_RECORD) for p in run_dir.iterdir()):
-            raise SPDError(f"output dir {run_dir} already holds files; choose another --out, remove it, "
-                           f"or continue it with --resume {run_dir}")
-    else:
-        base = Path("runs") / config_path.stem / datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir, i = base, 1
-        while run_dir.exists():
-            run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def check_resumable(run_dir: Path) -> None:
-    """A run dir that `optimize` can continue: its config.yaml, a checkpoint, and no results.json yet."""
-    if not run_dir.is_dir():
-        raise SPDError(f"--resume {run_dir}: no such directory; pass the run dir of an interrupted run")
-    if not (run_dir / "config.yaml").is_file():
-        raise SPDError(f"--resume {run_dir}: no config.yaml there, so it is not a run dir; pass the directory "
-                       f"that holds the run's config.yaml, metrics.jsonl and checkpoints/")
-    if (run_dir / "results.json").exists():
-        raise SPDError(f"--resume {run_dir}: the run already finished (results.json exists); nothing to resume")
-    ckpts = run_dir / "checkpoints"
-    if not (list(ckpts.glob("step_*.pt")) or (ckpts / "final.pt").exists()):
-        raise SPDError(f"--resume {run_dir}: no checkpoint to resume from (the run stopped before its first; "
-                       f"spd.checkpoint_every sets how often); start the run again")
-
-
-def parse_cli(cls: type, description: str, argv: list[str] | None = None) -> tuple[Any, Path]:
-    """`script.py CONFIG.yaml [key.sub=value ...] [--out DIR]` -> (typed config, fresh run dir), or
-    `script.py --resume RUN_DIR` -> (the run's own config.yaml, RUN_DIR), which `optimize` continues."""
-    ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("config", nargs="?", help="YAML config, e.g. configs/tms_5-2.yaml")
-    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, typed by the config")
-    ap.add_argument("--out", default=None, help="run directory (default runs/<config name>/<timestamp>)")
-    ap.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
-
-    def error(message: str) -> None:  # argparse's own errors: one line too, not usage + error
-        raise SPDError(f"{message} (usage: {' '.join(ap.format_usage().split()[1:])})")
-
-    ap.error = error  # type: ignore[method-assign]
-    args = ap.parse_args(argv)
-    ddp = init_distributed()
-    if not ddp.is_main:  # rank 0 validates and makes the run dir; the others are told its path or error
-        message = [None]
-        dist.broadcast_object_list(message, src=0)
-        if message[0].startswith("error: "):
-            raise SPDError(message[0].removeprefix("error: "))
-        return load_config(cls, Path(message[0]) / "config.yaml"), Path(message[0])
-    try:
-        cfg, run_dir = _config_and_run_dir(cls, args, error)
-    except SPDError as e:
-        if ddp.world_size > 1:
-            dist.broadcast_object_list([f"error: {e}"], src=0)
-        raise
-    if ddp.world_size > 1:
-        dist.broadcast_object_list([str(run_dir)], src=0)
-    return cfg, run_dir
-
-
-def _config_and_run_dir(cls: type, args: argparse.Namespace, error: Callable[[str], None]) -> tuple[Any, Path]:
-    """The config and run dir of a new run (made here) or of the run being resumed."""
-    if args.resume is not None:
-        if args.config or args.overrides or args.out:
-            raise SPDError(f"--resume {args.resume} continues the run with its own config.yaml; drop CONFIG, "
-                           f"overrides and --out (edit {Path(args.resume) / 'config.yaml'} to change it)")
-        run_dir = Path(args.resume)
-        check_resumable(run_dir)
-        made_by, this = run_script(run_dir).resolve(), script_of(cls)
-        if made_by != this:
-            raise SPDError(f"--resume {run_dir}: that run was made by {made_by.name}, not {this.name}; continue it "
-                           f"with python {made_by} --resume {run_dir}")
-        return load_config(cls, run_dir / "config.yaml"), run_dir
-    if args.config is None:
-        error("no config given: pass CONFIG.yaml (e.g. configs/tms_5-2.yaml) or --resume RUN_DIR")
-    cfg = load_config(cls, args.config, args.overrides)
-    run_dir = make_run_dir(Path(args.config), args.out)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    (run_dir / RUN_RECORD).write_text(json.dumps({"script": str(script_of(cls)), "argv": sys.argv}, indent=2))
-    return cfg, run_dir
-
-
-def script_of(cls: type) -> Path:
-    """The file of the experiment script that defines config class `cls`."""
-    return Path(sys.modules[cls.__module__].__file__).resolve()
-
-
-def run_main(main: Callable[[], None]) -> None:
-    """Run a script's main; a user-facing error becomes one line on stderr and exit code 2, a
-    preemption one line and EXIT_PREEMPTED."""
-    try:
-        main()
-    except SPDError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
-
-
-Batch = Any  # one step's data: a tensor, or a tuple / list / dict of tensors (inputs, labels, masks, ...)
-
-
-def map_batch(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
-    """`fn` applied to every tensor of a batch, keeping its structure (examples lie along axis 0)."""
-    if isinstance(batch, Tensor):
-        return fn(batch)
-    if isinstance(batch, dict):
-        return {k: map_batch(v, fn) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(map_batch(v, fn) for v in batch)
-    raise SPDError(f"a batch must be a tensor, or a tuple / list / dict of tensors, not {type(batch).__name__}; "
-                   f"fix the experiment's train_batch / eval_batch")
-
-
-def split_batch(batch: Batch, n: int) -> list[Batch]:
-    """`n` micro-batches of (nearly) equal size along the examples axis."""
-    return [map_batch(batch, lambda t: t.tensor_split(n)[i]) for i in range(n)]
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a torchrun job; rank 0 of 1 without torchrun."""
-
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, batch: Batch) -> Batch:
-        """This rank's equal share of the rows of a global batch (of each of its tensors)."""
-        def rows(x: Tensor) -> Tensor:
-            if x.shape[0] % self.world_size:
-                raise SPDError(f"a batch of {x.shape[0]} does not split over {self.world_size} processes; "
-                               f"make spd.batch_size and spd.eval_batch_size multiples of the process count")
-            n = x.shape[0] // self.world_size
-            return x[self.rank * n: (self.rank + 1) * n]
-
-        return map_batch(batch, rows)
-
-    def mean(self, values: Tensor) -> Tensor:
-        """Average over ranks (a no-op on one process). `values` must be on the training device:
-        NCCL reduces CUDA tensors only."""
-        if self.world_size > 1:
-            dist.all_reduce(values)
-            values = values / self.world_size
-        return values
-
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """Whether `flag` is set on any rank, so that every rank takes the same branch. It travels as
-        a tensor on `device`, the training device (a CPU tensor would fail under NCCL)."""
-        if self.world_size == 1:
-            return flag
-        return self.mean(torch.tensor(float(flag), device=device)).item() > 0
-
-
-def init_distributed() -> Dist:
-    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK.
-
-    `optimize` reduces tensors on the training device (NCCL takes CUDA tensors only, and a CPU copy
-    would cost a transfer each way). On a GPU node the group is still `cpu:gloo,cuda:nccl`, so that
-    a run with spd.device=cpu there reduces its CPU tensors through gloo instead of failing."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Dist()
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so that device "cuda" is this rank's GPU
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), world_size)
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def get_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SPDError(f"spd.device = '{name}' is not a device; use auto, cpu or cuda[:i]") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise SPDError(f"spd.device = '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s); "
-                       f"set spd.device=auto or cpu")
-    return device
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def write_results(run_dir: Path, results: dict) -> Path:
-    """Write results.json and print its path as the script's last line."""
-    path = run_dir / "results.json"
-    path.write_text(json.dumps(results, indent=2))
-    print(path)
-    return path
-
-
-def target_main(cfg_cls: type, load_or_train: Callable[[Any], Any]) -> None:
-    """`python -m train_targets.<name> CONFIG.yaml`: build (or find cached) the target that the
-    decomposition config's `target:` section describes, and print where it is."""
-    def main() -> None:
-        if len(sys.argv) != 2:
-            raise SPDError(f"usage: python -m train_targets.{Path(sys.argv[0]).stem} CONFIG.yaml")
-        cfg = load_config(cfg_cls, sys.argv[1], section="target")
-        load_or_train(cfg)
-        print(cfg.path)
-
-    run_main(main)
-
-
-def load_or_train_target(cfg: Any, build: Callable[[], nn.Module], train: Callable[[], nn.Module],
-                         shape_keys: tuple[str, ...]) -> nn.Module:
-    """The frozen target cached at `cfg.path`; trained with `train()` (and cached) when missing.
-
-    The cache stores the target config it was trained with; one whose `shape_keys` differ from
-    `cfg` is refused rather than silently loaded into a model of another shape, and one trained
-    with other settings (steps, weight decay, ...) is used with a note saying so.
-    """
-    path = Path(cfg.path)
-    if not path.exists():
-        print(f"Target {path} not found: training it ({cfg.steps} steps) and caching it there.")
-        model = train()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"config": dataclasses.asdict(cfg), "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)  # atomic: an interrupted save never leaves a truncated cache
-        return model.requires_grad_(False)
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        saved_cfg, state = saved["config"], saved["state_dict"]
-    except Exception as e:  # truncated file, not a checkpoint, ...
-        raise SPDError(f"target checkpoint {path} is unreadable ({type(e).__name__}); delete it to retrain") from None
-    if any(saved_cfg.get(k) != getattr(cfg, k) for k in shape_keys):
-        raise SPDError(f"target checkpoint {path} has shape {[saved_cfg.get(k) for k in shape_keys]} but the config "
-                       f"asks for {[getattr(cfg, k) for k in shape_keys]} ({', '.join(shape_keys)}); "
-                       f"set target.path to a new file or delete {path}")
-    trained_with = {k: v for k, v in saved_cfg.items() if k != "path" and getattr(cfg, k, v) != v}
-    if trained_with:
-        print(f"Note: target {path} was trained with {trained_with}, not this config's values; using it "
-              f"(delete it to retrain)")
-    model = build()
-    model.load_state_dict(state)
-    return model.requires_grad_(False)
 
 
 # ================================================================================================
@@ -817,7 +480,7 @@ class ComponentModel(nn.Module):
         self.ci_reads_inner_acts = ci_fn == "mlp"
         self.components = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
-        self.modules_: dict[str, DecomposedModule] = {}
+        self.decomposed: dict[str, DecomposedModule] = {}
         # Sources before the modules tied to them, so that their components exist.
         for name in [n for n in self.C if n not in tied] + [n for n in self.C if n in tied]:
             original = found[name]
@@ -836,8 +499,13 @@ class ComponentModel(nn.Module):
                 experts.matrices[original.param, original.e] = wrapper
             else:
                 _swap(target, name, wrapper)
-            self.modules_[name] = wrapper
-        self.names = list(self.modules_)
+            self.decomposed[name] = wrapper
+        self.names = list(self.decomposed)
+
+    @classmethod
+    def from_config(cls, target: nn.Module, spd: SPDConfig) -> ComponentModel:
+        """Decompose `target` as the config's `spd:` section says (modules, tied, CI function)."""
+        return cls(target, spd.modules, spd.tied, spd.ci_fn, spd.ci_hidden)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The target's forward (masks, if any, were set by `masked`). One dict argument is passed as
@@ -854,47 +522,47 @@ class ComponentModel(nn.Module):
         n's input is the target's (e.g. n alone is masked)."""
         try:
             for n, m in masks.items():
-                mod = self.modules_[n]
+                mod = self.decomposed[n]
                 mod.mask = m
                 mod.delta_mask = delta_masks[n] if delta_masks else None
                 mod.inner = inner.get(n) if inner else None
             yield
         finally:
-            for mod in self.modules_.values():
+            for mod in self.decomposed.values():
                 mod.mask = mod.delta_mask = mod.inner = None
 
     @torch.no_grad()
     def run_target(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
         """Target output and the input of every decomposed module."""
-        for mod in self.modules_.values():
+        for mod in self.decomposed.values():
             mod.cache_input = True
         try:
             out = self(*args, **kwargs)
         finally:
-            for mod in self.modules_.values():
+            for mod in self.decomposed.values():
                 mod.cache_input = False
-        inputs = {n: mod.last_input for n, mod in self.modules_.items()}
-        for mod in self.modules_.values():
+        inputs = {n: mod.last_input for n, mod in self.decomposed.items()}
+        for mod in self.decomposed.values():
             mod.last_input = None
         return out, inputs
 
     def inner_acts(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Inner acts (..., C) of every module on its target input (with gradients to V)."""
-        return {n: mod.inner_acts(inputs[n]) for n, mod in self.modules_.items()}
+        return {n: mod.inner_acts(inputs[n]) for n, mod in self.decomposed.items()}
 
     def causal_importances(self, inputs: dict[str, Tensor], inner: dict[str, Tensor] | None = None
                            ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """CI per module (..., C): (lower-leaky for masks, upper-leaky for importance minimality).
         `inner`: the modules' inner acts on `inputs`, if already computed."""
         lower, upper = {}, {}
-        for n in self.modules_:
+        for n in self.decomposed:
             lower[n], upper[n] = self.module_ci(n, inputs[n], None if inner is None else inner[n])
         return lower, upper
 
     def module_ci(self, name: str, x: Tensor, inner: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """CI (..., C) of one module on its input x, (lower-leaky, upper-leaky); `inner`: its inner
         acts on x, if already computed."""
-        mod = self.modules_[name]
+        mod = self.decomposed[name]
         if self.ci_reads_inner_acts or mod.is_embedding:
             ci_in = inner if inner is not None else mod.inner_acts(x)
         else:
@@ -909,11 +577,11 @@ class ComponentModel(nn.Module):
         return self.causal_importances(inputs)[0]
 
     def untied_names(self) -> list[str]:
-        return [n for n in self.names if not self.modules_[n].components.tied]
+        return [n for n in self.names if not self.decomposed[n].components.tied]
 
     def weight_deltas(self) -> dict[str, Tensor]:
         """W - UV per untied module (a tied module's delta is its source's, transposed)."""
-        return {n: self.modules_[n].target_weight() - self.modules_[n].components.weight()
+        return {n: self.decomposed[n].target_weight() - self.decomposed[n].components.weight()
                 for n in self.untied_names()}
 
     def decomposition_state(self) -> dict[str, Any]:
@@ -1084,130 +752,9 @@ def faithfulness_warmup(model: ComponentModel, cfg: SPDConfig) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    if not math.isfinite(loss.item()):
+        raise SPDError(f"the faithfulness warm-up loss is {loss.item()}; lower spd.faithfulness_warmup_lr")
     return loss.item()
-
-
-class MetricsLogger:
-    """metrics.jsonl always; wandb only when a project is named (offline without credentials).
-    Disabled (writes nothing) on every torchrun rank but 0."""
-
-    def __init__(self, run_dir: Path, cfg: SPDConfig, full_config: dict, enabled: bool = True):
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
-        self.wandb = None
-        if enabled and cfg.wandb_project:
-            import wandb
-
-            has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in (
-                (Path.home() / ".netrc").read_text() if (Path.home() / ".netrc").exists() else "")
-            mode = os.environ.get("WANDB_MODE", "online" if has_key else "offline")
-            self.wandb = wandb.init(project=cfg.wandb_project, config=full_config, dir=str(run_dir),
-                                    mode=mode, name=run_dir.name)
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.file.flush()
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-# Checkpoints hold everything a bit-exact resume needs: components, CI functions, optimizer state and
-# every RNG state (masks are drawn from the global torch RNG; data is indexed by step).
-CHECKPOINT_KEYS = ("step", "components", "ci_fns", "optimizer", "rng", "skipped_steps", "train_metrics",
-                   "target_digest", "threads")
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG state, as tensors and tuples of ints so that torch.load(weights_only=True) reads it."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, keys.tolist(), pos, has_gauss, gauss), "python": random.getstate()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    random.setstate(state["python"])
-
-
-def target_digest(model: ComponentModel) -> str:
-    """sha256 of the frozen target's weights: resuming against a different target is refused."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.target.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over `path`: a kill at
-    any moment leaves the old file or the complete new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict[str, Any]:
-    """A checkpoint written by `optimize`, verified: SPDError if it is missing, truncated, corrupt or
-    lacks a `required` key (analysis needs only the decomposition, resuming everything)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SPDError(f"checkpoint {path} not found; pass a run's checkpoints/*.pt file")
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()  # the CRC of every record: torch.load does not check the tensor data
-        if bad is not None:
-            raise ValueError(f"bad CRC in {bad}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
-        if missing:
-            raise ValueError(f"no {', '.join(missing)}")
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SPDError(f"checkpoint {path} is truncated or corrupt ({reason})") from None
-    return ckpt
-
-
-def checkpoint_paths(ckpt_dir: Path) -> list[Path]:
-    """Periodic checkpoints (step_N.pt, N = steps done) oldest first, then final.pt if present."""
-    periodic = sorted((int(p.stem[5:]), p) for p in ckpt_dir.glob("step_*.pt") if p.stem[5:].isdigit())
-    final = ckpt_dir / "final.pt"
-    return [p for _, p in periodic] + ([final] if final.exists() else [])
-
-
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` periodic checkpoints (final.pt stays) and torn temporary files."""
-    periodic = [p for p in checkpoint_paths(ckpt_dir) if p.name != "final.pt"]
-    for p in periodic[:-keep] + list(ckpt_dir.glob(".*.tmp")):
-        p.unlink()
-
-
-def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; a corrupt one is reported and the previous one tried."""
-    paths = checkpoint_paths(ckpt_dir)
-    for path in reversed(paths):
-        try:
-            return path, load_checkpoint(path)
-        except SPDError as e:
-            print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr)
-    if paths:
-        raise SPDError(f"none of the {len(paths)} checkpoints in {ckpt_dir} is readable; start the run again")
-    return None
 
 
 @dataclass
@@ -1221,65 +768,6 @@ class Experiment:
     tokenizer: Any = None  # language models only: decodes token ids (analysis shows contexts)
 
 
-def load_run(run_dir: str | Path) -> tuple[Any, Experiment]:
-    """A run dir's config and the Experiment its script (recorded in run.json) builds, with the newest
-    checkpoint's components and CI functions loaded."""
-    run_dir = Path(run_dir)
-    config = run_dir / "config.yaml"
-    if not config.is_file():
-        raise SPDError(f"{run_dir} is not a run dir (no config.yaml); pass the directory a decomposition wrote")
-    module = import_script(run_script(run_dir))
-    cfg, build = load_config(config_class(module), config), module.build
-    paths = checkpoint_paths(run_dir / "checkpoints")
-    if not paths:
-        raise SPDError(f"{run_dir / 'checkpoints'} holds no checkpoint yet; wait for the run's first one")
-    target_path = getattr(getattr(cfg, "target", None), "path", None)
-    if target_path and not Path(target_path).exists():  # building the run would train a new target
-        raise SPDError(f"the target of {run_dir}, {target_path}, is not there (relative to {Path.cwd()}); "
-                       f"run from the directory the decomposition ran in")
-    state = load_checkpoint(paths[-1], required=("components", "ci_fns"))
-    exp = build(cfg)
-    if "target_digest" in state and state["target_digest"] != target_digest(exp.model):
-        raise SPDError(f"{paths[-1]} was trained against a different target than {config}'s (retrained since?); "
-                       f"restore the run's original target file")
-    exp.model.load_decomposition_state(state)
-    return cfg, exp
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics.jsonl lines logged before `step` (dropping a torn last line), so that a resumed
-    run appends exactly the lines an uninterrupted run would have written."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] < step:
-                keep.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            pass
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
-
-
-@contextmanager
-def preemption_signals() -> Iterator[list[str]]:
-    """Inside, SIGTERM and SIGUSR1 only append their name to the yielded list: the loop checkpoints at
-    the next step boundary, where the state is exactly resumable. The old handlers come back after."""
-    caught: list[str] = []
-    if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
-        yield caught
-        return
-    signals = (signal.SIGTERM, signal.SIGUSR1)
-    old = {s: signal.signal(s, lambda signum, _: caught.append(signal.Signals(signum).name)) for s in signals}
-    try:
-        yield caught
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-
-
 def nonfinite_term(losses: dict[str, Tensor], grad_norm: Tensor) -> tuple[str, float] | None:
     """(name, value) of the first nan/inf loss term, `total`, or `gradient` (norm); None if all are finite."""
     values = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.detach().float()])
@@ -1290,17 +778,62 @@ def nonfinite_term(losses: dict[str, Tensor], grad_norm: Tensor) -> tuple[str, f
     return [*losses, "gradient"][i], values[i].item()
 
 
-def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int], Tensor],
-             eval_batch: Callable[[int], Tensor],
+def accumulate_gradients(model: ComponentModel, cfg: SPDConfig, x: Any, frac: float,
+                         output_fn: Callable[[Any], Tensor], ddp: Dist, device: torch.device) -> dict[str, Tensor]:
+    """Backward of this rank's batch `x` in `grad_accum_steps` micro-batches; the batch's mean losses."""
+    losses: dict[str, Tensor] = {}
+    for micro_batch in split_batch(x, cfg.grad_accum_steps):
+        with autocast(cfg, device):
+            micro = training_losses(model, cfg, micro_batch, frac, output_fn, ddp)
+        (micro["total"] / cfg.grad_accum_steps).backward()
+        for k, v in micro.items():  # the mean over micro-batches is the batch's loss
+            losses[k] = losses.get(k, 0) + v.detach() / cfg.grad_accum_steps
+    return losses
+
+
+def average_gradients(params: list[Tensor], ddp: Dist) -> None:
+    """Replace each rank's gradients by their mean over ranks (= the gradient of the global-batch mean
+    loss), in one all-reduce."""
+    if ddp.world_size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    means = ddp.mean(torch.cat([g.flatten() for g in grads]))
+    for g, mean in zip(grads, means.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
+
+
+def train_step(model: ComponentModel, cfg: SPDConfig, opt: torch.optim.Optimizer, x: Any, step: int,
+               output_fn: Callable[[Any], Tensor], ddp: Dist) -> tuple[dict[str, Tensor], tuple[str, float] | None]:
+    """One optimisation step on this rank's batch `x`: the step's lr, gradients averaged over ranks, and
+    the optimizer step, unless a loss term or the gradient is nan/inf on some rank. Returns the
+    batch's mean losses and (name, value) of what was not finite (None: the step was taken)."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    device = params[0].device
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    opt.zero_grad(set_to_none=True)
+    losses = accumulate_gradients(model, cfg, x, step / cfg.steps, output_fn, ddp, device)
+    average_gradients(params, ddp)
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip is not None
+                 else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    bad = nonfinite_term(losses, grad_norm)
+    if ddp.any(bad is not None, device) and bad is None:  # every rank must take the same branch
+        bad = ("total (on another rank)", float("nan"))
+    if bad is None:
+        opt.step()
+    return losses, bad
+
+
+def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int], Batch],
+             eval_batch: Callable[[int], Batch],
              run_dir: Path, eval_fn: Callable[[ComponentModel], dict[str, float]] | None = None,
              output_fn: Callable[[Any], Tensor] = lambda out: out, full_config: dict | None = None,
              input_fn: Callable[[Batch], Any] = lambda batch: batch) -> dict:
     """Train the components and CI functions of `model`; return the final results.
 
     `train_batch(step)` / `eval_batch(step)` give the data of each step (indexed, not streamed, so
-    that a run is reproducible from its step alone) and `input_fn(batch)` the model's input; a
-    training batch is split into `grad_accum_steps` micro-batches along its first axis. Every `eval_every` steps (and at the end)
-    logs `evaluate` on `eval_batch(step)` plus `eval_fn(model)`.
+    that a run is reproducible from its step alone) and `input_fn(batch)` the model's input. Every
+    `eval_every` steps (and at the end) logs `evaluate` on `eval_batch(step)` plus `eval_fn(model)`.
     Writes metrics.jsonl, checkpoints/step_N.pt (after N steps; the newest keep_checkpoints) and
     checkpoints/final.pt.
     Resume: if run_dir already holds checkpoints (`--resume`), continues from the newest readable
@@ -1316,133 +849,80 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     device = next(model.components.parameters()).device
     if cfg.compile:
         model.target.compile()  # in place: every (masked or not) forward goes through the compiled target
-    params = [p for p in model.components.parameters()] + [p for p in model.ci_fns.parameters()]
-    Opt = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    opt = Opt(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ckpt_dir = run_dir / "checkpoints"
+    params = [*model.components.parameters(), *model.ci_fns.parameters()]
+    opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(params, lr=cfg.lr,
+                                                                               weight_decay=cfg.weight_decay)
     digest = target_digest(model)
-    start, skipped, train_metrics, last_ckpt = 0, 0, {}, None
-    resumed = latest_checkpoint(ckpt_dir)
-    if resumed is not None:
-        last_ckpt, ckpt = resumed
-        if ckpt["target_digest"] != digest:
-            raise SPDError(f"{last_ckpt} was trained against a different target (its weights changed since); "
-                           f"restore the original target file or start a new run")
-        try:
-            model.load_decomposition_state(ckpt)
-            opt.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise SPDError(f"{last_ckpt} does not fit this model ({' '.join(str(e).split())[:200]}); "
-                           f"was {run_dir / 'config.yaml'} edited?") from None
-        set_rng_state(ckpt["rng"])
-        start, skipped, train_metrics = ckpt["step"], ckpt["skipped_steps"], ckpt["train_metrics"]
-        if ckpt["threads"] != torch.get_num_threads():
-            print(f"warning: {last_ckpt} was written with torch.get_num_threads() = {ckpt['threads']}, now "
-                  f"{torch.get_num_threads()}: the result may differ from an uninterrupted run's in the last bits",
-                  file=sys.stderr)
-        if ddp.is_main:
-            truncate_metrics(run_dir / "metrics.jsonl", start)
-            print(f"resuming from {last_ckpt} (step {start} of {cfg.steps})")
-    logger = MetricsLogger(run_dir, cfg, full_config or {"spd": config_to_dict(cfg)}, enabled=ddp.is_main)
+    state = resume_training(run_dir, model, opt, digest, ddp.is_main, cfg.steps)
+    logger = MetricsLogger(run_dir, cfg.wandb_project, full_config or {"spd": config_to_dict(cfg)}, ddp.is_main)
 
-    def run_eval(step: int) -> dict[str, float]:
-        noise = torch.Generator(next(iter(params)).device).manual_seed(cfg.seed * 1_000_003 + step)
+    def evaluate_and_log(step: int) -> dict[str, float]:
+        noise = step_generator(cfg.seed, step, device)  # its own noise: the training stream stays put
         with autocast(cfg, device):
-            metrics = {f"eval/{k}": v for k, v in evaluate(model, cfg, input_fn(eval_batch(step)), output_fn, noise).items()}
-            if eval_fn is not None:
-                metrics.update({f"eval/{k}": v for k, v in eval_fn(model).items()})
-        logger.log(step, metrics)
+            metrics = evaluate(model, cfg, input_fn(eval_batch(step)), output_fn, noise)
+            metrics |= eval_fn(model) if eval_fn is not None else {}
+        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         return metrics
 
-    def checkpoint(n: int, name: str) -> Path:
-        """Save the state after n steps; parameters that went nan/inf are never saved."""
-        if not all(torch.isfinite(p).all() for p in params):
-            raise SPDError(f"parameters are not finite after step {n - 1}; not saving {name}, keeping the last "
-                           f"good checkpoint ({last_ckpt}); lower spd.lr or set spd.grad_clip")
-        path = ckpt_dir / name
-        if not ddp.is_main:
-            return path
-        save_checkpoint(path, {"step": n, **model.decomposition_state(), "optimizer": opt.state_dict(),
-                               "rng": rng_state(), "skipped_steps": skipped, "train_metrics": train_metrics,
-                               "target_digest": digest, "threads": torch.get_num_threads()})
-        prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
-        return path
+    def save(name: str) -> None:
+        save_training_checkpoint(run_dir / "checkpoints" / name, model, opt, state, digest, ddp.is_main,
+                                 cfg.keep_checkpoints)
 
     try:
-        if resumed is None and cfg.faithfulness_warmup_steps:
-            warmup_loss = faithfulness_warmup(model, cfg)
-            if not math.isfinite(warmup_loss):
-                raise SPDError(f"the faithfulness warm-up loss is {warmup_loss}; lower spd.faithfulness_warmup_lr")
-            logger.log(0, {"warmup/faithfulness": warmup_loss})
+        if state.resumed_from is None and cfg.faithfulness_warmup_steps:
+            logger.log(0, {"warmup/faithfulness": faithfulness_warmup(model, cfg)})
         t0 = time.time()
-        bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="spd", mininterval=2.0,
+        bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc="spd", mininterval=2.0,
                    disable=None if ddp.is_main else True)
         with preemption_signals() as caught:
             for step in bar:
-                lr = lr_at(step, cfg)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                losses: dict[str, Tensor] = {}
-                for x in split_batch(input_fn(ddp.shard(train_batch(step))), cfg.grad_accum_steps):
-                    with autocast(cfg, device):
-                        micro = training_losses(model, cfg, x, step / cfg.steps, output_fn, ddp)
-                    (micro["total"] / cfg.grad_accum_steps).backward()
-                    for k, v in micro.items():  # the mean over micro-batches is the batch's loss
-                        losses[k] = losses.get(k, 0) + v.detach() / cfg.grad_accum_steps
-                if ddp.world_size > 1:  # mean of the ranks' gradients = gradient of the global-batch mean
-                    grads = [p.grad for p in params if p.grad is not None]
-                    for g, mean in zip(grads, torch.split(ddp.mean(torch.cat([g.flatten() for g in grads])),
-                                                          [g.numel() for g in grads])):
-                        g.copy_(mean.view_as(g))
-                grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip is not None
-                             else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-                bad = nonfinite_term(losses, grad_norm)
-                if ddp.any(bad is not None, device) and bad is None:
-                    bad = ("total (on another rank)", float("nan"))  # every rank must take the same branch
-                if bad is None:
-                    opt.step()
-                    if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                        means = ddp.mean(torch.stack([v.detach().float() for v in losses.values()]))
-                        train_metrics = {f"train/{k}": v for k, v in zip(losses, means.tolist())} | {"train/lr": lr}
-                        logger.log(step, train_metrics)
-                        bar.set_postfix(loss=f"{train_metrics['train/total']:.3g}")
-                elif cfg.on_nan == "stop":
+                losses, bad = train_step(model, cfg, opt, input_fn(ddp.shard(train_batch(step))), step, output_fn, ddp)
+                if bad is not None and cfg.on_nan == "stop":
                     what = "the gradient norm" if bad[0] == "gradient" else f"loss term '{bad[0]}'"
                     raise SPDError(f"{what} is {bad[1]} at step {step}; stopped, keeping the last good checkpoint "
-                                   f"({last_ckpt}); lower spd.lr, set spd.grad_clip, or set spd.on_nan=skip")
-                else:  # on_nan=skip: no optimizer step, counted
-                    skipped += 1
-                    logger.log(step, {"train/skipped_steps": skipped})
+                                   f"({state.last_ckpt}); lower spd.lr, set spd.grad_clip, or set spd.on_nan=skip")
+                if bad is not None:  # on_nan=skip: no optimizer step, counted
+                    state.skipped += 1
+                    logger.log(step, {"train/skipped_steps": state.skipped})
+                elif step % cfg.log_every == 0 or step == cfg.steps - 1:
+                    means = ddp.mean(torch.stack([v.float() for v in losses.values()])).tolist()
+                    state.train_metrics = {f"train/{k}": v for k, v in zip(losses, means)}
+                    state.train_metrics["train/lr"] = lr_at(step, cfg)
+                    logger.log(step, state.train_metrics)
+                    bar.set_postfix(loss=f"{state.train_metrics['train/total']:.3g}")
                 if step > 0 and step % cfg.eval_every == 0 and ddp.is_main:
-                    run_eval(step)
-                n = step + 1  # steps done; a checkpoint at n resumes at step n
-                periodic = bool(cfg.checkpoint_every) and n % cfg.checkpoint_every == 0 and n < cfg.steps
+                    evaluate_and_log(step)
+                state.step = step + 1  # a checkpoint now resumes at the next step
+                periodic = (bool(cfg.checkpoint_every) and state.step % cfg.checkpoint_every == 0
+                            and state.step < cfg.steps)
                 if periodic:
-                    last_ckpt = checkpoint(n, f"step_{n}.pt")
+                    save(f"step_{state.step}.pt")
                 if ddp.any(bool(caught), device) and not caught:  # a signal to any rank stops them all
                     caught.append("a signal to another rank")
-                if caught and n < cfg.steps:
+                if caught and state.step < cfg.steps:
                     if not periodic:
-                        last_ckpt = checkpoint(n, f"step_{n}.pt")
-                    raise Preempted(f"{caught[0]} at step {n} of {cfg.steps}: saved {last_ckpt}; continue with "
-                                    f"python {sys.argv[0]} --resume {run_dir}")
+                        save(f"step_{state.step}.pt")
+                    raise Preempted(f"{caught[0]} at step {state.step} of {cfg.steps}: saved {state.last_ckpt}; "
+                                    f"continue with python {sys.argv[0]} --resume {run_dir}")
         wall = time.time() - t0
         if not ddp.is_main:
             dist.destroy_process_group()
             sys.exit(0)  # rank 0 alone evaluates, makes the figures and writes results
-        # final.pt before the final evaluation: a run killed after it resumes to the same results.
-        checkpoint(cfg.steps, "final.pt")
-        final = run_eval(cfg.steps)
+        save("final.pt")  # before the final evaluation: a run killed after it resumes to the same results
+        final = evaluate_and_log(cfg.steps)
         if ddp.world_size > 1:
             dist.destroy_process_group()
     finally:
         logger.close()
-    ran = cfg.steps - start
-    results = {"steps": cfg.steps, "resumed_from_step": start if resumed else None, "skipped_steps": skipped,
+    return run_results(cfg, state, wall, device) | state.train_metrics | final
+
+
+def run_results(cfg: SPDConfig, state: TrainState, wall: float, device: torch.device) -> dict[str, Any]:
+    """The generic part of results.json: steps, time, speed, peak memory."""
+    ran = cfg.steps - (state.resumed_from or 0)
+    results = {"steps": cfg.steps, "resumed_from_step": state.resumed_from, "skipped_steps": state.skipped,
                "wall_s": round(wall, 2), "steps_per_s": round(ran / max(wall, 1e-9), 2),
                "peak_rss_mb": round(peak_rss_mb(), 1)}
     if device.type == "cuda":
         results["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
-    # metrics.jsonl keeps the eval/ prefix (beside train/); results.json names the final metrics plainly
-    return results | train_metrics | {k.removeprefix("eval/"): v for k, v in final.items()}
+    return results

@@ -19,8 +19,8 @@ class SPDError(Exception):
     """A user-facing error: printed as one line by `run_main`, never as a traceback."""
 
 
-def F_(default: Any = dataclasses.MISSING, doc: str = "", *, gt: float | None = None,
-       ge: float | None = None, le: float | None = None) -> Any:
+def option(default: Any = dataclasses.MISSING, doc: str = "", *, gt: float | None = None,
+           ge: float | None = None, le: float | None = None) -> Any:
     """A config field with a one-line doc and optional bounds (checked when the config is loaded)."""
     meta = {"doc": doc, "gt": gt, "ge": ge, "le": le}
     if isinstance(default, (list, dict)):

@@ -24,16 +24,19 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from spd_common import F_, ComponentModel, Experiment, SPDConfig, config_to_dict, get_device, optimize, parse_cli, \
-    run_main, set_seed, write_results
+from spd_common import ComponentModel, Experiment, SPDConfig, optimize
+from spd_config import config_to_dict, option
+from spd_run import get_device, parse_cli, run_main, set_seed, step_batches, write_results
 from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batch
 
 
+# COPYING THIS SCRIPT? Change: the config below (keep its `spd: SPDConfig`), the target and data in
+# build(), the metrics and the figures. Keep: build's signature and main's skeleton.
 @dataclass
 class TMSConfig:
-    target: TMSTargetConfig = F_(doc="the target model and how to train it")
-    spd: SPDConfig = F_(doc="the decomposition")
-    norm_threshold: float = F_(0.1, "a subcomponent with ||U_c|| ||V_c|| above this counts as non-negligible", ge=0)
+    target: TMSTargetConfig = option(doc="the target model and how to train it")
+    spd: SPDConfig = option(doc="the decomposition")
+    norm_threshold: float = option(0.1, "a subcomponent with ||U_c|| ||V_c|| above this counts as non-negligible", ge=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,12 +77,12 @@ def one_hot_ci(model: ComponentModel, n_features: int) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def tms_metrics(model: ComponentModel, cfg: TMSConfig) -> dict[str, float]:
-    U, V = model.modules_["linear1"].components.factors()
-    W = model.modules_["linear1"].target_weight()
+    U, V = model.decomposed["linear1"].components.factors()
+    W = model.decomposed["linear1"].target_weight()
     mmcs, ml2r = mmcs_ml2r(W, U, V, cfg.norm_threshold)
     out = {"mmcs": mmcs, "ml2r": ml2r}
     for name in model.untied_names():
-        U, V = model.modules_[name].components.factors()
+        U, V = model.decomposed[name].components.factors()
         out[f"n_nonnegligible/{name}"] = int((subcomponent_norms(U, V) > cfg.norm_threshold).sum())
     for name, ci in one_hot_ci(model, cfg.target.n_features).items():
         out[f"n_alive_one_hot/{name}"] = int((ci > cfg.spd.ci_threshold).any(0).sum())
@@ -108,8 +111,8 @@ def plot_ci_per_feature(model: ComponentModel, cfg: TMSConfig, path) -> None:
 @torch.no_grad()
 def plot_weights(model: ComponentModel, cfg: TMSConfig, path) -> None:
     """Cosine of each non-negligible subcomponent's columns U_c V[c, j] with W[:, j]; for m = 2 also arrows."""
-    U, V = model.modules_["linear1"].components.factors()
-    W = model.modules_["linear1"].target_weight()
+    U, V = model.decomposed["linear1"].components.factors()
+    W = model.decomposed["linear1"].target_weight()
     keep = (subcomponent_norms(U, V) > cfg.norm_threshold).nonzero().flatten()
     cos = column_cosines(W, U, V)[keep].cpu()
     order = cos.argmax(1).argsort()
@@ -135,23 +138,18 @@ def plot_weights(model: ComponentModel, cfg: TMSConfig, path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# KEEP build(cfg: YourConfig) -> Experiment at module level: --resume and the analysis tools import it.
 def build(cfg: TMSConfig) -> Experiment:
     """The target (trained first if missing) wrapped in fresh components, and its step-indexed data."""
     device = get_device(cfg.spd.device)
     target = load_or_train_tms(cfg.target).to(device)
     set_seed(cfg.spd.seed)
-    model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
+    model = ComponentModel.from_config(target, cfg.spd).to(device)
     n, p = cfg.target.n_features, cfg.target.feature_probability
-
-    def train_batch(step: int) -> Tensor:
-        return tms_batch(n, p, cfg.spd.batch_size, cfg.spd.seed, step, device)
-
-    def eval_batch(step: int) -> Tensor:
-        return tms_batch(n, p, cfg.spd.eval_batch_size, cfg.spd.seed + 10_000, step, device)
-
-    return Experiment(model, train_batch, eval_batch)
+    return Experiment(model, *step_batches(lambda size, seed, step: tms_batch(n, p, size, seed, step, device), cfg.spd))
 
 
+# KEEP main's skeleton: parse_cli, build, optimize, figures, write_results (last line), run_main.
 def main() -> None:
     cfg, run_dir = parse_cli(TMSConfig, __doc__.splitlines()[0])
     exp = build(cfg)

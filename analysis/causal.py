@@ -41,7 +41,9 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from analysis.common import alive, out_dir, parser  # noqa: E402 (needs ROOT on the path)
-from spd_common import ComponentModel, SPDError, load_run, run_main  # noqa: E402
+from spd_common import ComponentModel  # noqa: E402
+from spd_config import SPDError  # noqa: E402
+from spd_run import load_run, run_main  # noqa: E402
 
 
 @contextmanager
@@ -60,7 +62,7 @@ def self_consistent_masks(model: ComponentModel, ablate: tuple[str, int] | None 
             mod.mask = mask
         return hook
 
-    handles = [mod.register_forward_pre_hook(hook_for(n)) for n, mod in model.modules_.items()]
+    handles = [mod.register_forward_pre_hook(hook_for(n)) for n, mod in model.decomposed.items()]
     try:
         with model.masked({}):  # clears every mask on the way out
             yield cis
@@ -72,7 +74,7 @@ def self_consistent_masks(model: ComponentModel, ablate: tuple[str, int] | None 
 def forward_order(model: ComponentModel, x: Tensor) -> list[str]:
     """Decomposed module names in the order a forward pass calls them."""
     order: list[str] = []
-    handles = [mod.register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n, mod in model.modules_.items()]
+    handles = [mod.register_forward_pre_hook(lambda m, a, n=n: order.append(n)) for n, mod in model.decomposed.items()]
     try:
         model.run_target(x)
     finally:

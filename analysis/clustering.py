@@ -43,7 +43,8 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from analysis.common import alive, collect_ci, out_dir, parser  # noqa: E402 (needs ROOT on the path)
-from spd_common import SPDError, load_run, run_main  # noqa: E402
+from spd_config import SPDError  # noqa: E402
+from spd_run import load_run, run_main  # noqa: E402
 
 
 def jaccard(fires: Tensor) -> Tensor:

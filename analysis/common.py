@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from spd_common import ComponentModel, Experiment, SPDError
+from spd_common import ComponentModel, Experiment
+from spd_config import SPDError
 
 
 def parser(description: str, runs: list[str]) -> argparse.ArgumentParser:
     """argparse with the positional run dirs `runs`, --out, --n-batches and --min-density; its usage
-    errors become one-line SPDErrors (exit 2 through spd_common.run_main)."""
+    errors become one-line SPDErrors (exit 2 through spd_run.run_main)."""
     ap = argparse.ArgumentParser(description=description)
     for run in runs:
         ap.add_argument(run.lower(), metavar=run, help="run dir a decomposition script wrote")

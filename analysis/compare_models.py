@@ -36,7 +36,8 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from analysis.common import alive, collect_ci, out_dir, parser  # noqa: E402 (needs ROOT on the path)
-from spd_common import SPDError, load_run, run_main, target_digest  # noqa: E402
+from spd_config import SPDError  # noqa: E402
+from spd_run import load_run, run_main, target_digest  # noqa: E402
 
 
 def rank_one_cosines(U_a: Tensor, V_a: Tensor, U_b: Tensor, V_b: Tensor) -> Tensor:
@@ -102,8 +103,8 @@ def main() -> None:
     modules, panels = {}, []
     for name in exp_a.model.names:
         a, b = live_a[name], live_b[name]
-        U_a, V_a = exp_a.model.modules_[name].components.factors()
-        U_b, V_b = exp_b.model.modules_[name].components.factors()
+        U_a, V_a = exp_a.model.decomposed[name].components.factors()
+        U_b, V_b = exp_b.model.decomposed[name].components.factors()
         with torch.no_grad():
             cos = rank_one_cosines(U_a[:, a], V_a[a], U_b[:, b], V_b[b]).cpu()
         corr = correlations(ci_a[name][:, a], ci_b[name][:, b])

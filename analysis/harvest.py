@@ -48,7 +48,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from spd_common import ComponentModel, Experiment, SPDError, checkpoint_paths, load_run, run_main  # noqa: E402
+from spd_common import ComponentModel, Experiment  # noqa: E402
+from spd_config import SPDError  # noqa: E402
+from spd_run import checkpoint_paths, load_run, run_main  # noqa: E402
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 10, 4  # tokens shown around a firing token
 
@@ -148,7 +150,7 @@ def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8) -> Pat
 
     modules: dict[str, dict] = {}
     for n in model.names:
-        U, V = model.modules_[n].components.factors()
+        U, V = model.decomposed[n].components.factors()
         density = fired[n] / n_rows
         alive = [c for c in density.argsort(descending=True).tolist() if density[c] > 0]
         modules[n] = {"C": model.C[n], "density": density.tolist(), "mean_ci": (ci_sum[n] / n_rows).tolist(),

@@ -26,7 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis.harvest import harvest  # noqa: E402
-from spd_common import SPDError, checkpoint_paths, run_main  # noqa: E402
+from spd_config import SPDError  # noqa: E402
+from spd_run import checkpoint_paths, run_main  # noqa: E402
 
 SECTIONS = ["Config", "Results", "Training curves", "Figures", "Components"]  # the report's <h2>s, in order
 SHOWN_CONTEXTS, SHOWN_TOKENS = 5, 5  # per LM subcomponent in the table (harvest.json keeps top-k of each)

@@ -23,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from spd_common import EXIT_PREEMPTED, SPDError, check_resumable, run_main  # noqa: E402 (needs ROOT on the path)
+from spd_config import SPDError  # noqa: E402 (needs ROOT on the path)
+from spd_run import EXIT_PREEMPTED, check_resumable, run_main  # noqa: E402 (needs ROOT on the path)
 
 
 def run_args(run_dir: Path, config: str, overrides: list[str]) -> list[str] | None:

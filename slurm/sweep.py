@@ -39,8 +39,9 @@ from typing import Any
 
 import yaml
 
-from launch import ROOT, launch  # launch puts ROOT on sys.path for spd_common
-from spd_common import SPDError, run_main, script_for
+from launch import ROOT, launch  # launch puts ROOT on sys.path for spd_run
+from spd_config import SPDError
+from spd_run import run_main, script_for
 
 
 @dataclass

@@ -14,7 +14,8 @@ import torch
 
 from analysis.harvest import context_window, merge_top_k, next_token_effects
 from analysis.report import SECTIONS
-from spd_common import ComponentModel, load_run
+from spd_common import ComponentModel
+from spd_run import load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -56,7 +57,7 @@ def test_harvest_matches_hand_computation(tms_run):
         density = (g > cfg.spd.ci_threshold).float().mean(0)
         assert torch.allclose(torch.tensor(m["density"]), density)
         assert torch.allclose(torch.tensor(m["mean_ci"]), g.clamp(0, 1).mean(0), atol=1e-6)
-        U, V = model.modules_[name].components.factors()
+        U, V = model.decomposed[name].components.factors()
         assert torch.allclose(torch.tensor(m["weight_norm"]), U.norm(dim=0) * V.norm(dim=1))
         assert sorted(m["alive"]) == density.nonzero().flatten().tolist()
         assert [density[c] for c in m["alive"]] == sorted((density[c] for c in m["alive"]), reverse=True)
@@ -138,7 +139,7 @@ def test_next_token_effects_on_a_tiny_llama():
     ci[..., 1] = 0.0  # never fires
     ci[0, :3, 2] = 0.0  # fires at 9 of 12 positions
     with torch.no_grad():
-        model.modules_["model.layers.0.mlp.down_proj"].components.U[:, 3] = 0  # fires, but writes nothing
+        model.decomposed["model.layers.0.mlp.down_proj"].components.U[:, 3] = 0  # fires, but writes nothing
     effects = next_token_effects(model, lambda out: out.logits, x, "model.layers.0.mlp.down_proj", ci, [0, 1, 2, 3], 0.1)
     assert sorted(effects) == [0, 2, 3]
     assert effects[0][1] == 12 and effects[2][1] == 9

@@ -88,7 +88,7 @@ def test_ablation_recomputes_the_later_layers_ci():
         assert r["edges"][0]["delta_ci"] == pytest.approx(-1.0, abs=1e-3)
         # outputs (2, 0) and (2, 2) lose coordinate c: squared change 4 + 4 over squared norm 4 + 8
         assert r["output_change"] == pytest.approx(8 / 12, abs=1e-3)
-    assert all(mod.mask is None for mod in model.modules_.values())  # masks and hooks are gone afterwards
+    assert all(mod.mask is None for mod in model.decomposed.values())  # masks and hooks are gone afterwards
     assert torch.equal(model(x), x)
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from spd_common import SPDError, load_config
+from spd_config import SPDError, load_config
 from tms_decomposition import TMSConfig
 
 GOOD = """

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spd_common import Dist
+from spd_run import Dist
 from test_reliability import assert_same_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def test_collectives_see_only_training_device_tensors(monkeypatch, tmp_path):
 def test_gpu_nodes_get_a_group_for_cpu_and_cuda_tensors(monkeypatch):
     import torch.distributed as dist
 
-    from spd_common import init_distributed
+    from spd_run import init_distributed
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 import transformers as T
 
-from spd_common import ComponentModel, SPDConfig, SPDError, decomposable_modules, training_losses
+from spd_common import ComponentModel, SPDConfig, decomposable_modules, training_losses
+from spd_config import SPDError
 
 VOCAB = 50
 LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -75,7 +76,7 @@ def test_own_forward_layers_see_their_base_inputs():
     attention mask and looks up positions + 2: those positions are the module's input (for CI)."""
     gemma = ComponentModel(build("gemma"), {"model.embed_tokens": 4}, {}, "mlp", [4])
     tokens = torch.randint(0, VOCAB, (2, 5))
-    mod = gemma.modules_["model.embed_tokens"]
+    mod = gemma.decomposed["model.embed_tokens"]
     _, inputs = gemma.run_target(tokens)
     assert torch.equal(inputs["model.embed_tokens"], tokens)
     mask = torch.rand(2, 5, 4)
@@ -104,7 +105,7 @@ def test_one_expert_by_name_with_its_own_C():
     model = ComponentModel(build("mixtral"), {"model.layers.0.mlp.experts.gate_up_proj.3": 6,
                                               "model.layers.*.mlp.experts.down_proj.*": 5}, {}, "mlp", [4])
     assert model.C["model.layers.0.mlp.experts.gate_up_proj.3"] == 6 and len(model.C) == 9
-    mod = model.modules_["model.layers.0.mlp.experts.gate_up_proj.3"]
+    mod = model.decomposed["model.layers.0.mlp.experts.gate_up_proj.3"]
     assert mod.target_weight().shape == (64, 16) and mod.components.U.shape == (64, 6)  # (2 * d_mlp, d)
     tokens = torch.randint(0, VOCAB, (2, 7))
     _, inputs = model.run_target(tokens)
@@ -130,7 +131,7 @@ class TwoInputs(nn.Linear):
 def test_overridden_forwards_are_run_or_refused():
     net = nn.Sequential(ByHand(3, 4))
     model = ComponentModel(net, {"0": 4}, {}, "mlp", [4])
-    assert not model.modules_["0"].own_forward
+    assert not model.decomposed["0"].own_forward
     for layer, why in [(Doubled(3, 4), "without one F.linear / F.embedding call"),
                        (TwoInputs(3, 4), "and fails on a probe input")]:
         with pytest.raises(SPDError, match=rf"module '0' \({type(layer).__name__}\) overrides Linear.forward {why}"):

@@ -43,7 +43,7 @@ def test_tiny_target_learns_induction(tiny_target):
 def exact_factorisation(model):
     with torch.no_grad():
         for name in model.untied_names():
-            mod = model.modules_[name]
+            mod = model.decomposed[name]
             u, s, vh = torch.linalg.svd(mod.target_weight(), full_matrices=False)
             mod.components.U.zero_()[:, : s.numel()] = u * s
             mod.components.V.zero_()[: s.numel()] = vh
@@ -72,14 +72,14 @@ def test_ablations_remove_components_from_the_target_weights(tiny_target):
     tokens, labels, _ = induction_batch(8, 8, 1024, seed=97, step=0)
     out = ih_metrics(model, SimpleNamespace(spd=SimpleNamespace(ci_threshold=0.0)), tokens, labels, ablate_each=True)
     with torch.no_grad():
-        v0 = model.modules_["blocks.0.attn.v_proj"].original.weight
+        v0 = model.decomposed["blocks.0.attn.v_proj"].original.weight
         kept = v0.clone()
         v0.zero_()
         assert accuracy(model.target, tokens, labels) == pytest.approx(out["acc_module_ablated/blocks.0.attn.v_proj"])
         v0.copy_(kept)
         name, c = out["top_induction_component"].split(":")
-        U, V = model.modules_[name].components.factors()
-        model.modules_[name].original.weight -= U[:, int(c), None] @ V[None, int(c)]
+        U, V = model.decomposed[name].components.factors()
+        model.decomposed[name].original.weight -= U[:, int(c), None] @ V[None, int(c)]
         assert accuracy(model.target, tokens, labels) == pytest.approx(out["acc_without_top_induction_component"],
                                                                        abs=2e-3)
 

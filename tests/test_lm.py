@@ -15,7 +15,8 @@ from transformers.pytorch_utils import Conv1D
 
 import lm_decomposition
 from lm_decomposition import DataConfig, LMConfig, ce_unrecovered, load_model, load_tokens, offline_hint
-from spd_common import ComponentModel, SPDConfig, SPDError, load_config
+from spd_common import ComponentModel, SPDConfig
+from spd_config import SPDError, load_config
 from train_targets.train_lm import TokenBatches, next_token_ce, pack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ LLAMA_PATTERNS = ["model.layers.*.self_attn.*_proj", "model.layers.*.mlp.*_proj"
 def set_exact_factorisation(model: ComponentModel) -> None:
     """U V = W exactly, via the SVD (C >= rank), so masks of 1 need no delta component."""
     with torch.no_grad():
-        for mod in model.modules_.values():
+        for mod in model.decomposed.values():
             u, s, vh = torch.linalg.svd(mod.target_weight(), full_matrices=False)
             r = s.numel()
             assert mod.components.C >= r
@@ -59,9 +60,9 @@ def test_decomposition_attaches_and_reproduces_logits(build, patterns, n_modules
         before = target(tokens).logits
     model = ComponentModel(target, {p: 32 for p in patterns}, {}, "mlp", [4])  # C >= every weight's rank
     assert len(model.names) == n_modules
-    assert sum(isinstance(m.original, Conv1D) for m in model.modules_.values()) == conv1d
+    assert sum(isinstance(m.original, Conv1D) for m in model.decomposed.values()) == conv1d
     if conv1d:  # GPT-2's c_attn is a Conv1D with weight (d_in=16, d_out=48): seen as (48, 16)
-        mod = model.modules_["transformer.h.0.attn.c_attn"]
+        mod = model.decomposed["transformer.h.0.attn.c_attn"]
         assert mod.target_weight().shape == (48, 16) and mod.components.U.shape == (48, 32)
     out, _ = model.run_target(tokens)
     torch.testing.assert_close(out.logits, before)  # no masks: the original modules run
@@ -81,7 +82,7 @@ def test_conv1d_masked_forward_matches_hand_computation():
     torch.nn.init.normal_(conv.bias)
     net = torch.nn.Sequential(conv)
     model = ComponentModel(net, {"0": 4}, {}, "mlp", [4])
-    mod = model.modules_["0"]
+    mod = model.decomposed["0"]
     U, V = mod.components.U, mod.components.V
     x, mask = torch.randn(2, 3), torch.rand(2, 4)
     expected = torch.stack([(U @ torch.diag(mask[b]) @ V) @ x[b] for b in range(2)]) + conv.bias

@@ -18,7 +18,9 @@ import yaml
 
 import spd_common
 import tms_decomposition
-from spd_common import EXIT_PREEMPTED, ComponentModel, SPDConfig, SPDError, load_checkpoint, optimize, run_main
+from spd_common import ComponentModel, SPDConfig, optimize
+from spd_config import SPDError
+from spd_run import EXIT_PREEMPTED, load_checkpoint, run_main
 from train_targets.train_tms import TMSModel, tms_batch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from spd_common import config_to_dict, load_config
+from spd_config import config_to_dict, load_config
 from tms_decomposition import TMSConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from spd_common import (ComponentModel, SPDConfig, SPDError, ScalarMLPs, SharedMLP, VectorMLPs, annealed_p, optimize,
-                        faithfulness_loss, importance_minimality_loss, layerwise_recon_loss,
-                        lower_leaky_hard_sigmoid, lr_at, masked_recon_loss, output_loss, sample_masks,
-                        upper_leaky_hard_sigmoid)
+from spd_common import (ComponentModel, SPDConfig, ScalarMLPs, SharedMLP, VectorMLPs, annealed_p, faithfulness_loss,
+                        importance_minimality_loss, layerwise_recon_loss, lower_leaky_hard_sigmoid, lr_at,
+                        masked_recon_loss, optimize, output_loss, sample_masks, upper_leaky_hard_sigmoid)
+from spd_config import SPDError
 
 
 class TinyNet(nn.Module):
@@ -32,7 +32,7 @@ def exact_factorisation(model):
     """Set U, V so that UV = W exactly (C >= rank), via the SVD."""
     with torch.no_grad():
         for name in model.untied_names():
-            mod = model.modules_[name]
+            mod = model.decomposed[name]
             W = mod.target_weight()
             u, s, vh = torch.linalg.svd(W, full_matrices=False)
             r = s.numel()
@@ -80,7 +80,7 @@ def test_all_masks_one_with_delta_reproduces_target(ci_fn):
 def test_masked_forward_matches_hand_computation():
     model = make_model()
     x = torch.randn(2, 4)
-    mod = model.modules_["fc1"]
+    mod = model.decomposed["fc1"]
     mask = torch.rand(2, 5)
     U, V = mod.components.U, mod.components.V
     expected = torch.stack([(U @ torch.diag(mask[b]) @ V) @ x[b] for b in range(2)]) + mod.original.bias
@@ -95,8 +95,8 @@ def test_tied_components_are_transposes():
     lin1, lin2 = nn.Linear(5, 2, bias=False), nn.Linear(2, 5)
     net = nn.Sequential(lin1, lin2)
     model = ComponentModel(net, {"0": 4, "1": 4}, {"1": "0"}, "mlp", [4])
-    U1, V1 = model.modules_["0"].components.factors()
-    U2, V2 = model.modules_["1"].components.factors()
+    U1, V1 = model.decomposed["0"].components.factors()
+    U2, V2 = model.decomposed["1"].components.factors()
     assert torch.equal(U2, V1.T) and torch.equal(V2, U1.T)
     assert model.untied_names() == ["0"]
     assert len(list(model.components.parameters())) == 2  # shared, not duplicated
@@ -192,8 +192,8 @@ def test_faithfulness_hand_computed():
         net[0].weight.copy_(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
     model = ComponentModel(net, {"0": 1}, {}, "mlp", [2])
     with torch.no_grad():
-        model.modules_["0"].components.U.copy_(torch.tensor([[1.0], [0.0]]))
-        model.modules_["0"].components.V.copy_(torch.tensor([[1.0, 1.0]]))
+        model.decomposed["0"].components.U.copy_(torch.tensor([[1.0], [0.0]]))
+        model.decomposed["0"].components.V.copy_(torch.tensor([[1.0, 1.0]]))
     # W - UV = [[0, 1], [3, 4]] -> (0 + 1 + 9 + 16) / 4
     assert faithfulness_loss(model).item() == pytest.approx(26 / 4)
 
@@ -270,7 +270,7 @@ def test_grad_accumulation_matches_one_batch_and_bf16_autocast_runs(tmp_path):
 def test_batches_may_carry_more_than_the_models_input(tmp_path):
     """A batch of (tokens, labels) or {"tokens", "labels"}, with `input_fn` picking the model's input,
     trains exactly what the bare tensor does, through micro-batches and a 2-rank shard alike."""
-    from spd_common import Dist, map_batch, split_batch
+    from spd_run import Dist, map_batch, split_batch
 
     tokens = lambda step: torch.randint(0, 7, (8, 3), generator=torch.Generator().manual_seed(step))  # noqa: E731
     labels = lambda step: torch.arange(8) + step  # noqa: E731

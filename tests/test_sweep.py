@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spd_common import SPDError, load_config, script_for
+from spd_config import SPDError, load_config
+from spd_run import script_for
 from tms_decomposition import TMSConfig
 
 ROOT = Path(__file__).resolve().parents[1]

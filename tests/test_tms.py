@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spd_common import SPDError, load_run
+from spd_config import SPDError
+from spd_run import load_run
 from tms_decomposition import mmcs_ml2r, subcomponent_norms
 from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batch, train_tms
 

@@ -18,24 +18,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from spd_common import F_, SPDError, load_or_train_target, target_main
+from spd_config import SPDError, option
+from spd_run import load_or_train_target, step_generator, target_main
 
 
 @dataclass
 class IHTargetConfig:
-    vocab_size: int = F_(32, "number of token types", ge=3)
-    seq_len: int = F_(16, "tokens per sequence, the final A included", ge=4)
-    d_model: int = F_(64, "residual width", ge=1)
-    n_layers: int = F_(2, "attention layers", ge=1)
-    n_heads: int = F_(1, "heads per layer", ge=1)
-    use_mlp: bool = F_(False, "add a ReLU MLP after each attention layer")
-    steps: int = F_(3000, "training steps", ge=1)
-    batch_size: int = F_(256, "training batch size", ge=1)
-    lr: float = F_(3e-3, "AdamW peak learning rate (cosine decay)", gt=0)
-    weight_decay: float = F_(0.01, "AdamW weight decay", ge=0)
-    min_accuracy: float = F_(0.95, "held-out accuracy the target must reach, else it is rejected", ge=0, le=1)
-    seed: int = F_(0, "seed of the initial weights and the data")
-    path: str = F_("targets/ih.pt", "where the trained target is cached")
+    vocab_size: int = option(32, "number of token types", ge=3)
+    seq_len: int = option(16, "tokens per sequence, the final A included", ge=4)
+    d_model: int = option(64, "residual width", ge=1)
+    n_layers: int = option(2, "attention layers", ge=1)
+    n_heads: int = option(1, "heads per layer", ge=1)
+    use_mlp: bool = option(False, "add a ReLU MLP after each attention layer")
+    steps: int = option(3000, "training steps", ge=1)
+    batch_size: int = option(256, "training batch size", ge=1)
+    lr: float = option(3e-3, "AdamW peak learning rate (cosine decay)", gt=0)
+    weight_decay: float = option(0.01, "AdamW weight decay", ge=0)
+    min_accuracy: float = option(0.95, "held-out accuracy the target must reach, else it is rejected", ge=0, le=1)
+    seed: int = option(0, "seed of the initial weights and the data")
+    path: str = option("targets/ih.pt", "where the trained target is cached")
 
 
 class Attention(nn.Module):
@@ -92,7 +93,7 @@ def induction_batch(vocab_size: int, seq_len: int, batch_size: int, seed: int, s
     The first A sits at a random position in [0, seq_len - 3] with B right after it; the last token
     is A again; every other token is drawn uniformly from the vocabulary without A.
     """
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    gen = step_generator(seed, step)
     a = torch.randint(vocab_size, (batch_size,), generator=gen)
     # other tokens from vocab \ {A}: draw from vocab_size - 1 values and skip over A
     tokens = torch.randint(vocab_size - 1, (batch_size, seq_len), generator=gen)

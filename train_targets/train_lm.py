@@ -28,27 +28,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spd_common import F_, SPDError, target_main
+from spd_config import SPDError, option
+from spd_run import step_generator, target_main
 
 EOS = "<|endoftext|>"
 
 
 @dataclass
 class TinyLMConfig:
-    path: str = F_("targets/tiny_llama", "directory the model, tokenizer and corpus/ are saved in")
-    n_train_stories: int = F_(20_000, "generated stories in corpus/train.jsonl", ge=1)
-    n_test_stories: int = F_(1_000, "generated stories in corpus/test.jsonl", ge=1)
-    vocab_size: int = F_(512, "BPE vocabulary size (at most; the grammar may need fewer)", ge=258)
-    d_model: int = F_(64, "residual stream width", ge=8)
-    d_mlp: int = F_(256, "SwiGLU MLP width", ge=1)
-    n_layers: int = F_(2, "transformer blocks", ge=1)
-    n_heads: int = F_(4, "attention heads", ge=1)
-    seq_len: int = F_(128, "training context length (also the model's max positions)", ge=2)
-    steps: int = F_(600, "training steps", ge=1)
-    batch_size: int = F_(32, "sequences per step", ge=1)
-    lr: float = F_(3e-3, "AdamW peak learning rate (linear warm-up, cosine decay)", gt=0)
-    weight_decay: float = F_(0.1, "AdamW weight decay", ge=0)
-    seed: int = F_(0, "seed of the corpus, the initial weights and the batches")
+    path: str = option("targets/tiny_llama", "directory the model, tokenizer and corpus/ are saved in")
+    n_train_stories: int = option(20_000, "generated stories in corpus/train.jsonl", ge=1)
+    n_test_stories: int = option(1_000, "generated stories in corpus/test.jsonl", ge=1)
+    vocab_size: int = option(512, "BPE vocabulary size (at most; the grammar may need fewer)", ge=258)
+    d_model: int = option(64, "residual stream width", ge=8)
+    d_mlp: int = option(256, "SwiGLU MLP width", ge=1)
+    n_layers: int = option(2, "transformer blocks", ge=1)
+    n_heads: int = option(4, "attention heads", ge=1)
+    seq_len: int = option(128, "training context length (also the model's max positions)", ge=2)
+    steps: int = option(600, "training steps", ge=1)
+    batch_size: int = option(32, "sequences per step", ge=1)
+    lr: float = option(3e-3, "AdamW peak learning rate (linear warm-up, cosine decay)", gt=0)
+    weight_decay: float = option(0.1, "AdamW weight decay", ge=0)
+    seed: int = option(0, "seed of the corpus, the initial weights and the batches")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,7 +149,7 @@ class TokenBatches:
         epochs, pos = idx // n, idx % n
         rows = torch.empty_like(idx)
         for e in epochs.unique().tolist():  # at most two epochs meet in one batch (batch <= n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + e))
+            perm = torch.randperm(n, generator=step_generator(self.seed, e))
             rows[epochs == e] = perm[pos[epochs == e]]
         per_rank = self.batch_size // self.world_size
         return self.data[rows[self.rank * per_rank:(self.rank + 1) * per_rank]].to(self.device)

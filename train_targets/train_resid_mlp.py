@@ -18,24 +18,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from spd_common import F_, load_or_train_target, target_main
+from spd_config import option
+from spd_run import load_or_train_target, step_generator, target_main
 
 
 @dataclass
 class ResidMLPTargetConfig:
-    n_features: int = F_(100, "number of input features", ge=1)
-    d_embed: int = F_(1000, "residual stream width", ge=1)
-    d_mlp: int = F_(50, "ReLU neurons per MLP layer", ge=1)
-    n_layers: int = F_(1, "number of MLP layers", ge=1)
-    mlp_bias: bool = F_(False, "biases in W_in and W_out (with them, 2- and 3-layer targets fit worse: "
+    n_features: int = option(100, "number of input features", ge=1)
+    d_embed: int = option(1000, "residual stream width", ge=1)
+    d_mlp: int = option(50, "ReLU neurons per MLP layer", ge=1)
+    n_layers: int = option(1, "number of MLP layers", ge=1)
+    mlp_bias: bool = option(False, "biases in W_in and W_out (with them, 2- and 3-layer targets fit worse: "
                                "the layers learn large outputs that cancel each other)")
-    feature_probability: float = F_(0.01, "probability each feature is active (value ~ U[-1, 1])", gt=0, le=1)
-    steps: int = F_(10_000, "training steps", ge=1)
-    batch_size: int = F_(2048, "training batch size", ge=1)
-    lr: float = F_(3e-3, "AdamW peak learning rate (cosine decay)", gt=0)
-    weight_decay: float = F_(0.01, "AdamW weight decay", ge=0)
-    seed: int = F_(0, "seed of the embedding, the initial weights and the data")
-    path: str = F_("targets/resid_mlp.pt", "where the trained target is cached")
+    feature_probability: float = option(0.01, "probability each feature is active (value ~ U[-1, 1])", gt=0, le=1)
+    steps: int = option(10_000, "training steps", ge=1)
+    batch_size: int = option(2048, "training batch size", ge=1)
+    lr: float = option(3e-3, "AdamW peak learning rate (cosine decay)", gt=0)
+    weight_decay: float = option(0.01, "AdamW weight decay", ge=0)
+    seed: int = option(0, "seed of the embedding, the initial weights and the data")
+    path: str = option("targets/resid_mlp.pt", "where the trained target is cached")
 
 
 class MLP(nn.Module):
@@ -69,7 +70,7 @@ def resid_mlp_batch(n_features: int, feature_probability: float, batch_size: int
                     device: torch.device | str = "cpu") -> Tensor:
     """Batch number `step` of data stream `seed`, (batch, n_features): each feature active with
     probability p, with value ~ U[-1, 1]."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    gen = step_generator(seed, step)
     values = 2 * torch.rand(batch_size, n_features, generator=gen) - 1
     active = torch.rand(batch_size, n_features, generator=gen) < feature_probability
     return (values * active).to(device)

@@ -16,22 +16,23 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from spd_common import F_, SPDError, load_or_train_target, target_main
+from spd_config import SPDError, option
+from spd_run import load_or_train_target, step_generator, target_main
 
 
 @dataclass
 class TMSTargetConfig:
-    n_features: int = F_(5, "number of input features n", ge=1)
-    n_hidden: int = F_(2, "hidden width m", ge=1)
-    n_hidden_layers: int = F_(0, "fixed m x m identity layers between encoder and decoder", ge=0)
-    feature_probability: float = F_(0.05, "probability each feature is active (value ~ U[0, 1])", gt=0, le=1)
-    steps: int = F_(10_000, "training steps", ge=1)
-    batch_size: int = F_(1024, "training batch size", ge=1)
-    lr: float = F_(5e-3, "AdamW learning rate (constant)", gt=0)
-    weight_decay: float = F_(0.01, "AdamW weight decay", ge=0)
-    seed: int = F_(0, "training seed (some seeds leave a feature dead: the check says so)")
-    min_column_norm: float = F_(0.5, "every column of W must reach this norm, else the target is rejected", ge=0)
-    path: str = F_("targets/tms.pt", "where the trained target is cached")
+    n_features: int = option(5, "number of input features n", ge=1)
+    n_hidden: int = option(2, "hidden width m", ge=1)
+    n_hidden_layers: int = option(0, "fixed m x m identity layers between encoder and decoder", ge=0)
+    feature_probability: float = option(0.05, "probability each feature is active (value ~ U[0, 1])", gt=0, le=1)
+    steps: int = option(10_000, "training steps", ge=1)
+    batch_size: int = option(1024, "training batch size", ge=1)
+    lr: float = option(5e-3, "AdamW learning rate (constant)", gt=0)
+    weight_decay: float = option(0.01, "AdamW weight decay", ge=0)
+    seed: int = option(0, "training seed (some seeds leave a feature dead: the check says so)")
+    min_column_norm: float = option(0.5, "every column of W must reach this norm, else the target is rejected", ge=0)
+    path: str = option("targets/tms.pt", "where the trained target is cached")
 
 
 class TMSModel(nn.Module):
@@ -71,7 +72,7 @@ def tms_batch(n_features: int, feature_probability: float, batch_size: int, seed
               device: torch.device | str = "cpu") -> Tensor:
     """Batch number `step` of data stream `seed`, (batch, n_features): each feature is active with
     probability p, with value ~ U[0, 1]. Indexed by step, so a resumed run sees the same data."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    gen = step_generator(seed, step)
     values = torch.rand(batch_size, n_features, generator=gen)
     active = torch.rand(batch_size, n_features, generator=gen) < feature_probability
     return (values * active).to(device)

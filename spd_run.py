@@ -1,0 +1,651 @@
+"""Everything around the method that a run needs: run directories and the command line, torchrun,
+seeds and devices, cached targets, metrics, checkpoints, resume and preemption, and loading a run back
+for analysis. The method itself (components, CI functions, losses, `optimize`) is in spd_common.py;
+typed YAML configs are in spd_config.py.
+
+Sections, in reading order:
+  1. Run directories and the command line: `parse_cli`, `run_main`, run.json (which script made a run).
+  2. Batches and torchrun: batches of several tensors, `Dist` (this process's rank and collectives).
+  3. Seeds, devices, results.
+  4. Targets: trained once, cached.
+  5. Metrics, checkpoints, preemption: what makes `--resume` bit-exact.
+  6. Loading a run for analysis: `load_run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import resource
+import signal
+import sys
+import threading
+import zipfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+from torch import Tensor
+
+from spd_config import SPDError, config_to_dict, load_config
+
+if TYPE_CHECKING:
+    from spd_common import ComponentModel, Experiment
+
+
+# ================================================================================================
+# 1. Run directories and the command line
+# ================================================================================================
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGUSR1 with a checkpoint saved; --resume
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived and `optimize` saved a checkpoint; `run_main` exits with EXIT_PREEMPTED."""
+
+
+ROOT = Path(__file__).resolve().parent
+
+
+RUN_RECORD = "run.json"  # in every run dir: the experiment script that made it, for load_run and --resume
+
+
+def import_script(script: str | Path) -> Any:
+    """An experiment script as a module, imported by its path once (its main does not run)."""
+    import importlib.util
+
+    path = Path(script).resolve()
+    names = [path.stem, f"{path.stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"]  # the 2nd: a namesake
+    for module in [sys.modules.get("__main__")] + [sys.modules.get(n) for n in names]:
+        if getattr(module, "__file__", None) and Path(module.__file__).resolve() == path:
+            return module
+    name = names[names[0] in sys.modules]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it: dataclasses and type hints look the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def config_class(module: Any) -> type:
+    """The config class of an experiment script: the annotation of its `build(cfg)`'s argument."""
+    import inspect
+    import typing
+
+    build = getattr(module, "build", None)
+    params = list(inspect.signature(build).parameters) if callable(build) else []
+    cls = typing.get_type_hints(build).get(params[0]) if params else None
+    if not isinstance(cls, type):
+        raise SPDError(f"{module.__file__} has no module-level `build(cfg: YourConfig) -> Experiment` with its "
+                       f"config class annotated; every experiment script needs one (README: Adding an experiment)")
+    return cls
+
+
+def script_for(config: str | Path) -> str:
+    """The experiment script that runs `config`: the one `*_decomposition.py` beside this file whose
+    config class reads it. None or several (a copied script reads its original's configs too) is an
+    SPDError: then name the script (a sweep section's `script:`, bench.py's --script)."""
+    readers = []
+    for script in sorted(ROOT.glob("*_decomposition.py")):
+        try:
+            load_config(config_class(import_script(script)), config)
+            readers.append(script.name)
+        except SPDError:
+            continue
+    if len(readers) != 1:
+        found = f"is read by {' and '.join(readers)}" if readers else "is read by no *_decomposition.py script"
+        raise SPDError(f"config {config} {found}; name the experiment script that runs it")
+    return readers[0]
+
+
+def run_script(run_dir: Path) -> Path:
+    """The experiment script that made a run dir, from its run.json (runs from before run.json
+    existed: the one script that reads its config.yaml)."""
+    record = run_dir / RUN_RECORD
+    if not record.is_file():
+        return ROOT / script_for(run_dir / "config.yaml")
+    script = Path(json.loads(record.read_text())["script"])
+    if not script.is_file() and (ROOT / script.name).is_file():  # the repository moved since
+        script = ROOT / script.name
+    if not script.is_file():
+        raise SPDError(f"{run_dir} was made by {script}, which is not there any more; restore it or edit "
+                       f"{record} to name where it is now")
+    return script
+
+
+def make_run_dir(config_path: Path, out: str | None) -> Path:
+    """`out` if given (absent, empty, or holding only the config.yaml and run.json of a run that failed
+    before it started), else runs/<config name>/<timestamp>; never overwrites results."""
+    if out is not None:
+        run_dir = Path(out)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise SPDError(f"--out {run_dir} is a file, not a directory; choose another --out")
+        if run_dir.exists() and any(p.name not in ("config.yaml", RUN_RECORD) for p in run_dir.iterdir()):
+            raise SPDError(f"output dir {run_dir} already holds files; choose another --out, remove it, "
+                           f"or continue it with --resume {run_dir}")
+    else:
+        base = Path("runs") / config_path.stem / datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir, i = base, 1
+        while run_dir.exists():
+            run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def check_resumable(run_dir: Path) -> None:
+    """A run dir that `optimize` can continue: its config.yaml, a checkpoint, and no results.json yet."""
+    if not run_dir.is_dir():
+        raise SPDError(f"--resume {run_dir}: no such directory; pass the run dir of an interrupted run")
+    if not (run_dir / "config.yaml").is_file():
+        raise SPDError(f"--resume {run_dir}: no config.yaml there, so it is not a run dir; pass the directory "
+                       f"that holds the run's config.yaml, metrics.jsonl and checkpoints/")
+    if (run_dir / "results.json").exists():
+        raise SPDError(f"--resume {run_dir}: the run already finished (results.json exists); nothing to resume")
+    ckpts = run_dir / "checkpoints"
+    if not (list(ckpts.glob("step_*.pt")) or (ckpts / "final.pt").exists()):
+        raise SPDError(f"--resume {run_dir}: no checkpoint to resume from (the run stopped before its first; "
+                       f"spd.checkpoint_every sets how often); start the run again")
+
+
+def parse_cli(cls: type, description: str, argv: list[str] | None = None) -> tuple[Any, Path]:
+    """`script.py CONFIG.yaml [key.sub=value ...] [--out DIR]` -> (typed config, fresh run dir), or
+    `script.py --resume RUN_DIR` -> (the run's own config.yaml, RUN_DIR), which `optimize` continues."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("config", nargs="?", help="YAML config, e.g. configs/tms_5-2.yaml")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, typed by the config")
+    ap.add_argument("--out", default=None, help="run directory (default runs/<config name>/<timestamp>)")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its latest checkpoint")
+
+    def error(message: str) -> None:  # argparse's own errors: one line too, not usage + error
+        raise SPDError(f"{message} (usage: {' '.join(ap.format_usage().split()[1:])})")
+
+    ap.error = error  # type: ignore[method-assign]
+    args = ap.parse_args(argv)
+    ddp = init_distributed()
+    if not ddp.is_main:  # rank 0 validates and makes the run dir; the others are told its path or error
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        if message[0].startswith("error: "):
+            raise SPDError(message[0].removeprefix("error: "))
+        return load_config(cls, Path(message[0]) / "config.yaml"), Path(message[0])
+    try:
+        cfg, run_dir = _config_and_run_dir(cls, args, error)
+    except SPDError as e:
+        if ddp.world_size > 1:
+            dist.broadcast_object_list([f"error: {e}"], src=0)
+        raise
+    if ddp.world_size > 1:
+        dist.broadcast_object_list([str(run_dir)], src=0)
+    return cfg, run_dir
+
+
+def _config_and_run_dir(cls: type, args: argparse.Namespace, error: Callable[[str], None]) -> tuple[Any, Path]:
+    """The config and run dir of a new run (made here) or of the run being resumed."""
+    if args.resume is not None:
+        if args.config or args.overrides or args.out:
+            raise SPDError(f"--resume {args.resume} continues the run with its own config.yaml; drop CONFIG, "
+                           f"overrides and --out (edit {Path(args.resume) / 'config.yaml'} to change it)")
+        run_dir = Path(args.resume)
+        check_resumable(run_dir)
+        made_by, this = run_script(run_dir).resolve(), script_of(cls)
+        if made_by != this:
+            raise SPDError(f"--resume {run_dir}: that run was made by {made_by.name}, not {this.name}; continue it "
+                           f"with python {made_by} --resume {run_dir}")
+        return load_config(cls, run_dir / "config.yaml"), run_dir
+    if args.config is None:
+        error("no config given: pass CONFIG.yaml (e.g. configs/tms_5-2.yaml) or --resume RUN_DIR")
+    cfg = load_config(cls, args.config, args.overrides)
+    run_dir = make_run_dir(Path(args.config), args.out)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    (run_dir / RUN_RECORD).write_text(json.dumps({"script": str(script_of(cls)), "argv": sys.argv}, indent=2))
+    return cfg, run_dir
+
+
+def script_of(cls: type) -> Path:
+    """The file of the experiment script that defines config class `cls`."""
+    return Path(sys.modules[cls.__module__].__file__).resolve()
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a script's main; a user-facing error becomes one line on stderr and exit code 2, a
+    preemption one line and EXIT_PREEMPTED."""
+    try:
+        main()
+    except SPDError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+
+
+# ================================================================================================
+# 2. Batches and torchrun
+# ================================================================================================
+Batch = Any  # one step's data: a tensor, or a tuple / list / dict of tensors (inputs, labels, masks, ...)
+
+
+def map_batch(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
+    """`fn` applied to every tensor of a batch, keeping its structure (examples lie along axis 0)."""
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, dict):
+        return {k: map_batch(v, fn) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(map_batch(v, fn) for v in batch)
+    raise SPDError(f"a batch must be a tensor, or a tuple / list / dict of tensors, not {type(batch).__name__}; "
+                   f"fix the experiment's train_batch / eval_batch")
+
+
+def split_batch(batch: Batch, n: int) -> list[Batch]:
+    """`n` micro-batches of (nearly) equal size along the examples axis."""
+    return [map_batch(batch, lambda t: t.tensor_split(n)[i]) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a torchrun job; rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, batch: Batch) -> Batch:
+        """This rank's equal share of the rows of a global batch (of each of its tensors)."""
+        def rows(x: Tensor) -> Tensor:
+            if x.shape[0] % self.world_size:
+                raise SPDError(f"a batch of {x.shape[0]} does not split over {self.world_size} processes; "
+                               f"make spd.batch_size and spd.eval_batch_size multiples of the process count")
+            n = x.shape[0] // self.world_size
+            return x[self.rank * n: (self.rank + 1) * n]
+
+        return map_batch(batch, rows)
+
+    def mean(self, values: Tensor) -> Tensor:
+        """Average over ranks (a no-op on one process). `values` must be on the training device:
+        NCCL reduces CUDA tensors only."""
+        if self.world_size > 1:
+            dist.all_reduce(values)
+            values = values / self.world_size
+        return values
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether `flag` is set on any rank, so that every rank takes the same branch. It travels as
+        a tensor on `device`, the training device (a CPU tensor would fail under NCCL)."""
+        if self.world_size == 1:
+            return flag
+        return self.mean(torch.tensor(float(flag), device=device)).item() > 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK.
+
+    `optimize` reduces tensors on the training device (NCCL takes CUDA tensors only, and a CPU copy
+    would cost a transfer each way). On a GPU node the group is still `cpu:gloo,cuda:nccl`, so that
+    a run with spd.device=cpu there reduces its CPU tensors through gloo instead of failing."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist()
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so that device "cuda" is this rank's GPU
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), world_size)
+
+
+# ================================================================================================
+# 3. Seeds, devices, results
+# ================================================================================================
+def step_generator(seed: int, step: int, device: torch.device | str | None = None) -> torch.Generator:
+    """The random generator of one step's data or noise: a function of (seed, step) alone, so that any
+    step can be drawn again (on resume, on every rank)."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def eval_seed(seed: int) -> int:
+    """The seed of the held-out data stream, apart from the training stream's."""
+    return seed + 10_000
+
+
+def step_batches(make: Callable[[int, int, int], Any], spd: Any) -> tuple[Callable[[int], Any], Callable[[int], Any]]:
+    """(train_batch, eval_batch) from a data source `make(batch_size, seed, step)`: the training
+    stream at spd.batch_size and spd.seed, the held-out one at spd.eval_batch_size and eval_seed."""
+    return (lambda step: make(spd.batch_size, spd.seed, step),
+            lambda step: make(spd.eval_batch_size, eval_seed(spd.seed), step))
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SPDError(f"spd.device = '{name}' is not a device; use auto, cpu or cuda[:i]") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SPDError(f"spd.device = '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                       f"set spd.device=auto or cpu")
+    return device
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def write_results(run_dir: Path, results: dict) -> Path:
+    """Write results.json and print its path as the script's last line."""
+    path = run_dir / "results.json"
+    path.write_text(json.dumps(results, indent=2))
+    print(path)
+    return path
+
+
+# ================================================================================================
+# 4. Targets: trained once, cached
+# ================================================================================================
+def target_main(cfg_cls: type, load_or_train: Callable[[Any], Any]) -> None:
+    """`python -m train_targets.<name> CONFIG.yaml`: build (or find cached) the target that the
+    decomposition config's `target:` section describes, and print where it is."""
+    def main() -> None:
+        if len(sys.argv) != 2:
+            raise SPDError(f"usage: python -m train_targets.{Path(sys.argv[0]).stem} CONFIG.yaml")
+        cfg = load_config(cfg_cls, sys.argv[1], section="target")
+        load_or_train(cfg)
+        print(cfg.path)
+
+    run_main(main)
+
+
+def load_or_train_target(cfg: Any, build: Callable[[], nn.Module], train: Callable[[], nn.Module],
+                         shape_keys: tuple[str, ...]) -> nn.Module:
+    """The frozen target cached at `cfg.path`; trained with `train()` (and cached) when missing.
+
+    The cache stores the target config it was trained with; one whose `shape_keys` differ from
+    `cfg` is refused rather than silently loaded into a model of another shape, and one trained
+    with other settings (steps, weight decay, ...) is used with a note saying so.
+    """
+    path = Path(cfg.path)
+    if not path.exists():
+        print(f"Target {path} not found: training it ({cfg.steps} steps) and caching it there.")
+        model = train()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"config": dataclasses.asdict(cfg), "state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, path)  # atomic: an interrupted save never leaves a truncated cache
+        return model.requires_grad_(False)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved_cfg, state = saved["config"], saved["state_dict"]
+    except Exception as e:  # truncated file, not a checkpoint, ...
+        raise SPDError(f"target checkpoint {path} is unreadable ({type(e).__name__}); delete it to retrain") from None
+    if any(saved_cfg.get(k) != getattr(cfg, k) for k in shape_keys):
+        raise SPDError(f"target checkpoint {path} has shape {[saved_cfg.get(k) for k in shape_keys]} but the config "
+                       f"asks for {[getattr(cfg, k) for k in shape_keys]} ({', '.join(shape_keys)}); "
+                       f"set target.path to a new file or delete {path}")
+    trained_with = {k: v for k, v in saved_cfg.items() if k != "path" and getattr(cfg, k, v) != v}
+    if trained_with:
+        print(f"Note: target {path} was trained with {trained_with}, not this config's values; using it "
+              f"(delete it to retrain)")
+    model = build()
+    model.load_state_dict(state)
+    return model.requires_grad_(False)
+
+
+# ================================================================================================
+# 5. Metrics, checkpoints, preemption
+# ================================================================================================
+class MetricsLogger:
+    """metrics.jsonl always; wandb only when a project is named (offline without credentials).
+    Disabled (writes nothing) on every torchrun rank but 0."""
+
+    def __init__(self, run_dir: Path, wandb_project: str | None, full_config: dict, enabled: bool = True):
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.wandb = None
+        if enabled and wandb_project:
+            import wandb
+
+            has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in (
+                (Path.home() / ".netrc").read_text() if (Path.home() / ".netrc").exists() else "")
+            mode = os.environ.get("WANDB_MODE", "online" if has_key else "offline")
+            self.wandb = wandb.init(project=wandb_project, config=full_config, dir=str(run_dir),
+                                    mode=mode, name=run_dir.name)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# Checkpoints hold everything a bit-exact resume needs: components, CI functions, optimizer state and
+# every RNG state (masks are drawn from the global torch RNG; data is indexed by step).
+CHECKPOINT_KEYS = ("step", "components", "ci_fns", "optimizer", "rng", "skipped_steps", "train_metrics",
+                   "target_digest", "threads")
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state, as tensors and tuples of ints so that torch.load(weights_only=True) reads it."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, keys.tolist(), pos, has_gauss, gauss), "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    random.setstate(state["python"])
+
+
+def target_digest(model: ComponentModel) -> str:
+    """sha256 of the frozen target's weights: resuming against a different target is refused."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.target.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then rename over `path`: a kill at
+    any moment leaves the old file or the complete new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, required: tuple[str, ...] = CHECKPOINT_KEYS) -> dict[str, Any]:
+    """A checkpoint written by `optimize`, verified: SPDError if it is missing, truncated, corrupt or
+    lacks a `required` key (analysis needs only the decomposition, resuming everything)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SPDError(f"checkpoint {path} not found; pass a run's checkpoints/*.pt file")
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()  # the CRC of every record: torch.load does not check the tensor data
+        if bad is not None:
+            raise ValueError(f"bad CRC in {bad}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SPDError(f"checkpoint {path} is truncated or corrupt ({reason})") from None
+    return ckpt
+
+
+def checkpoint_paths(ckpt_dir: Path) -> list[Path]:
+    """Periodic checkpoints (step_N.pt, N = steps done) oldest first, then final.pt if present."""
+    periodic = sorted((int(p.stem[5:]), p) for p in ckpt_dir.glob("step_*.pt") if p.stem[5:].isdigit())
+    final = ckpt_dir / "final.pt"
+    return [p for _, p in periodic] + ([final] if final.exists() else [])
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` periodic checkpoints (final.pt stays) and torn temporary files."""
+    periodic = [p for p in checkpoint_paths(ckpt_dir) if p.name != "final.pt"]
+    for p in periodic[:-keep] + list(ckpt_dir.glob(".*.tmp")):
+        p.unlink()
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads; a corrupt one is reported and the previous one tried."""
+    paths = checkpoint_paths(ckpt_dir)
+    for path in reversed(paths):
+        try:
+            return path, load_checkpoint(path)
+        except SPDError as e:
+            print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr)
+    if paths:
+        raise SPDError(f"none of the {len(paths)} checkpoints in {ckpt_dir} is readable; start the run again")
+    return None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics.jsonl lines logged before `step` (dropping a torn last line), so that a resumed
+    run appends exactly the lines an uninterrupted run would have written."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def preemption_signals() -> Iterator[list[str]]:
+    """Inside, SIGTERM and SIGUSR1 only append their name to the yielded list: the loop checkpoints at
+    the next step boundary, where the state is exactly resumable. The old handlers come back after."""
+    caught: list[str] = []
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
+        yield caught
+        return
+    signals = (signal.SIGTERM, signal.SIGUSR1)
+    old = {s: signal.signal(s, lambda signum, _: caught.append(signal.Signals(signum).name)) for s in signals}
+    try:
+        yield caught
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class TrainState:
+    """Where training stands, beyond the parameters and optimizer: what a checkpoint adds to them."""
+    step: int = 0  # steps done: a checkpoint after N steps resumes at step N
+    skipped: int = 0  # steps skipped for a nan/inf loss or gradient (spd.on_nan=skip)
+    train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the losses logged last
+    last_ckpt: Path | None = None  # the newest checkpoint written, or resumed from
+    resumed_from: int | None = None  # the step this process resumed at (None: a fresh run)
+
+
+def save_training_checkpoint(path: Path, model: ComponentModel, opt: torch.optim.Optimizer, state: TrainState,
+                             digest: str, is_main: bool, keep: int) -> None:
+    """Checkpoint the state after `state.step` steps (rank 0 writes) and keep the newest `keep`
+    periodic ones; parameters that went nan/inf are never saved."""
+    if not all(torch.isfinite(p).all() for group in opt.param_groups for p in group["params"]):
+        raise SPDError(f"parameters are not finite after step {state.step - 1}; not saving {path.name}, keeping the "
+                       f"last good checkpoint ({state.last_ckpt}); lower spd.lr or set spd.grad_clip")
+    if is_main:
+        save_checkpoint(path, {"step": state.step, **model.decomposition_state(), "optimizer": opt.state_dict(),
+                               "rng": rng_state(), "skipped_steps": state.skipped,
+                               "train_metrics": state.train_metrics, "target_digest": digest,
+                               "threads": torch.get_num_threads()})
+        prune_checkpoints(path.parent, keep)
+    state.last_ckpt = path
+
+
+def resume_training(run_dir: Path, model: ComponentModel, opt: torch.optim.Optimizer, digest: str,
+                    is_main: bool, steps: int) -> TrainState:
+    """A fresh TrainState, or (`--resume`) the one of the newest readable checkpoint in run_dir, whose
+    components, CI functions, optimizer and RNG states are loaded; metrics.jsonl is cut back to it."""
+    resumed = latest_checkpoint(run_dir / "checkpoints")
+    if resumed is None:
+        return TrainState()
+    path, ckpt = resumed
+    if ckpt["target_digest"] != digest:
+        raise SPDError(f"{path} was trained against a different target (its weights changed since); "
+                       f"restore the original target file or start a new run")
+    try:
+        model.load_decomposition_state(ckpt)
+        opt.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise SPDError(f"{path} does not fit this model ({' '.join(str(e).split())[:200]}); "
+                       f"was {run_dir / 'config.yaml'} edited?") from None
+    set_rng_state(ckpt["rng"])
+    if ckpt["threads"] != torch.get_num_threads():
+        print(f"warning: {path} was written with torch.get_num_threads() = {ckpt['threads']}, now "
+              f"{torch.get_num_threads()}: the result may differ from an uninterrupted run's in the last bits",
+              file=sys.stderr)
+    if is_main:
+        truncate_metrics(run_dir / "metrics.jsonl", ckpt["step"])
+        print(f"resuming from {path} (step {ckpt['step']} of {steps})")
+    return TrainState(ckpt["step"], ckpt["skipped_steps"], ckpt["train_metrics"], path, ckpt["step"])
+
+
+# ================================================================================================
+# 6. Loading a run for analysis
+# ================================================================================================
+def load_run(run_dir: str | Path) -> tuple[Any, Experiment]:
+    """A run dir's config and the Experiment its script (recorded in run.json) builds, with the newest
+    checkpoint's components and CI functions loaded."""
+    run_dir = Path(run_dir)
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise SPDError(f"{run_dir} is not a run dir (no config.yaml); pass the directory a decomposition wrote")
+    module = import_script(run_script(run_dir))
+    cfg, build = load_config(config_class(module), config), module.build
+    paths = checkpoint_paths(run_dir / "checkpoints")
+    if not paths:
+        raise SPDError(f"{run_dir / 'checkpoints'} holds no checkpoint yet; wait for the run's first one")
+    target_path = getattr(getattr(cfg, "target", None), "path", None)
+    if target_path and not Path(target_path).exists():  # building the run would train a new target
+        raise SPDError(f"the target of {run_dir}, {target_path}, is not there (relative to {Path.cwd()}); "
+                       f"run from the directory the decomposition ran in")
+    state = load_checkpoint(paths[-1], required=("components", "ci_fns"))
+    exp = build(cfg)
+    if "target_digest" in state and state["target_digest"] != target_digest(exp.model):
+        raise SPDError(f"{paths[-1]} was trained against a different target than {config}'s (retrained since?); "
+                       f"restore the run's original target file")
+    exp.model.load_decomposition_state(state)
+    return cfg, exp
