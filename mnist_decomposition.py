@@ -245,7 +245,7 @@ def main() -> None:
           + ", ".join(f"{k.removeprefix('acc_ablated/')} ablated {v:.3f}" for k, v in results.items()
                       if k.startswith("acc_ablated/"))
           + "; L0 " + ", ".join(f"{n} {results[f'l0/{n}']:.2f}" for n in model.names))
-    print(f"causal fc1 -> fc2: {len(a1)} x {len(a2)} alive; fc1 components carrying {cfg.effect_share:.0%} of an "
+    print(f"causal fc1 -> fc2 ({results['n_alive/fc1']} x {results['n_alive/fc2']} alive): fc1 components carrying {cfg.effect_share:.0%} of an "
           f"fc2 component's effect: median {results['causal/median_n_fc1_components_for_80pct']}")
     print(f"{results['steps']} steps in {results['wall_s']} s ({results['steps_per_s']} steps/s), "
           f"peak RSS {results['peak_rss_mb']} MB")
