@@ -91,10 +91,13 @@ def masked_accuracy(model: ComponentModel, x: Tensor, y: Tensor, masks: dict[str
 
 @torch.no_grad()
 def mnist_metrics(model: ComponentModel, x: Tensor, y: Tensor) -> dict[str, float]:
-    """Accuracies on images x (N, d_in) with labels y (N,): target, CI-masked, each layer ablated."""
+    """Accuracies on images x (N, d_in) with labels y (N,): target, CI-masked, each layer ablated; and
+    how often the CI-masked model predicts what the target predicts."""
     ci = model.ci_of(x)
-    out = {"acc_target": (model(x).argmax(-1) == y).float().mean().item(),
-           "acc_ci_masked": masked_accuracy(model, x, y, ci)}
+    pred = model(x).argmax(-1)
+    out = {"acc_target": (pred == y).float().mean().item(),
+           "acc_ci_masked": masked_accuracy(model, x, y, ci),
+           "agreement_ci_masked": masked_accuracy(model, x, pred, ci)}  # same prediction as the target
     for n, g in ci.items():
         out[f"acc_ablated/{n}"] = masked_accuracy(model, x, y, {n: torch.zeros_like(g)})
     return out
@@ -241,7 +244,8 @@ def main() -> None:
 
     results |= analyse(model, cfg, x, y, run_dir / "figures")
 
-    print(f"accuracy: target {results['acc_target']:.4f}, CI-masked {results['acc_ci_masked']:.4f}, "
+    print(f"accuracy: target {results['acc_target']:.4f}, CI-masked {results['acc_ci_masked']:.4f} (agreeing with "
+          f"the target on {results['agreement_ci_masked']:.4f}), "
           + ", ".join(f"{k.removeprefix('acc_ablated/')} ablated {v:.3f}" for k, v in results.items()
                       if k.startswith("acc_ablated/"))
           + "; L0 " + ", ".join(f"{n} {results[f'l0/{n}']:.2f}" for n in model.names))
