@@ -52,7 +52,7 @@ class MNISTConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Metrics (pure functions of CI, effects and weights, so that they can be tested by hand)
+# Metrics: first pure functions of CI, effects and weights (tested by hand), then those running the model
 # ------------------------------------------------------------------------------------------------
 def mean_ci_per_class(ci: Tensor, labels: Tensor, n_classes: int = N_CLASSES) -> Tensor:
     """(n_classes, C): mean CI of each subcomponent over the images of each class (0 for an absent class).
