@@ -33,8 +33,9 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from spd_common import F_, ComponentModel, Experiment, SPDConfig, config_to_dict, get_device, optimize, parse_cli, \
-    run_main, set_seed, write_results
+from spd_common import ComponentModel, Experiment, SPDConfig, optimize
+from spd_config import config_to_dict, option
+from spd_run import get_device, parse_cli, run_main, set_seed, write_results
 from train_targets.train_mnist import MNISTTargetConfig, image_batch, load_images, load_or_train_mnist
 
 N_CLASSES = 10
@@ -42,13 +43,13 @@ N_CLASSES = 10
 
 @dataclass
 class MNISTConfig:
-    target: MNISTTargetConfig = F_(doc="the target model, its data and how to train it")
-    spd: SPDConfig = F_(doc="the decomposition")
-    effect_ci_threshold: float = F_(0.1, "causal analysis: average over images where the fc2 component's CI > this",
+    target: MNISTTargetConfig = option(doc="the target model, its data and how to train it")
+    spd: SPDConfig = option(doc="the decomposition")
+    effect_ci_threshold: float = option(0.1, "causal analysis: average over images where the fc2 component's CI > this",
                                     ge=0, le=1)
-    effect_share: float = F_(0.8, "causal analysis: count the fc1 components carrying this share of an effect",
+    effect_share: float = option(0.8, "causal analysis: count the fc1 components carrying this share of an effect",
                              gt=0, le=1)
-    n_component_images: int = F_(16, "fc1 components (highest mean CI) drawn as images", ge=1)
+    n_component_images: int = option(16, "fc1 components (highest mean CI) drawn as images", ge=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def analyse(model: ComponentModel, cfg: MNISTConfig, x: Tensor, y: Tensor, figur
     alive_idx = {n: alive(g, cfg.spd.ci_threshold) for n, g in ci.items()}
     a1, a2 = alive_idx["fc1"], alive_idx["fc2"]
     effect = fc1_to_fc2_effects(model, x, a1, cfg.effect_ci_threshold)[:, a2]
-    (U1, V1), (_, V2) = model.modules_["fc1"].components.factors(), model.modules_["fc2"].components.factors()
+    (U1, V1), (_, V2) = model.decomposed["fc1"].components.factors(), model.decomposed["fc2"].components.factors()
     path_w = weight_path(U1, V2)[a1][:, a2]
     n80 = n_carrying(effect, cfg.effect_share)
     top_edges = effect.abs().flatten().argsort(descending=True)[:10].tolist()
@@ -220,7 +221,7 @@ def build(cfg: MNISTConfig) -> Experiment:
     target = load_or_train_mnist(cfg.target).to(device)
     data = load_images(cfg.target)
     set_seed(cfg.spd.seed)
-    model = ComponentModel(target, cfg.spd.modules, cfg.spd.tied, cfg.spd.ci_fn, cfg.spd.ci_hidden).to(device)
+    model = ComponentModel.from_config(target, cfg.spd).to(device)
     x_train, x_test = data.x_train.to(device), data.x_test.to(device)
 
     def train_batch(step: int) -> Tensor:

@@ -18,22 +18,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from spd_common import F_, SPDError, load_or_train_target, target_main
+from spd_config import SPDError, option
+from spd_run import load_or_train_target, step_generator, target_main
 
 
 @dataclass
 class MNISTTargetConfig:
-    dataset: str = F_("digits", "'digits' (sklearn's bundled 8x8, offline) or a hub image dataset, e.g. ylecun/mnist")
-    image_side: int = F_(8, "images are side x side pixels: 8 for digits, 28 for MNIST", ge=1)
-    heldout_frac: float = F_(0.2, "digits only: fraction held out (hub datasets hold out their test split)", gt=0, le=0.5)
-    d_hidden: int = F_(64, "width of both hidden layers", ge=1)
-    steps: int = F_(3000, "training steps", ge=1)
-    batch_size: int = F_(128, "training batch size", ge=1)
-    lr: float = F_(1e-3, "AdamW learning rate (constant)", gt=0)
-    weight_decay: float = F_(0.01, "AdamW weight decay", ge=0)
-    min_accuracy: float = F_(0.9, "held-out accuracy the target must reach, else it is rejected", ge=0, le=1)
-    seed: int = F_(0, "training seed (initial weights and batch order; the digits split is fixed)")
-    path: str = F_("targets/digits.pt", "where the trained target is cached")
+    dataset: str = option("digits", "'digits' (sklearn's bundled 8x8, offline) or a hub image dataset, e.g. ylecun/mnist")
+    image_side: int = option(8, "images are side x side pixels: 8 for digits, 28 for MNIST", ge=1)
+    heldout_frac: float = option(0.2, "digits only: fraction held out (hub datasets hold out their test split)", gt=0, le=0.5)
+    d_hidden: int = option(64, "width of both hidden layers", ge=1)
+    steps: int = option(3000, "training steps", ge=1)
+    batch_size: int = option(128, "training batch size", ge=1)
+    lr: float = option(1e-3, "AdamW learning rate (constant)", gt=0)
+    weight_decay: float = option(0.01, "AdamW weight decay", ge=0)
+    min_accuracy: float = option(0.9, "held-out accuracy the target must reach, else it is rejected", ge=0, le=1)
+    seed: int = option(0, "training seed (initial weights and batch order; the digits split is fixed)")
+    path: str = option("targets/digits.pt", "where the trained target is cached")
 
 
 @dataclass
@@ -97,7 +98,7 @@ class MLPClassifier(nn.Module):
 def image_batch(x: Tensor, batch_size: int, seed: int, step: int) -> Tensor:
     """Batch number `step` of stream `seed`: rows of x drawn with replacement. Indexed by step, so a
     resumed run sees the same data."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    gen = step_generator(seed, step)
     return x[torch.randint(len(x), (batch_size,), generator=gen).to(x.device)]
 
 
@@ -113,7 +114,7 @@ def train_mnist(cfg: MNISTTargetConfig) -> MLPClassifier:
     model = MLPClassifier(data.x_train.shape[1], cfg.d_hidden)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     for step in range(cfg.steps):
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        gen = step_generator(cfg.seed, step)
         idx = torch.randint(len(data.y_train), (cfg.batch_size,), generator=gen)
         loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
         opt.zero_grad(set_to_none=True)
