@@ -23,6 +23,7 @@ import fnmatch
 import math
 import sys
 import time
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ class SPDConfig:
     stochastic_recon_coeff: Optional[float] = option(1.0, "weight of the all-layers stochastic recon loss", ge=0)
     stochastic_recon_layerwise_coeff: Optional[float] = option(1.0, "weight of the one-module-at-a-time recon loss",
                                                               ge=0)
+    layerwise_routed: bool = option(False, "layerwise loss in one forward, each example masking one random module")
     ci_masked_recon_coeff: Optional[float] = option(None, "weight of the recon loss with masks = CI", ge=0)
     importance_minimality_coeff: Optional[float] = option(3e-3, "weight of sum_c |g_c|^p", ge=0)
     p: float = option(1.0, "exponent p of the importance-minimality loss", gt=0)
@@ -84,6 +86,8 @@ class SPDConfig:
     grad_accum_steps: int = option(1, "split each step's batch into this many micro-batches (less memory)", ge=1)
     autocast_bf16: bool = option(False, "run forward passes under bf16 autocast (for CUDA; slow on CPU)")
     compile: bool = option(False, "torch.compile the target model (the forward every loss runs through)")
+    checkpoint_blocks: Optional[str] = option(None, "recompute these target modules' activations in backward "
+                                                    "(fnmatch pattern, e.g. model.layers.*): less memory, more time")
     log_every: int = option(100, "write training losses to metrics.jsonl every N steps", ge=1)
     ci_threshold: float = option(0.1, "CI above this counts a subcomponent as active (L0, alive)", ge=0, le=1)
     checkpoint_every: Optional[int] = option(1000, "save a checkpoint every N steps, for --resume (null = none)", ge=1)
@@ -267,6 +271,7 @@ class DecomposedModule(nn.Module):
         self.mask: Tensor | None = None
         self.delta_mask: Tensor | None = None
         self.inner: Tensor | None = None  # inner acts of the target's input here, when the caller has them
+        self.rows: Tensor | None = None  # (batch,) bool: only these examples run the components (routing)
         self.cache_input = False
         self.last_input: Tensor | None = None
 
@@ -283,9 +288,9 @@ class DecomposedModule(nn.Module):
         _, V = self.components.factors()
         return F.embedding(x, V.T) if self.is_embedding else x @ V.T
 
-    def _masked_forward(self, x: Tensor, mask: Tensor, delta_mask: Tensor | None) -> Tensor:
+    def _masked_forward(self, x: Tensor, mask: Tensor, delta_mask: Tensor | None, inner: Tensor | None) -> Tensor:
         U, V = self.components.factors()
-        out = ((self.inner if self.inner is not None else self.inner_acts(x)) * mask) @ U.T
+        out = ((inner if inner is not None else self.inner_acts(x)) * mask) @ U.T
         if delta_mask is not None:
             delta = self.target_weight() - U @ V
             delta_out = F.embedding(x, delta.T) if self.is_embedding else x @ delta.T
@@ -299,7 +304,13 @@ class DecomposedModule(nn.Module):
             self.last_input = x
         if self.mask is None:
             return self.base.forward(self.original, x)
-        return self._masked_forward(x, self.mask, self.delta_mask)
+        if self.rows is None:
+            return self._masked_forward(x, self.mask, self.delta_mask, self.inner)
+        # Routed: the target on every example, the components on this module's examples only.
+        r = self.rows
+        rows_of = lambda t: None if t is None else t[r]  # noqa: E731
+        return self.base.forward(self.original, x).index_put(
+            (r,), self._masked_forward(x[r], self.mask[r], rows_of(self.delta_mask), rows_of(self.inner)))
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         if not self.own_forward:
@@ -516,20 +527,58 @@ class ComponentModel(nn.Module):
 
     @contextmanager
     def masked(self, masks: dict[str, Tensor], delta_masks: dict[str, Tensor] | None = None,
-               inner: dict[str, Tensor] | None = None):
+               inner: dict[str, Tensor] | None = None, rows: dict[str, Tensor] | None = None):
         """Within the block, module n runs its components with mask masks[n] (the others: the target).
         `inner[n]`, if given, are module n's inner acts, reused instead of recomputed: valid only when
-        n's input is the target's (e.g. n alone is masked)."""
+        n's input is the target's (e.g. n alone is masked). `rows[n]` (batch,) bool, if given: only
+        those examples run n's components, the others its target weight."""
         try:
             for n, m in masks.items():
                 mod = self.decomposed[n]
                 mod.mask = m
                 mod.delta_mask = delta_masks[n] if delta_masks else None
                 mod.inner = inner.get(n) if inner else None
+                mod.rows = rows[n] if rows else None
             yield
         finally:
             for mod in self.decomposed.values():
-                mod.mask = mod.delta_mask = mod.inner = None
+                mod.mask = mod.delta_mask = mod.inner = mod.rows = None
+
+    def checkpoint_blocks(self, pattern: str) -> list[str]:
+        """Activation checkpointing: the target modules matching `pattern` keep only their inputs for
+        backward and run again there, under the masks they ran with (a forward's masks are gone by
+        the time the step's one backward runs). Returns the names of the modules."""
+        from torch.utils.checkpoint import checkpoint
+
+        blocks: list[tuple[str, nn.Module]] = []
+        for n, m in self.target.named_modules():  # outermost matches only: fnmatch's * crosses dots
+            if n and fnmatch.fnmatchcase(n, pattern) and not any(n.startswith(f"{b}.") for b, _ in blocks):
+                blocks.append((n, m))
+        if not blocks:
+            raise SPDError(f"spd.checkpoint_blocks = '{pattern}' matches no module of the target; e.g. model.layers.*")
+
+        def masks_as_now() -> tuple[Any, Any]:  # (forward context, recomputation context)
+            state = [(mod, mod.mask, mod.delta_mask, mod.inner, mod.rows) for mod in self.decomposed.values()]
+
+            @contextmanager
+            def restored():
+                now = [(mod, mod.mask, mod.delta_mask, mod.inner, mod.rows) for mod, *_ in state]
+                for mod, *values in state:
+                    mod.mask, mod.delta_mask, mod.inner, mod.rows = values
+                try:
+                    yield
+                finally:
+                    for mod, *values in now:
+                        mod.mask, mod.delta_mask, mod.inner, mod.rows = values
+            return contextlib.nullcontext(), restored()
+
+        for _, block in blocks:
+            def forward(*args: Any, _forward: Callable = block.forward, **kwargs: Any) -> Any:
+                if not torch.is_grad_enabled():
+                    return _forward(*args, **kwargs)
+                return checkpoint(_forward, *args, use_reentrant=False, context_fn=masks_as_now, **kwargs)
+            block.forward = forward
+        return [n for n, _ in blocks]
 
     @torch.no_grad()
     def run_target(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Tensor]]:
@@ -646,19 +695,35 @@ def annealed_p(cfg: SPDConfig, frac: float) -> float:
 
 def masked_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, masks: dict[str, Tensor],
                       delta_masks: dict[str, Tensor] | None, kind: str, output_fn: Callable[[Any], Tensor],
-                      inner: dict[str, Tensor] | None = None) -> Tensor:
-    with model.masked(masks, delta_masks, inner):
+                      inner: dict[str, Tensor] | None = None, rows: dict[str, Tensor] | None = None) -> Tensor:
+    with model.masked(masks, delta_masks, inner, rows):
         return output_loss(output_fn(model(x)), target_out, kind)
 
 
 def layerwise_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, masks: dict[str, Tensor],
                          delta_masks: dict[str, Tensor] | None, kind: str, output_fn: Callable[[Any], Tensor],
-                         inner: dict[str, Tensor] | None = None) -> Tensor:
-    """Mean over modules of the loss when only that module is masked (the others run the target).
-    A module masked alone sees the target's input, so `inner` (its inner acts there) can be reused."""
+                         inner: dict[str, Tensor] | None = None, route: Tensor | None = None) -> Tensor:
+    """Mean over modules of the loss when only that module is masked (the others run the target):
+    one forward per module. A module masked alone sees the target's input, so `inner` (its inner acts
+    there) can be reused. With `route` (batch,) of module indices, one forward instead, in which
+    example b masks module route[b] alone: for a loss that is a mean over examples and a route drawn
+    uniformly, an unbiased estimate of the same mean, at a cost that does not grow with the modules."""
+    if route is not None:
+        if any(m.shape[0] != len(route) for m in masks.values()):
+            raise SPDError("spd.layerwise_routed needs masks whose first axis is the batch (MoE expert matrices see "
+                           "tokens); set spd.layerwise_routed=false")
+        rows = {n: route == i for i, n in enumerate(masks)}
+        return masked_recon_loss(model, x, target_out, masks, delta_masks, kind, output_fn, inner, rows)
     losses = [masked_recon_loss(model, x, target_out, {n: m}, {n: delta_masks[n]} if delta_masks else None,
                                 kind, output_fn, inner) for n, m in masks.items()]
     return sum(losses) / len(losses)
+
+
+def draw_route(ci: dict[str, Tensor], ddp: Dist = Dist()) -> Tensor:
+    """(batch,) a module index per example, uniform; drawn for the global batch on every rank, like
+    the mask noise, so that N processes route as one does."""
+    g = next(iter(ci.values()))
+    return ddp.shard(torch.randint(len(ci), (g.shape[0] * ddp.world_size,), device=g.device))
 
 
 def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: float,
@@ -681,12 +746,19 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
     losses: dict[str, Tensor] = {}
     if "faithfulness" in on:
         losses["faithfulness"] = faithfulness_loss(model)
-    for key, fn, reuse in (("stochastic_recon", masked_recon_loss, None),
-                           ("stochastic_recon_layerwise", layerwise_recon_loss, inner)):
-        if key in on:
-            samples = [fn(model, x, target_out, *sample_masks(ci, cfg.sampling, cfg.use_delta_component, ddp=ddp),
-                          cfg.output_loss, output_fn, reuse) for _ in range(cfg.n_mask_samples)]
-            losses[key] = sum(samples) / len(samples)
+
+    def mean_over_mask_samples(loss: Callable[[dict[str, Tensor], dict[str, Tensor] | None], Tensor]) -> Tensor:
+        samples = (loss(*sample_masks(ci, cfg.sampling, cfg.use_delta_component, ddp=ddp))
+                   for _ in range(cfg.n_mask_samples))
+        return sum(samples) / cfg.n_mask_samples
+
+    if "stochastic_recon" in on:
+        losses["stochastic_recon"] = mean_over_mask_samples(
+            lambda masks, deltas: masked_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn))
+    if "stochastic_recon_layerwise" in on:
+        losses["stochastic_recon_layerwise"] = mean_over_mask_samples(
+            lambda masks, deltas: layerwise_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn,
+                                                       inner, draw_route(ci, ddp) if cfg.layerwise_routed else None))
     if "ci_masked_recon" in on:
         losses["ci_masked_recon"] = masked_recon_loss(model, x, target_out, ci, None, cfg.output_loss, output_fn)
     if "importance_minimality" in on:
@@ -847,6 +919,8 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     """
     ddp = init_distributed()
     device = next(model.components.parameters()).device
+    if cfg.checkpoint_blocks:
+        model.checkpoint_blocks(cfg.checkpoint_blocks)
     if cfg.compile:
         model.target.compile()  # in place: every (masked or not) forward goes through the compiled target
     params = [*model.components.parameters(), *model.ci_fns.parameters()]

@@ -140,7 +140,7 @@ def test_local_json_dataset_and_missing_file(tmp_path):
         load_tokens(missing, "train", tokenizer)
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "ss_llama", "gpt2"])
+@pytest.mark.parametrize("name", ["tiny_llama", "ss_llama", "gpt2", "smollm2_135m"])
 def test_lm_configs_load(name):
     cfg = load_config(LMConfig, ROOT / "configs" / f"{name}.yaml")
     assert cfg.spd.output_loss == "kl" and cfg.spd.modules
@@ -203,3 +203,25 @@ def test_script_builds_tiny_target_and_decomposes(tmp_path):
         assert (tmp_path / f"run/figures/{fig}.png").is_file()
     evals = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
     assert [r["step"] for r in evals if "eval/ce/target" in r] == [2, 4]
+
+
+def test_checkpointed_blocks_give_the_same_losses_and_gradients():
+    """Recomputed in backward under the masks they ran with, checkpointed blocks change nothing but memory."""
+    from spd_common import training_losses
+
+    tokens = torch.randint(0, VOCAB, (4, 10))
+    cfg = SPDConfig(stochastic_recon_layerwise_coeff=1.0, layerwise_routed=True, ci_masked_recon_coeff=1.0,
+                    output_loss="kl")
+    grads = []
+    for blocks in (None, "model.layers.*"):
+        model = ComponentModel(tiny_llama(), {p: 8 for p in LLAMA_PATTERNS}, {}, "mlp", [4])
+        if blocks:
+            assert model.checkpoint_blocks(blocks) == ["model.layers.0", "model.layers.1"]
+        torch.manual_seed(1)
+        losses = training_losses(model, cfg, tokens, 0.5, lambda out: out.logits)
+        losses["total"].backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for g, h in zip(*grads):
+        torch.testing.assert_close(h, g)
+    with pytest.raises(SPDError, match="matches no module of the target"):
+        model.checkpoint_blocks("transformer.h.*")

@@ -1,0 +1,82 @@
+"""Peak memory of SPD at size: configs/smollm2_135m.yaml's decomposition (the MLP and attention
+matrices of 3 of 30 layers, C = 512, 512-token sequences) of a randomly initialised model of
+SmolLM2-135M's shape (a transformers config, no download), with each memory option on and off.
+
+    python benchmarks/memory.py [--steps 2] [--batch 8] [--device cpu]
+
+Each row is a fresh process (peak RSS is per process) that builds the model and runs `--steps`
+training steps on random tokens; it prints peak RSS (and peak GPU memory on CUDA) and s/step.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lm_decomposition import LMConfig  # noqa: E402 (needs ROOT on the path)
+from spd_common import ComponentModel, train_step  # noqa: E402
+from spd_config import load_config  # noqa: E402
+from spd_run import Dist, get_device  # noqa: E402
+
+ROWS = {"baseline": ["spd.grad_accum_steps=1", "spd.checkpoint_blocks=null", "spd.autocast_bf16=false"],
+        "grad_accum_steps=4": ["spd.grad_accum_steps=4", "spd.checkpoint_blocks=null", "spd.autocast_bf16=false"],
+        "checkpoint_blocks": ["spd.grad_accum_steps=1", "spd.autocast_bf16=false"],
+        "autocast_bf16": ["spd.grad_accum_steps=1", "spd.checkpoint_blocks=null"],
+        "all three": []}
+
+
+def smollm2_135m_shaped() -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                                        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True))
+
+
+def run_row(overrides: list[str], steps: int, batch: int, device_name: str) -> dict:
+    cfg = load_config(LMConfig, ROOT / "configs/smollm2_135m.yaml", [*overrides, f"spd.batch_size={batch}",
+                                                                       f"spd.device={device_name}"])
+    device = get_device(cfg.spd.device)
+    model = ComponentModel.from_config(smollm2_135m_shaped().to(device), cfg.spd).to(device)
+    if cfg.spd.checkpoint_blocks:
+        model.checkpoint_blocks(cfg.spd.checkpoint_blocks)
+    opt = torch.optim.Adam([*model.components.parameters(), *model.ci_fns.parameters()], lr=cfg.spd.lr)
+    tokens = torch.randint(0, 49152, (batch, cfg.data.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    t0 = time.time()
+    for step in range(steps):
+        train_step(model, cfg.spd, opt, tokens, step, lambda out: out.logits, Dist())
+    out = {"s_per_step": round((time.time() - t0) / steps, 1),
+           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    if device.type == "cuda":
+        out["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step (spd.batch_size)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
+    args = ap.parse_args()
+    if args.row:
+        print(json.dumps(run_row(ROWS[args.row], args.steps, args.batch, args.device)))
+        return
+    print(f"SmolLM2-135M-shaped model, batch {args.batch} x 512 tokens, {args.steps} steps per row")
+    for name in ROWS:
+        proc = subprocess.run([sys.executable, __file__, "--row", name, "--steps", str(args.steps), "--batch",
+                               str(args.batch), "--device", args.device], capture_output=True, text=True)
+        result = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else proc.stderr.strip()[-300:]
+        print(f"{name:<20} {result}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
