@@ -76,7 +76,8 @@ class SPDConfig:
     optimizer: Literal["adam", "adamw"] = option("adam", "optimizer")
     lr: float = option(1e-3, "peak learning rate", gt=0)
     weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
-    lr_schedule: Literal["constant", "cosine", "linear"] = option("cosine", "decay after warm-up (to 0)")
+    lr_schedule: Literal["constant", "cosine", "cosine_quarter", "linear"] = option(
+        "cosine", "decay after warm-up: cosine = half period to 0, cosine_quarter = cos(0.5 pi t) (the paper's)")
     lr_warmup_frac: float = option(0.0, "fraction of steps with linear lr warm-up", ge=0, le=1)
     grad_clip: Optional[float] = option(None, "clip the global grad norm to this (null = off)", gt=0)
     steps: int = option(10_000, "optimisation steps", ge=1)
@@ -797,13 +798,15 @@ def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callab
 # 7. optimize
 # ================================================================================================
 def lr_at(step: int, cfg: SPDConfig) -> float:
-    """Linear warm-up over lr_warmup_frac of training, then constant / cosine / linear decay to 0."""
+    """Linear warm-up over lr_warmup_frac of training, then constant / cosine / quarter-cosine / linear decay."""
     warmup = int(cfg.lr_warmup_frac * cfg.steps)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     t = (step - warmup) / max(cfg.steps - warmup, 1)
     if cfg.lr_schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.lr_schedule == "cosine_quarter":  # the paper's code: above `cosine` throughout, steepest at the end
+        return cfg.lr * math.cos(0.5 * math.pi * t)
     if cfg.lr_schedule == "linear":
         return cfg.lr * (1 - t)
     return cfg.lr

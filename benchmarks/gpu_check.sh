@@ -33,7 +33,7 @@ summary() {  # the figures that matter from a results.json
   python - "$1" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-keys = ["mmcs", "ml2r", "ce_unrecovered", "steps_per_s", "tokens_per_s", "peak_gpu_mem_mb"]
+keys = ["mmcs", "ml2r", "ml2r_nonnegligible", "ce_unrecovered", "steps_per_s", "tokens_per_s", "peak_gpu_mem_mb"]
 print("  ".join(f"{k}={r[k]:.4g}" for k in keys if k in r))
 EOF
 }

@@ -1,9 +1,14 @@
 """Config loading: typed values, overrides, and one clear line for each kind of bad input."""
 
+from pathlib import Path
+
 import pytest
 
 from spd_config import SPDError, load_config
+from spd_run import config_class, import_script, script_for
 from tms_decomposition import TMSConfig
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GOOD = """
 target: {n_features: 5, n_hidden: 2, path: targets/x.pt}
@@ -61,3 +66,13 @@ def test_bad_configs_give_one_clear_line(tmp_path, text, overrides, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(SPDError, match="not found"):
         load_config(TMSConfig, tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/paper").glob("*.yaml")), ids=lambda p: p.stem)
+def test_paper_configs_load(path):
+    """Every configs/paper/*.yaml is read by exactly its experiment's config class, with the paper's schedule."""
+    script = script_for(path)
+    assert script == ("tms" if path.stem.startswith("tms") else "resid_mlp") + "_decomposition.py"
+    cfg = load_config(config_class(import_script(ROOT / script)), path)
+    assert cfg.spd.faithfulness_coeff == 1.0 and not cfg.spd.use_delta_component
+    assert cfg.spd.lr_schedule == ("cosine_quarter" if path.stem.startswith("tms") else "constant")

@@ -261,6 +261,11 @@ def test_lr_schedules_and_p_annealing():
     assert lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(10, cfg) == pytest.approx(1.0)
     assert lr_at(55, cfg) == pytest.approx(0.5)
+    cfg = SPDConfig(steps=80, lr=2.0, lr_schedule="cosine_quarter", lr_warmup_frac=0.25)  # t = (step - 20) / 60
+    assert lr_at(19, cfg) == pytest.approx(2.0)  # last warm-up step
+    assert lr_at(20, cfg) == pytest.approx(2.0)  # cos(0)
+    assert lr_at(40, cfg) == pytest.approx(3 ** 0.5)  # cos(pi / 6) = sqrt(3) / 2
+    assert lr_at(60, cfg) == pytest.approx(1.0)  # cos(pi / 3) = 1 / 2
     cfg = SPDConfig(steps=100, lr=2.0, lr_schedule="linear")
     assert lr_at(50, cfg) == pytest.approx(1.0)
     assert lr_at(50, SPDConfig(steps=100, lr=2.0, lr_schedule="constant")) == 2.0
