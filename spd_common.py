@@ -448,14 +448,45 @@ class DecomposedModule(nn.Module):
 # ================================================================================================
 # 3. Causal-importance functions
 # ================================================================================================
+# The leaky hard sigmoids as autograd Functions: the same values and gradients, to the bit, as
+# where(x < 0, slope x, min(x, 1)) and where(x > 1, 1 + slope (x - 1), max(x, 0)) under autograd, in
+# fewer passes (autograd's backward of where/clamp takes ~6 ops; these take 2).
+class _LowerLeakyHardSigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, slope: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.slope = slope
+        return F.leaky_relu(x, slope).clamp(max=1.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return g * torch.where(x < 0, ctx.slope, (x <= 1).to(g.dtype)), None
+
+
+class _UpperLeakyHardSigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, slope: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.slope = slope
+        return torch.where(x > 1, 1 + slope * (x - 1), x.clamp(min=0.0))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        return g * torch.where(x > 1, ctx.slope, (x >= 0).to(g.dtype)), None
+
+
 def lower_leaky_hard_sigmoid(x: Tensor, slope: float = 0.01) -> Tensor:
     """0.01x below 0, x on [0, 1], 1 above (no gradient). Feeds the masks."""
-    return torch.where(x < 0, slope * x, x.clamp(max=1.0))
+    return _LowerLeakyHardSigmoid.apply(x, slope)
 
 
 def upper_leaky_hard_sigmoid(x: Tensor, slope: float = 0.01) -> Tensor:
     """0 below 0 (no gradient), x on [0, 1], 1 + 0.01(x - 1) above. Feeds importance minimality."""
-    return torch.where(x > 1, 1 + slope * (x - 1), x.clamp(min=0.0))
+    return _UpperLeakyHardSigmoid.apply(x, slope)
 
 
 def _init_stack(C: int | None, widths: list[int]) -> nn.ParameterList:
@@ -873,7 +904,8 @@ def sample_masks(ci: dict[str, Tensor], sampling: str, use_delta: bool, generato
         r = ddp.shard(r)
         return (r < 0.5).to(like.dtype) if sampling == "binomial" else r
 
-    masks = {n: g + (1 - g) * noise(g.shape, g) for n, g in ci.items()}
+    one = torch.ones((), device=next(iter(ci.values())).device) if ci else None
+    masks = {n: torch.lerp(g, one.to(g.dtype), noise(g.shape, g)) for n, g in ci.items()}  # one op, same to an ulp
     deltas = {n: noise(g.shape[:-1], g) for n, g in ci.items()} if use_delta else None
     return masks, deltas
 

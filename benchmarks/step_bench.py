@@ -6,7 +6,8 @@ Timings on a shared machine are noisy, so both versions run in one process, alte
 `--steps` steps (A, B, A, B, ...) for `--rounds` rounds; the table gives each version's median
 ms/step over the rounds and the ratio. A step is what `optimize` does per step without logging:
 zero_grad, `training_losses`, backward, Adam step. Both versions start from the same seed and train
-on the same batches; their losses after the run are printed too (they should agree closely).
+on the same batches with their own mask RNG streams; their losses after the run are printed too
+(equal for a bit-identical change, close otherwise).
 `--profile` instead prints torch.profiler's table for the working tree's step.
 """
 
@@ -56,6 +57,7 @@ class Runner:
         params = list(exp.model.components.parameters()) + list(exp.model.ci_fns.parameters())
         self.opt = torch.optim.Adam(params, lr=cfg.spd.lr)
         self.last = {}
+        self.rng = torch.get_rng_state()  # masks come from the global RNG: each runner keeps its own stream
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -67,10 +69,13 @@ class Runner:
         self.last = {k: v.item() for k, v in losses.items()}
 
     def timed(self, n: int) -> float:
+        torch.set_rng_state(self.rng)
         t0 = time.perf_counter()
         for _ in range(n):
             self.step()
-        return (time.perf_counter() - t0) / n * 1000
+        dt = (time.perf_counter() - t0) / n * 1000
+        self.rng = torch.get_rng_state()
+        return dt
 
 
 def main() -> None:

@@ -82,3 +82,33 @@ def test_kernel_and_torch_paths_agree(monkeypatch):
     monkeypatch.setattr(spd_common, "_use_ci_kernel", lambda *t: False)
     with torch.no_grad():
         torch.testing.assert_close(fn(h), fast, rtol=1e-6, atol=1e-6)
+
+
+def reference_sigmoids(x, slope=0.01):
+    lower = torch.where(x < 0, slope * x, x.clamp(max=1.0))
+    upper = torch.where(x > 1, 1 + slope * (x - 1), x.clamp(min=0.0))
+    return lower, upper
+
+
+def test_leaky_hard_sigmoids_bit_identical_to_where_clamp():
+    """Values and gradients equal to the bit the plain where/clamp forms under autograd, at 0 and 1 too."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.tensor([0.0, -0.0, 1.0, -1.0, 2.0]), torch.randn(10_000) * 2 + 0.5])
+    g = torch.randn_like(x)
+    for i, fast in enumerate((spd_common.lower_leaky_hard_sigmoid, spd_common.upper_leaky_hard_sigmoid)):
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = fast(xa), reference_sigmoids(xb)[i]
+        assert torch.equal(ya, yb)
+        assert torch.equal(torch.autograd.grad(ya, xa, g)[0], torch.autograd.grad(yb, xb, g)[0])
+
+
+def test_masks_lerp_matches_formula():
+    torch.manual_seed(0)
+    g = torch.rand(500, 7, requires_grad=True)
+    torch.manual_seed(1)
+    masks, deltas = spd_common.sample_masks({"a": g}, "continuous", use_delta=True)
+    torch.manual_seed(1)
+    r = torch.rand(500, 7)
+    torch.testing.assert_close(masks["a"], g + (1 - g) * r, rtol=0, atol=1e-6)
+    (grad,) = torch.autograd.grad(masks["a"].sum(), g)
+    torch.testing.assert_close(grad, 1 - r, rtol=0, atol=1e-6)
