@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="profile the working tree's step instead")
     ap.add_argument("overrides", nargs="*", default=[], help="key.sub=value config overrides")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()
     torch.set_num_threads(args.threads)
     script = importlib.import_module(Path(spd_common.script_for(args.config)).stem)
     cfg = load_config(typing.get_type_hints(script.build)["cfg"], args.config, args.overrides)
