@@ -18,12 +18,12 @@ module; a module's weight is seen as a (d_out, d_in) matrix W, approximated by U
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import math
 import sys
 import time
-import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from spd_config import SPDError, config_to_dict, option
+from spd_kernels import ScalarGeluMLP
 from spd_run import (Batch, Dist, MetricsLogger, Preempted, TrainState, init_distributed, peak_rss_mb,
                      preemption_signals, resume_training, save_training_checkpoint, split_batch, step_generator,
                      target_digest)
@@ -402,7 +403,13 @@ class ScalarMLPs(nn.Module):
         self.layers = _init_stack(C, [1, *hidden, 1])
 
     def forward(self, h: Tensor) -> Tensor:
-        x = h.reshape(-1, h.shape[-1]).T.unsqueeze(-1)  # (C, N, 1)
+        C = h.shape[-1]
+        if len(self.layers) == 4:  # one hidden layer (the default): fused elementwise
+            w1, b1, w2, b2 = self.layers
+            H = w1.shape[-1]
+            out = ScalarGeluMLP.apply(h.reshape(-1, C), w1.view(C, H), b1.view(C, H), w2.view(C, H), b2.view(C))
+            return out.view(h.shape)
+        x = h.reshape(-1, C).T.unsqueeze(-1)  # (C, N, 1)
         return _per_component_mlp(x, self.layers)[..., 0].T.reshape(h.shape)
 
 
@@ -659,7 +666,8 @@ def sample_masks(ci: dict[str, Tensor], sampling: str, use_delta: bool, generato
         r = ddp.shard(r)
         return (r < 0.5).to(like.dtype) if sampling == "binomial" else r
 
-    masks = {n: g + (1 - g) * noise(g.shape, g) for n, g in ci.items()}
+    one = torch.ones((), device=next(iter(ci.values())).device) if ci else None
+    masks = {n: torch.lerp(g, one.to(g.dtype), noise(g.shape, g)) for n, g in ci.items()}  # one op, same to an ulp
     deltas = {n: noise(g.shape[:-1], g) for n, g in ci.items()} if use_delta else None
     return masks, deltas
 

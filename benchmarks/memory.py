@@ -2,7 +2,7 @@
 matrices of 3 of 30 layers, C = 512, 512-token sequences) of a randomly initialised model of
 SmolLM2-135M's shape (a transformers config, no download), with each memory option on and off.
 
-    python benchmarks/memory.py [--steps 2] [--batch 8] [--device cpu]
+    python benchmarks/memory.py [--steps 2] [--batch 8] [--device cpu]   # --batch: a multiple of 2
 
 Each row is a fresh process (peak RSS is per process) that builds the model and runs `--steps`
 training steps on random tokens; it prints peak RSS (and peak GPU memory on CUDA) and s/step.
@@ -26,10 +26,10 @@ from spd_config import load_config  # noqa: E402
 from spd_run import Dist, get_device  # noqa: E402
 
 ROWS = {"baseline": ["spd.grad_accum_steps=1", "spd.checkpoint_blocks=null", "spd.autocast_bf16=false"],
-        "grad_accum_steps=4": ["spd.grad_accum_steps=4", "spd.checkpoint_blocks=null", "spd.autocast_bf16=false"],
+        "grad_accum_steps=2": ["spd.grad_accum_steps=2", "spd.checkpoint_blocks=null", "spd.autocast_bf16=false"],
         "checkpoint_blocks": ["spd.grad_accum_steps=1", "spd.autocast_bf16=false"],
         "autocast_bf16": ["spd.grad_accum_steps=1", "spd.checkpoint_blocks=null"],
-        "all three": []}
+        "all three": ["spd.grad_accum_steps=2"]}
 
 
 def smollm2_135m_shaped() -> torch.nn.Module:

@@ -1,0 +1,97 @@
+"""The fast scalar CI MLPs (C kernel on CPU, broadcast torch ops elsewhere) against a plain reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import spd_common
+import spd_kernels
+from spd_common import ScalarMLPs
+
+
+def reference(h, layers):
+    """One MLP per subcomponent, looped: h (..., C) -> (..., C)."""
+    ws, bs = layers[0::2], layers[1::2]
+    outs = []
+    for c in range(h.shape[-1]):
+        x = h[..., c:c + 1]
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            x = x @ w[c] + b[c, 0]
+            if i < len(ws) - 1:
+                x = F.gelu(x)
+        outs.append(x[..., 0])
+    return torch.stack(outs, -1)
+
+
+def values_and_grads(fn, h, layers, g):
+    h = h.detach().requires_grad_()
+    out = fn(h)
+    return [out, *torch.autograd.grad(out, [h, *layers], g)]
+
+
+def check(fn, hidden, dtype, scale=2.0, rtol=1e-6, shape=(3, 300)):
+    torch.manual_seed(0)
+    C = 7
+    fn = fn.to(dtype) if fn is not None else ScalarMLPs(C, hidden).to(dtype)
+    layers = list(fn.layers)
+    h = torch.randn(*shape, C, dtype=dtype) * scale
+    g = torch.randn(*shape, C, dtype=dtype)
+    ref = values_and_grads(lambda x: reference(x, [p.double() for p in layers]), h.double(), layers, g.double())
+    got = values_and_grads(fn, h, layers, g)
+    for name, r, x in zip(["out", "dh", "dw1", "db1", "dw2", "db2", "dw3", "db3"], ref, got):
+        assert x.dtype == dtype and x.shape == r.shape
+        err = (x.double() - r).abs().max().item() / max(r.abs().max().item(), 1.0)
+        assert err < rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+@pytest.mark.parametrize("hidden", [[16], [5], [8, 4]])
+def test_scalar_mlps_match_reference(monkeypatch, use_kernel, hidden):
+    if use_kernel and spd_kernels._ci_kernel() is None:
+        pytest.skip("no C compiler: the kernel path is not used here")
+    if not use_kernel:
+        monkeypatch.setattr(spd_kernels, "_use_ci_kernel", lambda *t: False)
+    check(None, hidden, torch.float64, rtol=1e-12)  # float64 never takes the kernel
+    check(None, hidden, torch.float32, rtol=1e-6)
+
+
+def test_kernel_extreme_inputs():
+    """Large |pre-activations| (erf clamped at +-4, exp underflowing) and exact zeros."""
+    if spd_kernels._ci_kernel() is None:
+        pytest.skip("no C compiler")
+    check(None, [16], torch.float32, scale=30.0, rtol=1e-6)
+    fn = ScalarMLPs(7, [16])
+    with torch.no_grad():
+        fn.layers[1].zero_()
+    h = torch.zeros(4, 7)
+    h[1] = 1e4
+    h[2] = -1e4
+    ref = reference(h.double(), [p.double() for p in fn.layers])
+    float32_err = (reference(h, list(fn.layers)).double() - ref).abs()  # the sum of terms ~1e4 cancels
+    assert torch.all((fn(h).double() - ref).abs() <= 4 * float32_err + 1e-6 * ref.abs().clamp(min=1))
+
+
+def test_kernel_and_torch_paths_agree(monkeypatch):
+    """Same parameters, same inputs: both implementations to float32 rounding, also without grad."""
+    if spd_kernels._ci_kernel() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(1)
+    fn = ScalarMLPs(20, [16])
+    h = torch.randn(4096, 20)
+    with torch.no_grad():
+        fast = fn(h)
+    monkeypatch.setattr(spd_kernels, "_use_ci_kernel", lambda *t: False)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(h), fast, rtol=1e-6, atol=1e-6)
+
+
+def test_masks_lerp_matches_formula():
+    torch.manual_seed(0)
+    g = torch.rand(500, 7, requires_grad=True)
+    torch.manual_seed(1)
+    masks, deltas = spd_common.sample_masks({"a": g}, "continuous", use_delta=True)
+    torch.manual_seed(1)
+    r = torch.rand(500, 7)
+    torch.testing.assert_close(masks["a"], g + (1 - g) * r, rtol=0, atol=1e-6)
+    (grad,) = torch.autograd.grad(masks["a"].sum(), g)
+    torch.testing.assert_close(grad, 1 - r, rtol=0, atol=1e-6)
