@@ -177,7 +177,7 @@ class ScalarGeluMLP(torch.autograd.Function):
         if ctx.kernel:
             (C, N), H = h.T.shape, w1.shape[1]
             hT = h.T.contiguous()  # (C, N): the kernel runs along N, contiguous for SIMD
-            out = torch.empty(C, N)
+            out = h.new_empty(C, N)  # new_empty: on h's device (cpu) whatever torch's default device is
             _ci_kernel().ci_forward(hT.data_ptr(), C, N, H, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(),
                                     b2.data_ptr(), out.data_ptr())
             ctx.save_for_backward(hT, w1, b1, w2)
@@ -194,8 +194,8 @@ class ScalarGeluMLP(torch.autograd.Function):
             hT, w1, b1, w2 = ctx.saved_tensors
             (C, N), H = hT.shape, w1.shape[1]
             gT = g.T.contiguous().float()
-            dh, dw1, db1, dw2, db2 = (torch.empty(C, N), torch.empty(C, H), torch.empty(C, H), torch.empty(C, H),
-                                      torch.empty(C))
+            dh, dw1, db1, dw2, db2 = (hT.new_empty(C, N), w1.new_empty(C, H), w1.new_empty(C, H),
+                                      w1.new_empty(C, H), w1.new_empty(C))
             _ci_kernel().ci_backward(hT.data_ptr(), gT.data_ptr(), C, N, H, w1.data_ptr(), b1.data_ptr(),
                                      w2.data_ptr(), dh.data_ptr(), dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(),
                                      db2.data_ptr())
