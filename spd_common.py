@@ -97,6 +97,8 @@ class SPDConfig:
     on_nan: Literal["stop", "skip"] = option("stop", "a nan/inf loss or gradient stops the run, or skips that step")
     seed: int = option(0, "seed of parameters, data and masks")
     device: str = option("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:i]'")
+    threads: Optional[int] = option(None, "torch CPU threads (null: torch's default, all cores or OMP_NUM_THREADS)",
+                                    ge=1)
     wandb_project: Optional[str] = option(None, "log to this wandb project (null = no wandb)")
 
     def __post_init__(self) -> None:

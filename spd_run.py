@@ -177,15 +177,18 @@ def parse_cli(cls: type, description: str, argv: list[str] | None = None) -> tup
         dist.broadcast_object_list(message, src=0)
         if message[0].startswith("error: "):
             raise SPDError(message[0].removeprefix("error: "))
-        return load_config(cls, Path(message[0]) / "config.yaml"), Path(message[0])
-    try:
-        cfg, run_dir = _config_and_run_dir(cls, args, error)
-    except SPDError as e:
+        cfg, run_dir = load_config(cls, Path(message[0]) / "config.yaml"), Path(message[0])
+    else:
+        try:
+            cfg, run_dir = _config_and_run_dir(cls, args, error)
+        except SPDError as e:
+            if ddp.world_size > 1:
+                dist.broadcast_object_list([f"error: {e}"], src=0)
+            raise
         if ddp.world_size > 1:
-            dist.broadcast_object_list([f"error: {e}"], src=0)
-        raise
-    if ddp.world_size > 1:
-        dist.broadcast_object_list([str(run_dir)], src=0)
+            dist.broadcast_object_list([str(run_dir)], src=0)
+    if cfg.spd.threads:  # before anything heavy: the target may be trained first
+        torch.set_num_threads(cfg.spd.threads)
     return cfg, run_dir
 
 

@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from spd_config import SPDError, load_config
-from spd_run import config_class, import_script, script_for
+from spd_run import config_class, import_script, parse_cli, script_for
 from tms_decomposition import TMSConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +77,13 @@ def test_paper_configs_load(path):
     cfg = load_config(config_class(import_script(ROOT / script)), path)
     assert cfg.spd.faithfulness_coeff == 1.0 and not cfg.spd.use_delta_component
     assert cfg.spd.lr_schedule == ("cosine_quarter" if path.stem.startswith("tms") else "constant")
+
+
+def test_spd_threads_sets_torchs_thread_count(tmp_path):
+    before = torch.get_num_threads()
+    try:
+        cfg, _ = parse_cli(TMSConfig, "", [str(ROOT / "configs/tms_5-2.yaml"), "spd.threads=1", "--out",
+                                           str(tmp_path / "run")])
+        assert cfg.spd.threads == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
