@@ -302,6 +302,15 @@ class DecomposedModule(nn.Module):
         bias = getattr(self.original, "bias", None)
         return out if bias is None else out + bias
 
+    MASK_STATE = ("mask", "delta_mask", "inner", "rows")  # what `ComponentModel.masked` sets for one forward
+
+    def mask_state(self) -> tuple[Tensor | None, ...]:
+        return tuple(getattr(self, a) for a in self.MASK_STATE)
+
+    def set_mask_state(self, state: tuple[Tensor | None, ...]) -> None:
+        for a, v in zip(self.MASK_STATE, state):
+            setattr(self, a, v)
+
     def _layer(self, x: Tensor) -> Tensor:
         """The base layer's computation on its input x (..., d_in): the target's, or the masked components'."""
         if self.cache_input:
@@ -552,7 +561,7 @@ class ComponentModel(nn.Module):
             yield
         finally:
             for mod in self.decomposed.values():
-                mod.mask = mod.delta_mask = mod.inner = mod.rows = None
+                mod.set_mask_state((None,) * len(mod.MASK_STATE))
 
     def checkpoint_blocks(self, pattern: str) -> list[str]:
         """Activation checkpointing: the target modules matching `pattern` keep only their inputs for
@@ -568,18 +577,18 @@ class ComponentModel(nn.Module):
             raise SPDError(f"spd.checkpoint_blocks = '{pattern}' matches no module of the target; e.g. model.layers.*")
 
         def masks_as_now() -> tuple[Any, Any]:  # (forward context, recomputation context)
-            state = [(mod, mod.mask, mod.delta_mask, mod.inner, mod.rows) for mod in self.decomposed.values()]
+            then = {mod: mod.mask_state() for mod in self.decomposed.values()}
 
             @contextmanager
             def restored():
-                now = [(mod, mod.mask, mod.delta_mask, mod.inner, mod.rows) for mod, *_ in state]
-                for mod, *values in state:
-                    mod.mask, mod.delta_mask, mod.inner, mod.rows = values
+                now = {mod: mod.mask_state() for mod in then}
+                for mod, state in then.items():
+                    mod.set_mask_state(state)
                 try:
                     yield
                 finally:
-                    for mod, *values in now:
-                        mod.mask, mod.delta_mask, mod.inner, mod.rows = values
+                    for mod, state in now.items():
+                        mod.set_mask_state(state)
             return contextlib.nullcontext(), restored()
 
         for _, block in blocks:
@@ -668,8 +677,7 @@ def sample_masks(ci: dict[str, Tensor], sampling: str, use_delta: bool, generato
         r = ddp.shard(r)
         return (r < 0.5).to(like.dtype) if sampling == "binomial" else r
 
-    one = torch.ones((), device=next(iter(ci.values())).device) if ci else None
-    masks = {n: torch.lerp(g, one.to(g.dtype), noise(g.shape, g)) for n, g in ci.items()}  # one op, same to an ulp
+    masks = {n: torch.lerp(g, g.new_ones(()), noise(g.shape, g)) for n, g in ci.items()}  # one op, same to an ulp
     deltas = {n: noise(g.shape[:-1], g) for n, g in ci.items()} if use_delta else None
     return masks, deltas
 

@@ -60,8 +60,8 @@ def training_flops_per_token(model, spd, seq_len: int) -> float:
     from spd_common import decomposable_modules
 
     target, hf = model.target, getattr(model.target, "config", None)
-    weights = [m.original if hasattr(m, "original") else m for m in decomposable_modules(target).values()]
-    F = 2 * sum(w.weight.numel() for w in weights if not isinstance(w, torch.nn.Embedding))
+    layers = decomposable_modules(target).values()  # a decomposed layer is found as the wrapper's .original
+    F = 2 * sum(m.weight.numel() for m in layers if not isinstance(m, torch.nn.Embedding))
     if hf is not None and hasattr(hf, "num_hidden_layers"):
         F += 4 * hf.num_hidden_layers * seq_len * hf.hidden_size
     E, E_no_delta, routed, inner = 0.0, 0.0, 0.0, 0.0

@@ -14,13 +14,11 @@ on the same batches with their own mask RNG streams; their losses after the run 
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.util
 import statistics
 import subprocess
 import sys
 import time
-import typing
 from pathlib import Path
 
 import torch
@@ -29,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import spd_common  # noqa: E402 (needs ROOT on the path)
 from spd_config import load_config  # noqa: E402
-from spd_run import script_for  # noqa: E402
+from spd_run import config_class, import_script, script_for  # noqa: E402
 
 
 def load_source(src: str, mod_name: str, origin: str):
@@ -110,8 +108,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", default=[], help="key.sub=value config overrides")
     args = ap.parse_intermixed_args()
     torch.set_num_threads(args.threads)
-    script = importlib.import_module(Path(script_for(args.config)).stem)
-    cfg = load_config(typing.get_type_hints(script.build)["cfg"], args.config, args.overrides)
+    script = import_script(ROOT / script_for(args.config))
+    cfg = load_config(config_class(script), args.config, args.overrides)
     if args.profile:
         r = Runner(spd_common, script, cfg)
         for _ in range(5):
