@@ -54,8 +54,11 @@ class SPDConfig:
 
     modules: dict[str, int] = option({}, "module-name pattern (fnmatch) -> C, subcomponents per matched module")
     tied: dict[str, str] = option({}, "module -> module whose components it reuses transposed (TMS decoder)")
-    ci_fn: Literal["mlp", "vector_mlp", "shared_mlp"] = option("mlp", "CI function type")
-    ci_hidden: list[int] = option([16], "hidden widths of the CI MLPs")
+    ci_fn: Literal["mlp", "vector_mlp", "shared_mlp", "global_shared_mlp", "global_transformer"] = option(
+        "mlp", "CI function: per subcomponent, per module, or one for all modules (global_*)")
+    ci_hidden: list[int] = option([16], "hidden widths of the CI MLPs (global_transformer: [d_model])")
+    ci_transformer_layers: int = option(2, "global_transformer: transformer blocks", ge=1)
+    ci_transformer_heads: int = option(2, "global_transformer: attention heads (must divide d_model)", ge=1)
     sampling: Literal["continuous", "binomial"] = option("continuous", "mask noise r ~ U(0,1) or {0,1}")
     n_mask_samples: int = option(1, "stochastic mask samples S per step", ge=1)
     use_delta_component: bool = option(True, "add W - UV as one extra stochastically masked component")
@@ -67,8 +70,19 @@ class SPDConfig:
     stochastic_recon_layerwise_coeff: Optional[float] = option(1.0, "weight of the one-module-at-a-time recon loss",
                                                               ge=0)
     layerwise_routed: bool = option(False, "layerwise loss in one forward, each example masking one random module")
+    stochastic_recon_routing: Literal["all", "uniform_k_subset", "layerwise"] = option(
+        "all", "modules the stochastic recon loss masks per example: all, a random k ~ U{1..M} of them, or one")
+    pgd_recon_coeff: Optional[float] = option(None, "weight of the recon loss under adversarial (PGD) masks", ge=0)
+    pgd_steps: int = option(1, "adversary's ascent steps per training step", ge=0)
+    pgd_step_size: float = option(0.1, "PGD sign step on the mask sources in [0, 1] (persistent: Adam's lr)", gt=0)
+    pgd_init: Literal["random", "ci"] = option("random", "adversary's start: uniform sources, or masks = CI")
+    pgd_scope: Literal["all", "layerwise"] = option("all", "adversarial masks on all modules jointly, or one at a time")
+    pgd_persistent: bool = option(False, "carry the adversarial masks across steps per batch position (own Adam)")
+    pgd_eval_steps: int = option(10, "PGD steps of the recon/pgd evaluation (0 = not evaluated)", ge=0)
     ci_masked_recon_coeff: Optional[float] = option(None, "weight of the recon loss with masks = CI", ge=0)
     importance_minimality_coeff: Optional[float] = option(3e-3, "weight of sum_c |g_c|^p", ge=0)
+    importance_minimality_beta: Optional[float] = option(
+        None, "weight, within importance minimality, of sum_modules mean_c log2(1 + sum_batch g_c)", ge=0)
     p: float = option(1.0, "exponent p of the importance-minimality loss", gt=0)
     p_anneal_final: Optional[float] = option(None, "anneal p linearly to this value (null = no annealing)", gt=0)
     p_anneal_start_frac: float = option(0.0, "fraction of training where p annealing starts", ge=0, le=1)
@@ -106,6 +120,9 @@ class SPDConfig:
         if self.p_anneal_start_frac > self.p_anneal_end_frac:
             raise SPDError(f"p_anneal_start_frac = {self.p_anneal_start_frac} must be <= p_anneal_end_frac = "
                            f"{self.p_anneal_end_frac}")
+        if self.pgd_persistent and self.grad_accum_steps > 1:
+            raise SPDError("spd.pgd_persistent keeps one adversary per batch position, which micro-batches would "
+                           "share; set spd.grad_accum_steps=1 or spd.pgd_persistent=false")
         coeffs = [f.name for f in dataclasses.fields(self) if f.name.endswith("_coeff")]
         if not any(getattr(self, c) for c in coeffs):
             raise SPDError(f"no loss term is on: set at least one of {', '.join(coeffs)} to a positive value")
@@ -197,6 +214,51 @@ class SharedMLP(nn.Module):
         return x
 
 
+class CausalTransformer(nn.Module):
+    """`layers` pre-norm causal transformer blocks over positions: (batch, seq, d_in) -> (batch, seq, d_out)
+    through width d_model. Causal, as the target is: a position's CI never depends on later tokens."""
+
+    def __init__(self, d_in: int, d_out: int, d_model: int, layers: int, heads: int):
+        super().__init__()
+        self.proj_in = nn.Linear(d_in, d_model)
+        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0,
+                                                               activation="gelu", batch_first=True, norm_first=True)
+                                    for _ in range(layers))
+        self.proj_out = nn.Linear(d_model, d_out)
+
+    def forward(self, a: Tensor) -> Tensor:
+        if a.dim() != 3:
+            raise SPDError(f"spd.ci_fn=global_transformer reads positions: the decomposed modules' inputs must be "
+                           f"(batch, seq, d), not {tuple(a.shape)}; use global_shared_mlp")
+        causal = nn.Transformer.generate_square_subsequent_mask(a.shape[1], device=a.device, dtype=a.dtype)
+        x = self.proj_in(a)
+        for block in self.blocks:
+            x = block(x, src_mask=causal, is_causal=True)
+        return self.proj_out(x)
+
+
+class GlobalCI(nn.Module):
+    """One CI function for all modules (`global_shared_mlp`, `global_transformer`): it reads every module's
+    CI input (its input; an embedding's: its inner acts), RMS-normed and concatenated per position,
+    (..., sum d_in), and outputs every module's CI pre-activations, (..., sum C)."""
+
+    def __init__(self, kind: str, d_ins: dict[str, int], Cs: dict[str, int], hidden: list[int], layers: int,
+                 heads: int):
+        super().__init__()
+        self.kind, self.d_ins, self.Cs = kind, d_ins, Cs
+        d_in, C = sum(d_ins.values()), sum(Cs.values())
+        self.net = (SharedMLP(C, d_in, hidden) if kind == "global_shared_mlp"
+                    else CausalTransformer(d_in, C, hidden[0], layers, heads))
+
+    def forward(self, ci_inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        shapes = {n: tuple(a.shape[:-1]) for n, a in ci_inputs.items()}
+        if len(set(shapes.values())) > 1:
+            raise SPDError(f"spd.ci_fn={self.kind} reads all modules' inputs at each position, but their positions "
+                           f"differ ({shapes}); use a per-module ci_fn (mlp, vector_mlp, shared_mlp)")
+        a = torch.cat([F.rms_norm(ci_inputs[n], (d,)) for n, d in self.d_ins.items()], -1)
+        return dict(zip(self.Cs, self.net(a).split(list(self.Cs.values()), -1)))
+
+
 def make_ci_fn(kind: str, C: int, d_in: int, hidden: list[int]) -> nn.Module:
     if kind == "mlp":
         return ScalarMLPs(C, hidden)
@@ -228,7 +290,7 @@ class ComponentModel(nn.Module):
     """
 
     def __init__(self, target: nn.Module, patterns: dict[str, int], tied: dict[str, str],
-                 ci_fn: str, ci_hidden: list[int]):
+                 ci_fn: str, ci_hidden: list[int], ci_layers: int = 2, ci_heads: int = 2):
         super().__init__()
         target.requires_grad_(False)
         target.eval()
@@ -254,6 +316,7 @@ class ComponentModel(nn.Module):
         self.components = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
         self.decomposed: dict[str, DecomposedModule] = {}
+        ci_in: dict[str, int] = {}  # what each module's CI function reads: d_in (an embedding: C)
         # Sources before the modules tied to them, so that their components exist.
         for name in [n for n in self.C if n not in tied] + [n for n in self.C if n in tied]:
             original = found[name]
@@ -261,8 +324,9 @@ class ComponentModel(nn.Module):
             src = self.components[_key(tied[name])] if name in tied else None
             comps = Components(d_in, d_out, self.C[name], tied_to=src)
             self.components[_key(name)] = comps
-            ci_in = self.C[name] if isinstance(original, nn.Embedding) else d_in
-            self.ci_fns[_key(name)] = make_ci_fn(ci_fn, self.C[name], ci_in, ci_hidden)
+            ci_in[name] = self.C[name] if isinstance(original, nn.Embedding) else d_in
+            if not ci_fn.startswith("global"):
+                self.ci_fns[_key(name)] = make_ci_fn(ci_fn, self.C[name], ci_in[name], ci_hidden)
             wrapper = DecomposedModule(original, comps, runs_own_forward(name, original))
             if isinstance(original, ExpertLinear):  # its experts module, wrapped once, runs it in the expert's place
                 experts_name = name.rsplit(".", 2)[0]
@@ -274,11 +338,17 @@ class ComponentModel(nn.Module):
                 _swap(target, name, wrapper)
             self.decomposed[name] = wrapper
         self.names = list(self.decomposed)
+        self.global_ci = ci_fn.startswith("global")
+        if self.global_ci:
+            self.ci_fns["global"] = GlobalCI(ci_fn, {n: ci_in[n] for n in self.names}, {n: self.C[n] for n in self.names},
+                                             ci_hidden, ci_layers, ci_heads)
+        self.adversary = PersistentAdversary()  # spd.pgd_persistent's state, checkpointed with the decomposition
 
     @classmethod
     def from_config(cls, target: nn.Module, spd: SPDConfig) -> ComponentModel:
         """Decompose `target` as the config's `spd:` section says (modules, tied, CI function)."""
-        return cls(target, spd.modules, spd.tied, spd.ci_fn, spd.ci_hidden)
+        return cls(target, spd.modules, spd.tied, spd.ci_fn, spd.ci_hidden, spd.ci_transformer_layers,
+                   spd.ci_transformer_heads)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The target's forward (masks, if any, were set by `masked`). One dict argument is passed as
@@ -365,20 +435,30 @@ class ComponentModel(nn.Module):
                            ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """CI per module (..., C): (lower-leaky for masks, upper-leaky for importance minimality).
         `inner`: the modules' inner acts on `inputs`, if already computed."""
+        if self.global_ci:
+            pre = self.ci_fns["global"]({n: self.ci_input(n, inputs[n], None if inner is None else inner[n])
+                                         for n in self.names})
+            return ({n: lower_leaky_hard_sigmoid(p) for n, p in pre.items()},
+                    {n: upper_leaky_hard_sigmoid(p) for n, p in pre.items()})
         lower, upper = {}, {}
         for n in self.decomposed:
             lower[n], upper[n] = self.module_ci(n, inputs[n], None if inner is None else inner[n])
         return lower, upper
 
+    def ci_input(self, name: str, x: Tensor, inner: Tensor | None = None) -> Tensor:
+        """What module `name`'s CI function reads on its input x: its inner acts (ci_fn = mlp, and any
+        embedding, whose input is token ids) or x itself."""
+        mod = self.decomposed[name]
+        if self.ci_reads_inner_acts or mod.is_embedding:
+            return inner if inner is not None else mod.inner_acts(x)
+        return x
+
     def module_ci(self, name: str, x: Tensor, inner: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """CI (..., C) of one module on its input x, (lower-leaky, upper-leaky); `inner`: its inner
         acts on x, if already computed."""
-        mod = self.decomposed[name]
-        if self.ci_reads_inner_acts or mod.is_embedding:
-            ci_in = inner if inner is not None else mod.inner_acts(x)
-        else:
-            ci_in = x
-        pre = self.ci_fns[_key(name)](ci_in)
+        if self.global_ci:
+            raise SPDError("a global CI function reads every module's input at once: use causal_importances")
+        pre = self.ci_fns[_key(name)](self.ci_input(name, x, inner))
         return lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
 
     @torch.no_grad()
@@ -396,12 +476,16 @@ class ComponentModel(nn.Module):
                 for n in self.untied_names()}
 
     def decomposition_state(self) -> dict[str, Any]:
-        """What a checkpoint holds: components and CI functions, not the (frozen) target."""
-        return {"components": self.components.state_dict(), "ci_fns": self.ci_fns.state_dict()}
+        """What a checkpoint holds: components and CI functions (and a persistent adversary's state), not
+        the (frozen) target."""
+        state = {"components": self.components.state_dict(), "ci_fns": self.ci_fns.state_dict()}
+        return state | ({"adversary": dict(self.adversary.state)} if self.adversary.state else {})
 
     def load_decomposition_state(self, state: dict[str, Any]) -> None:
         self.components.load_state_dict(state["components"])
         self.ci_fns.load_state_dict(state["ci_fns"])
+        device = next(self.components.parameters()).device
+        self.adversary.state = {k: v.to(device, copy=True) for k, v in state.get("adversary", {}).items()}
 
 
 # ================================================================================================
@@ -471,9 +555,7 @@ def layerwise_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, m
     example b masks module route[b] alone: for a loss that is a mean over examples and a route drawn
     uniformly, an unbiased estimate of the same mean, at a cost that does not grow with the modules."""
     if route is not None:
-        if any(m.shape[0] != len(route) for m in masks.values()):
-            raise SPDError("spd.layerwise_routed needs masks whose first axis is the batch (MoE expert matrices see "
-                           "tokens); set spd.layerwise_routed=false")
+        check_routable(masks, len(route), "spd.layerwise_routed=false")
         rows = {n: route == i for i, n in enumerate(masks)}
         return masked_recon_loss(model, x, target_out, masks, delta_masks, kind, output_fn, inner, rows)
     losses = [masked_recon_loss(model, x, target_out, {n: m}, {n: delta_masks[n]} if delta_masks else None,
@@ -488,6 +570,156 @@ def draw_route(ci: dict[str, Tensor], ddp: Dist = Dist()) -> Tensor:
     return ddp.shard(torch.randint(len(ci), (g.shape[0] * ddp.world_size,), device=g.device))
 
 
+def check_routable(masks: dict[str, Tensor], n_rows: int, fix: str) -> None:
+    """Routing picks modules per example: every mask's first axis must be the batch."""
+    if any(m.shape[0] != n_rows for m in masks.values()):
+        raise SPDError(f"routing modules per example needs masks whose first axis is the batch (MoE expert "
+                       f"matrices see tokens); set {fix}")
+
+
+def subset_rows(ci: dict[str, Tensor], k: Tensor, ddp: Dist = Dist()) -> dict[str, Tensor]:
+    """(batch,) bool per module: global example b masks a uniformly random k[b] of the M modules.
+    k: (global batch, 1) in 1..M; the subsets are drawn for the global batch on every rank."""
+    g = next(iter(ci.values()))
+    rank_in_row = torch.rand(len(k), len(ci), device=g.device).argsort(1).argsort(1)  # a random permutation per row
+    chosen = ddp.shard(rank_in_row < k)
+    return {n: chosen[:, i] for i, n in enumerate(ci)}
+
+
+def draw_rows(ci: dict[str, Tensor], routing: str, ddp: Dist = Dist()) -> dict[str, Tensor]:
+    """Which modules each example masks in the stochastic loss (the others run the target): one
+    (`layerwise`, as `draw_route`), or a uniformly random k ~ U{1..M} of the M (`uniform_k_subset`)."""
+    g = next(iter(ci.values()))
+    if routing == "layerwise":
+        route = draw_route(ci, ddp)
+        return {n: route == i for i, n in enumerate(ci)}
+    k = torch.randint(1, len(ci) + 1, (g.shape[0] * ddp.world_size, 1), device=g.device)
+    return subset_rows(ci, k, ddp)
+
+
+def importance_frequency_loss(ci_upper: dict[str, Tensor], ddp: Dist = Dist()) -> Tensor:
+    """sum over modules of mean_c log2(1 + sum over the global batch (and positions) of g_c): a
+    description-length term that favours a few frequently used subcomponents over many rare ones.
+    The batch sum is global under torchrun (one all-reduce for all modules)."""
+    local = torch.cat([g.flatten(0, -2).sum(0) for g in ci_upper.values()])
+    sums = ddp.global_sum(local).split([g.shape[-1] for g in ci_upper.values()])
+    return sum(torch.log2(1 + s).mean() for s in sums)
+
+
+# Adversarial (PGD) masks: m = g + (1 - g) s for a source s in [0, 1] per mask entry, and the delta
+# mask is its source itself; any source in [0, 1] keeps m within [CI, 1]. The adversary ascends the
+# recon loss in the sources with the CI and components held fixed; training then descends the loss
+# at the adversary's masks, with gradients into the components and CI functions only. Sources are
+# one dict: "mask/<module>" (..., C) and "delta/<module>" (...).
+def initial_sources(ci: dict[str, Tensor], init: str, use_delta: bool, ddp: Dist = Dist(),
+                    generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    """Uniform sources (drawn for the global batch, like the mask noise), or 0: masks = CI, delta off."""
+    def start(shape: torch.Size, like: Tensor) -> Tensor:
+        if init == "ci":
+            return like.new_zeros(shape)
+        return ddp.shard(torch.rand((shape[0] * ddp.world_size, *shape[1:]), device=like.device, dtype=like.dtype,
+                                    generator=generator))
+    sources = {f"mask/{n}": start(g.shape, g) for n, g in ci.items()}
+    if use_delta:
+        sources |= {f"delta/{n}": start(g.shape[:-1], g) for n, g in ci.items()}
+    return sources
+
+
+def masks_from_sources(ci: dict[str, Tensor], sources: dict[str, Tensor]
+                       ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+    masks = {n: torch.lerp(g, g.new_ones(()), sources[f"mask/{n}"]) for n, g in ci.items()}
+    deltas = {n: sources[f"delta/{n}"] for n in ci} if f"delta/{next(iter(ci))}" in sources else None
+    return masks, deltas
+
+
+def scoped_recon_loss(model: ComponentModel, x: Any, target_out: Tensor, masks: dict[str, Tensor],
+                      deltas: dict[str, Tensor] | None, cfg: SPDConfig, output_fn: Callable[[Any], Tensor],
+                      inner: dict[str, Tensor] | None = None) -> Tensor:
+    """The recon loss with all modules masked together, or (pgd_scope = layerwise) one at a time."""
+    if cfg.pgd_scope == "layerwise":
+        return layerwise_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn, inner)
+    return masked_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn)
+
+
+def adversary_gradient(model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor],
+                       sources: dict[str, Tensor], cfg: SPDConfig, output_fn: Callable[[Any], Tensor],
+                       ddp: Dist = Dist(), inner: dict[str, Tensor] | None = None) -> list[Tensor]:
+    """d(recon loss)/d(source) for each source, the CI and components held fixed; scaled to the
+    gradient of the global-batch mean loss, so that N processes see what one does."""
+    leaves = {k: s.detach().requires_grad_() for k, s in sources.items()}
+    masks, deltas = masks_from_sources({n: g.detach() for n, g in ci.items()}, leaves)
+    inner = None if inner is None else {n: h.detach() for n, h in inner.items()}
+    loss = scoped_recon_loss(model, x, target_out, masks, deltas, cfg, output_fn, inner)
+    return list(torch.autograd.grad(loss / ddp.world_size, list(leaves.values())))
+
+
+def pgd_sources(model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor], cfg: SPDConfig,
+                output_fn: Callable[[Any], Tensor], steps: int, ddp: Dist = Dist(),
+                generator: torch.Generator | None = None, inner: dict[str, Tensor] | None = None
+                ) -> dict[str, Tensor]:
+    """`steps` of projected sign-gradient ascent from cfg.pgd_init, each source kept in [0, 1]."""
+    sources = initial_sources(ci, cfg.pgd_init, cfg.use_delta_component, ddp, generator)
+    for _ in range(steps):
+        grads = adversary_gradient(model, x, target_out, ci, sources, cfg, output_fn, ddp, inner)
+        sources = {k: (s + cfg.pgd_step_size * g.sign()).clamp(0, 1) for (k, s), g in zip(sources.items(), grads)}
+    return sources
+
+
+class PersistentAdversary:
+    """Persistent PGD: one source per global batch position, carried from step to step and ascended by
+    its own Adam (lr = pgd_step_size), pgd_steps times per training step. Every rank holds the whole
+    global batch's state and applies the same update from the gathered gradient, so that the state
+    rank 0 checkpoints is complete and a resumed run continues bit for bit."""
+
+    betas, eps = (0.9, 0.999), 1e-8
+
+    def __init__(self) -> None:
+        self.state: dict[str, Tensor] = {}  # "source/<k>", "adam_m/<k>", "adam_v/<k>" (global batch), "t"
+
+    def ascend(self, model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor], cfg: SPDConfig,
+               output_fn: Callable[[Any], Tensor], ddp: Dist = Dist(), inner: dict[str, Tensor] | None = None
+               ) -> dict[str, Tensor]:
+        """This rank's sources after this step's ascent."""
+        g = next(iter(ci.values()))
+        n_rows = g.shape[0] * ddp.world_size
+        source = self.state.get(f"source/mask/{next(iter(ci))}")
+        if source is None or source.shape != (n_rows, *g.shape[1:]):  # the first step (or a new batch shape)
+            start = initial_sources(ci, cfg.pgd_init, cfg.use_delta_component, ddp)
+            self.state = {"t": torch.zeros((), device=g.device)}
+            for k, s in start.items():
+                self.state[f"source/{k}"] = ddp.gather(s)
+                self.state[f"adam_m/{k}"] = torch.zeros_like(self.state[f"source/{k}"])
+                self.state[f"adam_v/{k}"] = torch.zeros_like(self.state[f"source/{k}"])
+        keys = [k.removeprefix("source/") for k in self.state if k.startswith("source/")]
+        (b1, b2), t = self.betas, self.state["t"]
+        for _ in range(cfg.pgd_steps):
+            grads = adversary_gradient(model, x, target_out, ci, self.local(keys, ddp), cfg, output_fn, ddp, inner)
+            t += 1
+            for k, g in zip(keys, grads):
+                g = ddp.gather(g)
+                m = self.state[f"adam_m/{k}"].lerp_(g, 1 - b1)
+                v = self.state[f"adam_v/{k}"].mul_(b2).addcmul_(g, g, value=1 - b2)
+                step = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + self.eps)
+                self.state[f"source/{k}"].add_(cfg.pgd_step_size * step).clamp_(0, 1)  # ascent: + the step
+        return self.local(keys, ddp)
+
+    def local(self, keys: list[str], ddp: Dist) -> dict[str, Tensor]:
+        return {k: ddp.shard(self.state[f"source/{k}"]) for k in keys}
+
+
+def pgd_recon_loss(model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor], cfg: SPDConfig,
+                   output_fn: Callable[[Any], Tensor], ddp: Dist = Dist(), inner: dict[str, Tensor] | None = None
+                   ) -> Tensor:
+    """The recon loss at the adversary's masks (persistent or fresh PGD), differentiable in the CI and
+    components but not through the adversary's ascent."""
+    if cfg.pgd_persistent:
+        sources = model.adversary.ascend(model, x, target_out, ci, cfg, output_fn, ddp, inner)
+    else:
+        sources = pgd_sources(model, x, target_out, ci, cfg, output_fn, cfg.pgd_steps, ddp, inner=inner)
+    masks, deltas = masks_from_sources(ci, {k: s.detach() for k, s in sources.items()})
+    return scoped_recon_loss(model, x, target_out, masks, deltas, cfg, output_fn, inner)
+
+
 def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: float,
                     output_fn: Callable[[Any], Tensor], ddp: Dist = Dist()) -> dict[str, Tensor]:
     """Every loss term whose coefficient is set, unweighted, plus `total` (weighted sum), each a
@@ -496,14 +728,15 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
     target_out = output_fn(target_out)
     coeffs = {"faithfulness": cfg.faithfulness_coeff, "stochastic_recon": cfg.stochastic_recon_coeff,
               "stochastic_recon_layerwise": cfg.stochastic_recon_layerwise_coeff,
-              "ci_masked_recon": cfg.ci_masked_recon_coeff,
-              "importance_minimality": cfg.importance_minimality_coeff}
+              "ci_masked_recon": cfg.ci_masked_recon_coeff, "pgd_recon": cfg.pgd_recon_coeff,
+              "importance_minimality": cfg.importance_minimality_coeff,
+              "importance_frequency": (cfg.importance_minimality_coeff or 0) * (cfg.importance_minimality_beta or 0)}
     on = {k: c for k, c in coeffs.items() if c}
     # Inner acts on the target's inputs, computed once: the CI functions and the layerwise losses (where
     # each module sees the target's input) share them, which saves a (batch, d_in) x (d_in, C) matmul
     # and its backward per module and mask sample.
-    inner = (model.inner_acts(inputs) if model.ci_reads_inner_acts or "stochastic_recon_layerwise" in on
-             else None)
+    reuse_inner = "stochastic_recon_layerwise" in on or ("pgd_recon" in on and cfg.pgd_scope == "layerwise")
+    inner = model.inner_acts(inputs) if model.ci_reads_inner_acts or reuse_inner else None
     ci, ci_upper = model.causal_importances(inputs, inner)
     losses: dict[str, Tensor] = {}
     if "faithfulness" in on:
@@ -514,17 +747,29 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
                    for _ in range(cfg.n_mask_samples))
         return sum(samples) / cfg.n_mask_samples
 
+    def stochastic_rows() -> dict[str, Tensor] | None:
+        if cfg.stochastic_recon_routing == "all":
+            return None
+        check_routable(ci, next(iter(ci.values())).shape[0], "spd.stochastic_recon_routing=all")
+        return draw_rows(ci, cfg.stochastic_recon_routing, ddp)
+
     if "stochastic_recon" in on:
         losses["stochastic_recon"] = mean_over_mask_samples(
-            lambda masks, deltas: masked_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn))
+            lambda masks, deltas: masked_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn,
+                                                    rows=stochastic_rows()))
     if "stochastic_recon_layerwise" in on:
         losses["stochastic_recon_layerwise"] = mean_over_mask_samples(
             lambda masks, deltas: layerwise_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn,
                                                        inner, draw_route(ci, ddp) if cfg.layerwise_routed else None))
     if "ci_masked_recon" in on:
         losses["ci_masked_recon"] = masked_recon_loss(model, x, target_out, ci, None, cfg.output_loss, output_fn)
+    if "pgd_recon" in on:
+        losses["pgd_recon"] = pgd_recon_loss(model, x, target_out, ci, cfg, output_fn, ddp,
+                                             inner if cfg.pgd_scope == "layerwise" else None)
     if "importance_minimality" in on:
         losses["importance_minimality"] = importance_minimality_loss(ci_upper, annealed_p(cfg, frac))
+    if "importance_frequency" in on:
+        losses["importance_frequency"] = importance_frequency_loss(ci_upper, ddp)
     losses["total"] = sum(on[k] * v for k, v in losses.items())
     return losses
 
@@ -536,8 +781,9 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
 def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callable[[Any], Tensor],
              generator: torch.Generator | None = None) -> dict[str, float]:
     """Generic metrics on one batch: per-module L0, fraction of CI >= 0.99, alive count; and the
-    output loss against the target with masks = CI, masks = 1 and stochastic masks (no delta,
-    noise from `generator`, so that evaluating leaves the training's random stream untouched)."""
+    output loss against the target with masks = CI, masks = 1, stochastic masks (no delta) and
+    adversarial masks (`recon/pgd`, pgd_eval_steps of PGD); noise from `generator`, so that
+    evaluating leaves the training's random stream untouched."""
     target_out, inputs = model.run_target(x)
     target_out = output_fn(target_out)
     ci, _ = model.causal_importances(inputs)
@@ -551,6 +797,11 @@ def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callab
     stoch, _ = sample_masks(ci, cfg.sampling, use_delta=False, generator=generator)
     for key, masks in (("ci_masked", ci), ("masks_one", ones), ("stochastic", stoch)):
         out[f"recon/{key}"] = masked_recon_loss(model, x, target_out, masks, None, cfg.output_loss, output_fn).item()
+    if cfg.pgd_eval_steps:  # the worst case the adversary finds, from cfg.pgd_init, in pgd_scope
+        with torch.enable_grad():
+            sources = pgd_sources(model, x, target_out, ci, cfg, output_fn, cfg.pgd_eval_steps, generator=generator)
+        out["recon/pgd"] = scoped_recon_loss(model, x, target_out, *masks_from_sources(ci, sources), cfg,
+                                             output_fn).item()
     out["faithfulness"] = faithfulness_loss(model).item()
     return out
 

@@ -285,6 +285,26 @@ class Dist:
             values = values / self.world_size
         return values
 
+    def global_sum(self, local: Tensor) -> Tensor:
+        """The sum of `local` over ranks, differentiable through this rank's part with its gradient
+        scaled by world_size: `average_gradients` divides by world_size again, so that a loss that is a
+        function of a global-batch sum gets the gradient it has on one process."""
+        if self.world_size == 1:
+            return local
+        total = local.detach().clone()
+        dist.all_reduce(total)
+        scaled = local * self.world_size
+        return scaled + (total - scaled).detach()
+
+    def gather(self, local: Tensor) -> Tensor:
+        """This rank's rows of a global batch put back together: every rank's `local`, concatenated in rank
+        order along the first axis (the inverse of `shard`)."""
+        if self.world_size == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.cat(parts)
+
     def any(self, flag: bool, device: torch.device) -> bool:
         """Whether `flag` is set on any rank, so that every rank takes the same branch. It travels as
         a tensor on `device`, the training device (a CPU tensor would fail under NCCL)."""

@@ -39,7 +39,8 @@ def load_source(src: str, mod_name: str, origin: str):
     return mod
 
 
-def module_at(rev: str, name: str = "spd_common", helpers: tuple[str, ...] = ("spd_config", "spd_kernels", "spd_run")):
+def module_at(rev: str, name: str = "spd_common",
+              helpers: tuple[str, ...] = ("spd_config", "spd_kernels", "spd_layers", "spd_run")):
     """spd_common.py as it was at git revision `rev`, imported as a separate module, with the
     revision's own versions of the files it imports (where it has them) in place while it loads."""
     def show(module: str) -> str | None:
