@@ -59,6 +59,8 @@ class SPDConfig:
     ci_hidden: list[int] = option([16], "hidden widths of the CI MLPs (global_transformer: [d_model])")
     ci_transformer_layers: int = option(2, "global_transformer: transformer blocks", ge=1)
     ci_transformer_heads: int = option(2, "global_transformer: attention heads (must divide d_model)", ge=1)
+    sigmoid: Literal["leaky_forward", "clamp_forward_leaky_backward"] = option(
+        "leaky_forward", "CI for the masks: leaks below 0 (the paper's), or clamped, leaking in backward only")
     sampling: Literal["continuous", "binomial"] = option("continuous", "mask noise r ~ U(0,1) or {0,1}")
     n_mask_samples: int = option(1, "stochastic mask samples S per step", ge=1)
     use_delta_component: bool = option(True, "add W - UV as one extra stochastically masked component")
@@ -135,6 +137,29 @@ class SPDConfig:
 def lower_leaky_hard_sigmoid(x: Tensor, slope: float = 0.01) -> Tensor:
     """0.01x below 0, x on [0, 1], 1 above (no gradient). Feeds the masks."""
     return torch.where(x < 0, slope * x, x.clamp(max=1.0))
+
+
+class ClampedLeakyBackward(torch.autograd.Function):
+    """x clamped to [0, 1] in the forward pass; in the backward pass the gradient on [0, 1], and 0.01 of
+    it below 0 only where it pushes x up (a descent step then raises x): a dead subcomponent can revive,
+    but neither CI nor the masks ever go negative."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, slope: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.slope = slope
+        return x.clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        scale = torch.where(x < 0, (grad < 0).to(grad.dtype) * ctx.slope, (x <= 1).to(grad.dtype))
+        return grad * scale, None
+
+
+def lower_hard_sigmoid(x: Tensor, kind: str, slope: float = 0.01) -> Tensor:
+    """The CI that feeds the masks: `leaky_forward` (the paper's) or `clamp_forward_leaky_backward`."""
+    return lower_leaky_hard_sigmoid(x, slope) if kind == "leaky_forward" else ClampedLeakyBackward.apply(x, slope)
 
 
 def upper_leaky_hard_sigmoid(x: Tensor, slope: float = 0.01) -> Tensor:
@@ -290,7 +315,8 @@ class ComponentModel(nn.Module):
     """
 
     def __init__(self, target: nn.Module, patterns: dict[str, int], tied: dict[str, str],
-                 ci_fn: str, ci_hidden: list[int], ci_layers: int = 2, ci_heads: int = 2):
+                 ci_fn: str, ci_hidden: list[int], ci_layers: int = 2, ci_heads: int = 2,
+                 sigmoid: str = "leaky_forward"):
         super().__init__()
         target.requires_grad_(False)
         target.eval()
@@ -313,6 +339,7 @@ class ComponentModel(nn.Module):
             if self.C[name] != self.C[src]:
                 raise SPDError(f"tied modules '{name}' and '{src}' need the same C")
         self.ci_reads_inner_acts = ci_fn == "mlp"
+        self.sigmoid = sigmoid
         self.components = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
         self.decomposed: dict[str, DecomposedModule] = {}
@@ -348,7 +375,7 @@ class ComponentModel(nn.Module):
     def from_config(cls, target: nn.Module, spd: SPDConfig) -> ComponentModel:
         """Decompose `target` as the config's `spd:` section says (modules, tied, CI function)."""
         return cls(target, spd.modules, spd.tied, spd.ci_fn, spd.ci_hidden, spd.ci_transformer_layers,
-                   spd.ci_transformer_heads)
+                   spd.ci_transformer_heads, spd.sigmoid)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The target's forward (masks, if any, were set by `masked`). One dict argument is passed as
@@ -438,7 +465,7 @@ class ComponentModel(nn.Module):
         if self.global_ci:
             pre = self.ci_fns["global"]({n: self.ci_input(n, inputs[n], None if inner is None else inner[n])
                                          for n in self.names})
-            return ({n: lower_leaky_hard_sigmoid(p) for n, p in pre.items()},
+            return ({n: lower_hard_sigmoid(p, self.sigmoid) for n, p in pre.items()},
                     {n: upper_leaky_hard_sigmoid(p) for n, p in pre.items()})
         lower, upper = {}, {}
         for n in self.decomposed:
@@ -459,7 +486,7 @@ class ComponentModel(nn.Module):
         if self.global_ci:
             raise SPDError("a global CI function reads every module's input at once: use causal_importances")
         pre = self.ci_fns[_key(name)](self.ci_input(name, x, inner))
-        return lower_leaky_hard_sigmoid(pre), upper_leaky_hard_sigmoid(pre)
+        return lower_hard_sigmoid(pre, self.sigmoid), upper_leaky_hard_sigmoid(pre)
 
     @torch.no_grad()
     def ci_of(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
@@ -780,7 +807,7 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
 @torch.no_grad()
 def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callable[[Any], Tensor],
              generator: torch.Generator | None = None) -> dict[str, float]:
-    """Generic metrics on one batch: per-module L0, fraction of CI >= 0.99, alive count; and the
+    """Generic metrics on one batch: per-module L0, fraction of CI >= 0.99, alive count, minimum CI; and the
     output loss against the target with masks = CI, masks = 1, stochastic masks (no delta) and
     adversarial masks (`recon/pgd`, pgd_eval_steps of PGD); noise from `generator`, so that
     evaluating leaves the training's random stream untouched."""
@@ -793,6 +820,7 @@ def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callab
         out[f"l0/{n}"] = active.sum(-1).float().mean().item()
         out[f"frac_ci_ge_0.99/{n}"] = (g >= 0.99).float().mean().item()
         out[f"n_alive/{n}"] = int(active.flatten(0, -2).any(0).sum().item())
+        out[f"min_ci/{n}"] = g.min().item()
     ones = {n: torch.ones_like(g) for n, g in ci.items()}
     stoch, _ = sample_masks(ci, cfg.sampling, use_delta=False, generator=generator)
     for key, masks in (("ci_masked", ci), ("masks_one", ones), ("stochastic", stoch)):

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from spd_common import (ComponentModel, SPDConfig, ScalarMLPs, SharedMLP, VectorMLPs, annealed_p, faithfulness_loss,
-                        importance_minimality_loss, layerwise_recon_loss, lower_leaky_hard_sigmoid, lr_at,
-                        masked_recon_loss, optimize, output_loss, sample_masks, upper_leaky_hard_sigmoid)
+                        importance_minimality_loss, layerwise_recon_loss, lower_hard_sigmoid, lower_leaky_hard_sigmoid,
+                        lr_at, masked_recon_loss, optimize, output_loss, sample_masks, upper_leaky_hard_sigmoid)
 from spd_config import SPDError
 
 
@@ -114,6 +114,17 @@ def test_leaky_hard_sigmoids_values_and_gradients():
     torch.testing.assert_close(upper, torch.tensor([0.0, 0.5, 1.02]))
     (g,) = torch.autograd.grad(upper.sum(), x)
     torch.testing.assert_close(g, torch.tensor([0.0, 1.0, 0.01]))
+
+
+def test_clamped_sigmoid_leaks_only_backward_and_only_upward():
+    """Forward: clamp to [0, 1]. Backward: the gradient on [0, 1]; below 0, 0.01 of it where it is
+    negative (descent raises x: a dead subcomponent revives) and none where it would push x further down."""
+    x = torch.tensor([-1.0, -1.0, 0.5, 2.0], requires_grad=True)
+    y = lower_hard_sigmoid(x, "clamp_forward_leaky_backward")
+    torch.testing.assert_close(y, torch.tensor([0.0, 0.0, 0.5, 1.0]))
+    (g,) = torch.autograd.grad(y, x, torch.tensor([-1.0, 1.0, 1.0, 1.0]))
+    torch.testing.assert_close(g, torch.tensor([-0.01, 0.0, 1.0, 0.0]))
+    assert torch.equal(lower_hard_sigmoid(x, "leaky_forward"), lower_leaky_hard_sigmoid(x))
 
 
 @pytest.mark.parametrize("cls,in_dim", [(ScalarMLPs, None), (VectorMLPs, 6), (SharedMLP, 6)])
