@@ -39,8 +39,8 @@ from spd_kernels import ScalarGeluMLP
 from spd_layers import (Components, DecomposedExperts, DecomposedModule, ExpertLinear, decomposable_modules,
                         runs_own_forward, weight_out_in)
 from spd_run import (Batch, Dist, MetricsLogger, Preempted, TrainState, init_distributed, peak_rss_mb,
-                     preemption_signals, resume_training, save_training_checkpoint, split_batch, step_generator,
-                     target_digest)
+                     preemption_signals, rebalance_threads, resume_training, save_training_checkpoint, split_batch,
+                     step_generator, target_digest)
 
 
 # ================================================================================================
@@ -113,8 +113,8 @@ class SPDConfig:
     on_nan: Literal["stop", "skip"] = option("stop", "a nan/inf loss or gradient stops the run, or skips that step")
     seed: int = option(0, "seed of parameters, data and masks")
     device: str = option("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:i]'")
-    threads: Optional[int] = option(None, "torch CPU threads (null: torch's default, all cores or OMP_NUM_THREADS)",
-                                    ge=1)
+    threads: Optional[int] = option(None, "torch CPU threads (null: OMP_NUM_THREADS if set, else an equal share "
+                                          "of the cores with the other spd runs here)", ge=1)
     wandb_project: Optional[str] = option(None, "log to this wandb project (null = no wandb)")
 
     def __post_init__(self) -> None:
@@ -1007,6 +1007,8 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
                     state.train_metrics["train/lr"] = lr_at(step, cfg)
                     logger.log(step, state.train_metrics)
                     bar.set_postfix(loss=f"{state.train_metrics['train/total']:.3g}")
+                if step % cfg.log_every == 0:
+                    rebalance_threads()  # other runs here may have started or finished
                 if step > 0 and step % cfg.eval_every == 0 and ddp.is_main:
                     evaluate_and_log(step)
                 state.step = step + 1  # a checkpoint now resumes at the next step

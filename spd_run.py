@@ -15,6 +15,7 @@ Sections, in reading order:
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import hashlib
 import json
@@ -187,9 +188,46 @@ def parse_cli(cls: type, description: str, argv: list[str] | None = None) -> tup
             raise
         if ddp.world_size > 1:
             dist.broadcast_object_list([str(run_dir)], src=0)
-    if cfg.spd.threads:  # before anything heavy: the target may be trained first
-        torch.set_num_threads(cfg.spd.threads)
+    share_threads(cfg.spd.threads)  # before anything heavy: the target may be trained first
     return cfg, run_dir
+
+
+# The torch threads of a run started without spd.threads or OMP_NUM_THREADS: this machine's cores,
+# shared equally among the spd runs on it (each registers its pid under ~/.cache/spd/runs) and
+# re-shared as runs come and go, so that runs started side by side (or torchrun's ranks) never
+# oversubscribe the cores; torch threads fighting over a core lose several times their speed.
+RUNS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spd" / "runs"
+_fixed_threads: int | None = None
+_sharing = False
+
+
+def share_threads(threads: int | None) -> None:
+    """Fix the thread count (spd.threads, else OMP_NUM_THREADS if set), or take this process's share."""
+    global _fixed_threads, _sharing
+    _fixed_threads = threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None)
+    if _fixed_threads is None and not _sharing:
+        RUNS_DIR.mkdir(parents=True, exist_ok=True)
+        entry = RUNS_DIR / str(os.getpid())
+        entry.touch()
+        atexit.register(entry.unlink, missing_ok=True)
+        _sharing = True
+    rebalance_threads()
+
+
+def rebalance_threads() -> None:
+    """Set torch's thread count to the fixed one or to this process's current share of the cores."""
+    if _fixed_threads is not None:
+        torch.set_num_threads(_fixed_threads)
+    elif _sharing:
+        live = 0
+        for entry in RUNS_DIR.iterdir():
+            if Path(f"/proc/{entry.name}").exists():
+                live += 1
+            else:
+                entry.unlink(missing_ok=True)  # a run that died without cleaning up
+        want = max(1, len(os.sched_getaffinity(0)) // max(live, 1))
+        if want != torch.get_num_threads():
+            torch.set_num_threads(want)
 
 
 def _config_and_run_dir(cls: type, args: argparse.Namespace, error: Callable[[str], None]) -> tuple[Any, Path]:

@@ -1,5 +1,6 @@
 """Config loading: typed values, overrides, and one clear line for each kind of bad input."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -86,4 +87,30 @@ def test_spd_threads_sets_torchs_thread_count(tmp_path):
                                            str(tmp_path / "run")])
         assert cfg.spd.threads == 1 and torch.get_num_threads() == 1
     finally:
+        torch.set_num_threads(before)
+
+
+def test_without_spd_threads_runs_share_the_cores(tmp_path, monkeypatch):
+    """Each spd run here registers its pid; a run without spd.threads or OMP_NUM_THREADS takes
+    cores // live runs threads, re-shared as runs finish (entries of dead processes are dropped)."""
+    import spd_run
+
+    monkeypatch.setattr(spd_run, "RUNS_DIR", tmp_path)
+    monkeypatch.setattr(spd_run, "_sharing", False)
+    monkeypatch.setattr(spd_run.os, "sched_getaffinity", lambda pid: set(range(4)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    (tmp_path / str(os.getppid())).touch()  # another run, alive
+    (tmp_path / "999999999").touch()  # a run that died without cleaning up
+    before = torch.get_num_threads()
+    try:
+        spd_run.share_threads(None)
+        assert torch.get_num_threads() == 2 and not (tmp_path / "999999999").exists()
+        (tmp_path / str(os.getppid())).unlink()  # the other run finished
+        spd_run.rebalance_threads()
+        assert torch.get_num_threads() == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        spd_run.share_threads(None)
+        assert torch.get_num_threads() == 1
+    finally:
+        (tmp_path / str(os.getpid())).unlink(missing_ok=True)
         torch.set_num_threads(before)
