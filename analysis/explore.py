@@ -329,11 +329,11 @@ async function runPrompt() {
   catch (e) { $("status").innerHTML = `<span class="err">${esc(e.message)}</span>`; }
 }
 function drawPrompt() {
-  const r = lastResult, ciOf = (f) => { const e = pick && f.find((e) => cid(e.module, e.c) === pick); return e ? e.ci : 0; };
+  const r = lastResult, most = Math.max(1, ...r.firing.map((f) => f.length)), ciOf = (f) => { const e = pick && f.find((e) => cid(e.module, e.c) === pick); return e ? e.ci : 0; };
   const chip = (e) => `<span class="chip" data-id="${esc(cid(e.module, e.c))}" style="${bg(e.ci)}" title="${esc(e.label || "")}">${esc(cid(e.module, e.c))}${e.pos !== null ? `@${e.pos}` : ""} ${num(e.ci, 2)}${e.label ? ` <span class="label">${esc(e.label)}</span>` : ""}</span>`;
   $("out").innerHTML = (r.pixels || r.entries ? `<p>${shown(r)}</p>` : "") +
-    `<p class="ctx" id="shaded">${r.tokens.map((t, i) => `<span class="tok" style="${bg(pick ? ciOf(r.firing[i]) : Math.min(r.firing[i].length / 10, 1))}" title="${r.firing[i].length} firing">${vis(t)}</span>`).join("")}</p>
-    <p class="note">${pick ? `shaded by the CI of ${esc(pick)} (<a href="#/c/${pick.split(":").slice(0, -1).join(":")}/${pick.split(":").pop()}">its page</a>)` : "shaded by how many components fire"}</p>
+    `<p class="ctx" id="shaded">${r.tokens.map((t, i) => `<span class="tok" style="${bg(pick ? ciOf(r.firing[i]) : r.firing[i].length / most)}" title="${r.firing[i].length} firing">${vis(t)}</span>`).join("")}</p>
+    <p class="note">${pick ? `shaded by the CI of ${esc(pick)} (<a href="#/c/${pick.split(":").slice(0, -1).join(":")}/${pick.split(":").pop()}">its page</a>)` : "shaded by how many components fire, relative to the token with most"}</p>
     <table id="per-token"><tr><th>#</th><th>token</th><th>firing components (CI)</th></tr>${r.tokens.map((t, i) => `<tr><td class="num">${i}</td><td class="ctx">${vis(JSON.stringify(t))}</td><td>${r.firing[i].map(chip).join("") || "<span class='note'>none</span>"}</td></tr>`).join("")}</table>`;
   document.querySelectorAll(".chip").forEach((el) => el.onclick = () => { pick = el.dataset.id === pick ? null : el.dataset.id; drawPrompt(); });
 }
