@@ -10,11 +10,12 @@ OpenRouter (the default), OpenAI (--base-url https://api.openai.com/v1), a vLLM 
   1. Label: the prompt gives a component's top activating contexts from harvest.json (the token it fires
      on marked <<like this>>, with its CI) and the next tokens it promotes and suppresses; the answer,
      a few words, is the label.
-  2. Detection score: the LLM is shown the label and 2K shuffled held-out contexts, up to K in which the
-     component fires on the middle token and K in which it fires on no token, and names those in which
-     it fires. Score = balanced accuracy = (fraction of firing contexts named + fraction of the others
-     not named) / 2: 0.5 is chance, 1 perfect. The contexts come from held-out batches after the ones
-     harvested (exp.eval_batch(n_batches ...)), so none was in the labelling prompt.
+  2. Detection score: the LLM is shown the label and 2K shuffled held-out contexts, each with one token
+     marked: up to K where the component fires on the marked token (CI > spd.ci_threshold) and K where
+     it does not, and names those where it fires. Score = balanced accuracy = (fraction of firing
+     contexts named + fraction of the others not named) / 2: 0.5 is chance, 1 perfect. The contexts come
+     from held-out batches after the ones harvested (exp.eval_batch(n_batches ...)), so none was in the
+     labelling prompt.
 
 Each component's result is cached in OUT/autointerp/<module>__<c>.json as soon as it is known (label first,
 then score), valid for the same model and checkpoint: a rerun costs nothing, an interrupted run continues.
@@ -24,13 +25,16 @@ line. Prints the requests, tokens and cost (the endpoint's `usage.cost` when it 
 else from --price-in/--price-out), writes OUT/autointerp.json and prints its path as the last line:
 
   {"model": str, "base_url": str, "checkpoint": str, "mean_balanced_accuracy": float | null,
-   "components": {module: {str(c): {"label": str, "balanced_accuracy": float | null,
-                                    "n_firing": int, "n_silent": int}}}}
+   "components": {module: {str(c): {"label": str, "balanced_accuracy": float | null (null: the held-out
+                                    batches gave only one class), "n_firing": int, "n_silent": int}}}}
+A cache file holds the same for one component, plus "firing" (per shown context) and "predicted" (the
+0-based indices the LLM named).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -47,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
-from analysis.harvest import CONTEXT_AFTER, CONTEXT_BEFORE, context_window, harvested  # noqa: E402
+from analysis.harvest import context_window, harvested  # noqa: E402
 from spd_config import SPDError  # noqa: E402
 from spd_run import load_run, run_main  # noqa: E402
 
@@ -82,12 +86,12 @@ def label_prompt(module: str, density: float, details: dict) -> str:
             f"What does this component respond to or do? Reply with a short label (at most 8 words) and nothing else.")
 
 
-def score_prompt(label: str, contexts: list[list[str]]) -> str:
-    listed = "\n".join(f"{i + 1}. {marked(t, -1)}" for i, t in enumerate(contexts))
-    return (f"A component of a language model has the label: \"{label}\".\nIn some of the {len(contexts)} text "
-            f"excerpts below it is active on the middle token; in the others on no token at all.\n{listed}\n\n"
-            f"In which excerpts is it active? Reply with a JSON list of their numbers, e.g. [1, 4], "
-            f"and nothing else ([] if none).")
+def score_prompt(label: str, contexts: list[tuple[list[str], int]]) -> str:
+    listed = "\n".join(f"{i + 1}. {marked(t, pos)}" for i, (t, pos) in enumerate(contexts))
+    return (f"A component of a language model has the label: \"{label}\".\nEach of the {len(contexts)} text "
+            f"excerpts below has one token marked <<like this>>; on some of them the component is active.\n"
+            f"{listed}\n\nIn which excerpts is it active on the marked token? Reply with a JSON list of their "
+            f"numbers, e.g. [1, 4], and nothing else ([] if none).")
 
 
 def parse_numbers(reply: str, n: int) -> set[int]:
@@ -129,15 +133,19 @@ class Client:
                     detail = e.read(300).decode(errors="replace").replace("\n", " ")
                     hint = "check the key in --api-key-env" if e.code in (401, 403) else "check --model and --base-url"
                     raise SPDError(f"{self.url} refused the request: HTTP {e.code} {detail}; {hint}") from e
-                wait_s = float(e.headers.get("Retry-After") or self.backoff * 2 ** attempt)
+                after = e.headers.get("Retry-After", "")  # seconds; the HTTP-date form falls back to backoff
+                wait_s = float(after) if after.replace(".", "", 1).isdigit() else self.backoff * 2 ** attempt
                 problem = f"HTTP {e.code}"
             except urllib.error.URLError as e:
                 if not isinstance(e.reason, TimeoutError):  # refused, no such host: retrying will not help
                     raise SPDError(f"cannot reach {self.url} ({e.reason}); check --base-url and that the "
                                    f"server is up") from e
                 wait_s, problem = self.backoff * 2 ** attempt, "timed out"
-            except TimeoutError:
-                wait_s, problem = self.backoff * 2 ** attempt, "timed out"
+            except json.JSONDecodeError as e:
+                raise SPDError(f"{self.url} answered with something other than JSON ({e}); check --base-url "
+                               f"(it ends before /chat/completions, e.g. .../v1)") from e
+            except (TimeoutError, ConnectionError, http.client.HTTPException) as e:  # a dropped connection
+                wait_s, problem = self.backoff * 2 ** attempt, type(e).__name__
             if attempt == self.retries:
                 raise SPDError(f"{self.url}: {problem} after {self.retries + 1} tries; try again later or lower "
                                f"--concurrency")
@@ -159,9 +167,10 @@ class Client:
 
 
 def detection_contexts(run_dir: Path, h: dict, todo: list[tuple[str, int]], k: int,
-                       seed: int = 0) -> dict[tuple[str, int], tuple[list[list[str]], list[bool]]]:
-    """Per component: 2k shuffled held-out contexts (up to k firing on their middle token, up to k firing on
-    none of their tokens) and which of them fire. Read on eval batches n_batches.. n_batches + SCORE_BATCHES - 1."""
+                       seed: int = 0) -> dict[tuple[str, int], tuple[list[tuple[list[str], int]], list[bool]]]:
+    """Per component: up to 2k shuffled held-out contexts (tokens, index of the marked token), up to k where
+    it fires on the marked token and k where it does not, and which fire. Read on eval batches n_batches to
+    n_batches + SCORE_BATCHES - 1."""
     _, exp = load_run(run_dir)
     xs = [exp.input_fn(exp.eval_batch(h["n_batches"] + i)) for i in range(SCORE_BATCHES)]
     with torch.no_grad():
@@ -171,15 +180,12 @@ def detection_contexts(run_dir: Path, h: dict, todo: list[tuple[str, int]], k: i
     out = {}
     for module, c in todo:
         fires = torch.cat([ci[module][..., c].reshape(-1, seq) for ci in cis]).cpu() > h["ci_threshold"]
-        # a context is silent when c fires on none of the tokens it shows
-        padded = torch.nn.functional.pad(fires.float(), (CONTEXT_BEFORE, CONTEXT_AFTER))
-        near = padded.unfold(1, CONTEXT_BEFORE + CONTEXT_AFTER + 1, 1).amax(-1) > 0  # (sequences, seq)
         rng = random.Random(f"{seed}:{module}:{c}")
         firing = rng.sample(fires.nonzero().tolist(), min(k, int(fires.sum())))
-        silent = rng.sample((~near).nonzero().tolist(), min(k, int((~near).sum())))
+        silent = rng.sample((~fires).nonzero().tolist(), min(k, int((~fires).sum())))
         examples = [(s, p, True) for s, p in firing] + [(s, p, False) for s, p in silent]
         rng.shuffle(examples)
-        out[(module, c)] = ([context_window(tokens[s], p, exp.tokenizer)[0] for s, p, _ in examples],
+        out[(module, c)] = ([context_window(tokens[s], p, exp.tokenizer) for s, p, _ in examples],
                             [f for _, _, f in examples])
     return out
 
@@ -224,6 +230,7 @@ def autointerp(run_dir: Path, out: Path, client: Client, concurrency: int = 8, l
             save(path, entry)
         if "balanced_accuracy" not in entry and not stop.is_set():
             texts, firing = contexts[(n, c)]
+            entry["firing"] = firing
             entry["n_firing"], entry["n_silent"] = sum(firing), len(firing) - sum(firing)
             if all(firing) or not any(firing):  # one class only: no balanced accuracy to measure
                 entry["balanced_accuracy"] = None
