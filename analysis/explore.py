@@ -86,10 +86,10 @@ class Explorer:
     """The run, its harvest and labels, and what the endpoints compute from them."""
 
     def __init__(self, run_dir: Path, out: Path):
-        self.h = harvested(run_dir, out)
+        self.cfg, self.exp = load_run(run_dir)
+        self.h = harvested(run_dir, out, (self.cfg, self.exp))
         self.labels = load_labels(out)
         self.run_dir = run_dir
-        self.cfg, self.exp = load_run(run_dir)
         self.model = self.exp.model.eval()
         self.device = next(self.model.parameters()).device
         self.threshold = self.h["ci_threshold"]

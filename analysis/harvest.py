@@ -128,9 +128,10 @@ def lm_details(model: ComponentModel, exp: Experiment, batches: list[Tensor], ci
 
 
 @torch.no_grad()
-def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8) -> Path:
-    """Compute the statistics above on the run's first `n_batches` held-out batches; write out/harvest.json."""
-    cfg, exp = load_run(run_dir)
+def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8, loaded: tuple | None = None) -> Path:
+    """Compute the statistics above on the run's first `n_batches` held-out batches; write out/harvest.json.
+    `loaded`: the run's (cfg, Experiment) when the caller has loaded it already."""
+    cfg, exp = loaded or load_run(run_dir)
     model, threshold = exp.model, cfg.spd.ci_threshold
     is_lm = exp.tokenizer is not None
     batches = [exp.input_fn(exp.eval_batch(i)) for i in range(n_batches)]
@@ -170,15 +171,16 @@ def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8) -> Pat
     return path
 
 
-def harvested(run_dir: Path, out: Path) -> dict:
+def harvested(run_dir: Path, out: Path, loaded: tuple | None = None) -> dict:
     """out/harvest.json as a dict, harvested first (default settings) when it is missing or older than the
-    run's newest checkpoint: what the report, the explorer and autointerp read."""
+    run's newest checkpoint: what the report, the explorer and autointerp read. `loaded` as for harvest."""
     if not (run_dir / "config.yaml").is_file():
         raise SPDError(f"{run_dir} is not a run dir (no config.yaml); pass the directory a decomposition wrote")
     ckpts = checkpoint_paths(run_dir / "checkpoints")
     path = out / "harvest.json"
     if not path.exists() or (ckpts and path.stat().st_mtime < ckpts[-1].stat().st_mtime):
-        harvest(run_dir, out)
+        print(f"harvesting {run_dir} into {path} (missing, or older than the newest checkpoint)", flush=True)
+        harvest(run_dir, out, loaded=loaded)
     return json.loads(path.read_text())
 
 
