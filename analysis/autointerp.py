@@ -290,7 +290,9 @@ def main() -> None:
     result = json.loads(path.read_text())
     n = sum(len(v) for v in result["components"].values())
     mean = result["mean_balanced_accuracy"]
-    if u["cost_reported"]:
+    if u["requests"] == 0:
+        cost = "$0 (every component came from the cache)"
+    elif u["cost_reported"]:
         cost = f"${u['cost']:.4f} (reported by the endpoint)"
     elif args.price_in is not None and args.price_out is not None:
         cost = f"${(u['prompt_tokens'] * args.price_in + u['completion_tokens'] * args.price_out) / 1e6:.4f}"

@@ -76,7 +76,7 @@ def show_input(x: Tensor, dense: bool) -> dict:
         x = x.reshape(math.isqrt(x.numel()), -1)
     if x.dim() == 2:
         lo, hi = x.min().item(), x.max().item()
-        return {"pixels": ((x - lo) / max(hi - lo, 1e-9)).round(decimals=3).tolist()}
+        return {"pixels": [[round(v, 3) for v in row] for row in ((x - lo) / max(hi - lo, 1e-9)).tolist()]}
     nz = x.nonzero().flatten()
     nz = nz[x[nz].abs().argsort(descending=True)][:16]
     return {"entries": [[int(i), round(float(x[i]), 3)] for i in nz]}
@@ -88,8 +88,8 @@ class Explorer:
     def __init__(self, run_dir: Path, out: Path):
         self.cfg, self.exp = load_run(run_dir)
         self.h = harvested(run_dir, out, (self.cfg, self.exp))
-        self.labels = load_labels(out)
-        self.run_dir = run_dir
+        self.out, self.run_dir = out, run_dir
+        self._labels: tuple[float, dict] = (-1.0, {})  # (mtime, labels) of out/autointerp.json
         self.model = self.exp.model.eval()
         self.device = next(self.model.parameters()).device
         self.threshold = self.h["ci_threshold"]
@@ -114,6 +114,16 @@ class Explorer:
         if self.kind == "vector" and self.X.shape[1] <= MAX_ONE_HOT:
             eye = torch.eye(self.X.shape[1], device=self.device)
             self.one_hot = {n: g.float().clamp(0, 1).cpu() for n, g in self.model.ci_of(eye).items()}
+
+    @property
+    def labels(self) -> dict[str, dict[str, dict]]:
+        """autointerp.json's labels, read again when it changes: labels written while the explorer runs show up
+        on the next page load."""
+        path = self.out / "autointerp.json"
+        mtime = path.stat().st_mtime if path.is_file() else 0.0
+        if mtime != self._labels[0]:
+            self._labels = (mtime, load_labels(self.out))
+        return self._labels[1]
 
     def label(self, module: str, c: int) -> dict:
         return self.labels.get(module, {}).get(str(c), {})
@@ -240,7 +250,8 @@ img.px { image-rendering: pixelated; border: 1px solid #ccc; vertical-align: mid
 <main id="main">loading…</main>
 <script>
 "use strict";
-let S = null, ROWS = null, sortKey = "density", sortDir = -1, query = "", lastPrompt = null, lastResult = null, pick = null;
+let S = null, ROWS = null, sortKey = "density", sortDir = -1, query = "", lastPrompt = null, lastResult = null, pick = null,
+  minCI = null, prefix = "";
 const $ = (id) => document.getElementById(id);
 const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 const vis = (t) => esc(t.replace(/\n/g, "⏎"));
@@ -248,6 +259,11 @@ const num = (v, d = 4) => (v === null || v === undefined) ? "" : Number(v).toPre
 const signed = (v) => (v > 0 ? "+" : "") + (Math.abs(v) < 1e-3 && v !== 0 ? v.toExponential(1) : v.toFixed(4));
 const bg = (ci) => `background: rgba(255, 140, 0, ${Math.min(Math.max(ci, 0), 1).toFixed(2)})`;
 const cid = (m, c) => `${m}:${c}`;
+const short = (m) => m.startsWith(prefix) ? m.slice(prefix.length) : m;  // the module names' common prefix dropped
+function commonPrefix(names) {  // up to a dot, e.g. "model.layers."
+  let p = names[0] || ""; for (const n of names) while (!n.startsWith(p)) p = p.slice(0, -1);
+  return names.length > 1 ? p.slice(0, p.lastIndexOf(".") + 1) : "";
+}
 async function api(path, body) {
   const r = await fetch(path, body === undefined ? {} : {method: "POST", body: JSON.stringify(body)});
   const j = await r.json(); if (!r.ok) throw new Error(j.error || r.statusText); return j;
@@ -330,11 +346,13 @@ async function runPrompt() {
 }
 function drawPrompt() {
   const r = lastResult, most = Math.max(1, ...r.firing.map((f) => f.length)), ciOf = (f) => { const e = pick && f.find((e) => cid(e.module, e.c) === pick); return e ? e.ci : 0; };
-  const chip = (e) => `<span class="chip" data-id="${esc(cid(e.module, e.c))}" style="${bg(e.ci)}" title="${esc(e.label || "")}">${esc(cid(e.module, e.c))}${e.pos !== null ? `@${e.pos}` : ""} ${num(e.ci, 2)}${e.label ? ` <span class="label">${esc(e.label)}</span>` : ""}</span>`;
+  const chip = (e) => `<span class="chip" data-id="${esc(cid(e.module, e.c))}" style="${bg(e.ci)}" title="${esc(cid(e.module, e.c) + (e.label ? ": " + e.label : ""))}">${esc(cid(short(e.module), e.c))}${e.pos !== null ? `@${e.pos}` : ""} ${num(e.ci, 2)}${e.label ? ` <span class="label">${esc(e.label)}</span>` : ""}</span>`;
   $("out").innerHTML = (r.pixels || r.entries ? `<p>${shown(r)}</p>` : "") +
     `<p class="ctx" id="shaded">${r.tokens.map((t, i) => `<span class="tok" style="${bg(pick ? ciOf(r.firing[i]) : r.firing[i].length / most)}" title="${r.firing[i].length} firing">${vis(t)}</span>`).join("")}</p>
     <p class="note">${pick ? `shaded by the CI of ${esc(pick)} (<a href="#/c/${pick.split(":").slice(0, -1).join(":")}/${pick.split(":").pop()}">its page</a>)` : "shaded by how many components fire, relative to the token with most"}</p>
-    <table id="per-token"><tr><th>#</th><th>token</th><th>firing components (CI)</th></tr>${r.tokens.map((t, i) => `<tr><td class="num">${i}</td><td class="ctx">${vis(JSON.stringify(t))}</td><td>${r.firing[i].map(chip).join("") || "<span class='note'>none</span>"}</td></tr>`).join("")}</table>`;
+    <p class="note">showing components with CI ≥ <input id="minci" type="number" step="0.05" min="0" max="1" style="width: 4.5em" value="${minCI ?? S.ci_threshold}">${prefix ? `; module names without their common prefix "${esc(prefix)}"` : ""}</p>
+    <table id="per-token"><tr><th>#</th><th>token</th><th>firing components (CI)</th></tr>${r.tokens.map((t, i) => `<tr><td class="num">${i}</td><td class="ctx">${vis(JSON.stringify(t))}</td><td>${r.firing[i].filter((e) => e.ci >= (minCI ?? 0)).map(chip).join("") || "<span class='note'>none</span>"}</td></tr>`).join("")}</table>`;
+  $("minci").onchange = (e) => { minCI = Number(e.target.value); drawPrompt(); };
   document.querySelectorAll(".chip").forEach((el) => el.onclick = () => { pick = el.dataset.id === pick ? null : el.dataset.id; drawPrompt(); });
 }
 
@@ -350,6 +368,7 @@ async function route() {
 }
 (async () => {
   S = await api("/api/summary"); ROWS = await api("/api/components"); $("run").textContent = S.run_dir;
+  prefix = commonPrefix(Object.keys(S.modules));
   window.onhashchange = route; route();
 })();
 </script></body></html>
