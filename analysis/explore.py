@@ -2,8 +2,8 @@
 
     python analysis/explore.py RUN_DIR [--port 8000] [--out DIR]
 
-Serves http://127.0.0.1:PORT/ (this machine only) until Ctrl-C; open it in any browser. One page with inline
-CSS and JS: no build step, no CDN, no network. The standard library's HTTP server is enough for one user
+Serves http://127.0.0.1:PORT/ (this machine only) until Ctrl-C; open it in any browser. One page,
+analysis/explore.html, with its CSS and JS inline: no build step, no CDN, no network. The standard library's HTTP server is enough for one user
 and a handful of JSON endpoints, so there is no web framework to install.
 
   - Components: every alive subcomponent (fired on the harvested batches) with its module, firing density,
@@ -94,8 +94,7 @@ class Explorer:
         self.device = next(self.model.parameters()).device
         self.threshold = self.h["ci_threshold"]
         self.lock = threading.Lock()  # one forward pass at a time; the server answers on several threads
-        self.xs = [self.exp.input_fn(self.exp.eval_batch(i)) for i in range(self.h["n_batches"])]
-        self.kind = input_kind(self.xs[0], self.exp.tokenizer)
+        self.kind = input_kind(self.exp.input_fn(self.exp.eval_batch(0)), self.exp.tokenizer)
         self.top: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # module -> top (values, rows) (K, C), rows' CI
         self.one_hot: dict[str, Tensor] = {}  # module -> CI on each one-hot input (d, C)
         if self.kind in ("tokens", "vector", "image"):
@@ -104,8 +103,9 @@ class Explorer:
     @torch.no_grad()
     def inputs_and_tops(self) -> None:
         """Top activating held-out inputs per component (the harvested batches), and the one-hot sweep."""
-        cis = [self.model.ci_of(x) for x in self.xs]
-        self.X = torch.cat(self.xs).cpu()
+        xs = [self.exp.input_fn(self.exp.eval_batch(i)) for i in range(self.h["n_batches"])]
+        cis = [self.model.ci_of(x) for x in xs]
+        self.X = torch.cat(xs).cpu()
         self.dense = bool((self.X != 0).float().mean() > 0.25)
         for n in self.model.names:
             rows = torch.cat([ci[n].flatten(0, -2) for ci in cis]).float().clamp(0, 1).cpu()  # (rows, C)
@@ -227,152 +227,7 @@ class Explorer:
         return {"tokens": names, "firing": firing, **shown}
 
 
-PAGE = r"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>SPD explorer</title><style>
-body { font-family: system-ui, sans-serif; margin: 0; color: #222; }
-header { background: #2d5e46; color: #fff; padding: 0.6em 1.2em; display: flex; gap: 1.5em; align-items: baseline; }
-header a { color: #fff; text-decoration: none; font-weight: 600; } header a.on { text-decoration: underline; }
-header .run { font-size: 12px; opacity: 0.8; margin-left: auto; }
-main { padding: 1em 1.2em; }
-table { border-collapse: collapse; font-size: 13px; } th, td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left; }
-th { cursor: pointer; background: #eef5f0; position: sticky; top: 0; user-select: none; }
-tr.row:hover { background: #f3f8f5; cursor: pointer; } td.num { text-align: right; font-family: monospace; }
-input[type=search] { font-size: 14px; padding: 4px 8px; width: 28em; margin-bottom: 0.6em; }
-textarea { width: 100%; max-width: 60em; height: 5em; font: 14px monospace; }
-.ctx { font-family: monospace; white-space: pre; font-size: 13px; margin: 3px 0; }
-.tok { border-radius: 2px; padding: 1px 0; } .tok.fire { outline: 1.5px solid #c60; }
-.chip { display: inline-block; border: 1px solid #ccc; border-radius: 3px; padding: 1px 5px; margin: 1px; font-size: 12px; cursor: pointer; }
-.note { color: #666; font-size: 13px; } .label { font-style: italic; color: #2d5e46; }
-.cols { display: flex; gap: 3em; flex-wrap: wrap; } h2 { margin: 0.3em 0; } h3 { margin: 1em 0 0.3em; }
-img.px { image-rendering: pixelated; border: 1px solid #ccc; vertical-align: middle; margin-right: 0.5em; }
-.err { color: #b00; }
-</style></head><body>
-<header><a href="#/" id="nav-table">Components</a><a href="#/prompt" id="nav-prompt">Prompt</a><span class="run" id="run"></span></header>
-<main id="main">loading…</main>
-<script>
-"use strict";
-let S = null, ROWS = null, sortKey = "density", sortDir = -1, query = "", lastPrompt = null, lastResult = null, pick = null,
-  minCI = null, prefix = "";
-const $ = (id) => document.getElementById(id);
-const esc = (s) => String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
-const vis = (t) => esc(t.replace(/\n/g, "⏎"));
-const num = (v, d = 4) => (v === null || v === undefined) ? "" : Number(v).toPrecision(d);
-const signed = (v) => (v > 0 ? "+" : "") + (Math.abs(v) < 1e-3 && v !== 0 ? v.toExponential(1) : v.toFixed(4));
-const bg = (ci) => `background: rgba(255, 140, 0, ${Math.min(Math.max(ci, 0), 1).toFixed(2)})`;
-const cid = (m, c) => `${m}:${c}`;
-const short = (m) => m.startsWith(prefix) ? m.slice(prefix.length) : m;  // the module names' common prefix dropped
-function commonPrefix(names) {  // up to a dot, e.g. "model.layers."
-  let p = names[0] || ""; for (const n of names) while (!n.startsWith(p)) p = p.slice(0, -1);
-  return names.length > 1 ? p.slice(0, p.lastIndexOf(".") + 1) : "";
-}
-async function api(path, body) {
-  const r = await fetch(path, body === undefined ? {} : {method: "POST", body: JSON.stringify(body)});
-  const j = await r.json(); if (!r.ok) throw new Error(j.error || r.statusText); return j;
-}
-function pixels(p, scale = 6) {  // grey levels in [0, 1] (1 = dark) as an <img>
-  const c = document.createElement("canvas"); c.width = p[0].length; c.height = p.length;
-  const g = c.getContext("2d"), im = g.createImageData(c.width, c.height);
-  p.forEach((row, y) => row.forEach((v, x) => { const i = 4 * (y * c.width + x), k = Math.round(255 * (1 - v));
-    im.data[i] = im.data[i + 1] = im.data[i + 2] = k; im.data[i + 3] = 255; }));
-  g.putImageData(im, 0, 0);
-  return `<img class="px" src="${c.toDataURL()}" style="width: ${c.width * scale}px">`;
-}
-function shown(x) {
-  if (x.pixels) return pixels(x.pixels);
-  if (x.entries) return `<span class="ctx">${x.entries.map(([i, v]) => `x[${i}]=${v}`).join("  ") || "all zero"}</span>`;
-  return "";
-}
-function context(x) {  // tokens coloured by CI; the firing one outlined
-  const cis = x.token_ci || x.tokens.map((_, i) => i === x.pos ? x.ci : 0);
-  return `<div class="ctx">${x.tokens.map((t, i) => `<span class="tok${i === x.pos ? " fire" : ""}" style="${bg(cis[i])}" title="CI ${num(cis[i], 3)}">${vis(t)}</span>`).join("")}   <span class="note">CI ${num(x.ci, 3)}</span></div>`;
-}
-function nav(which) { $("nav-table").className = which === "table" ? "on" : ""; $("nav-prompt").className = which === "prompt" ? "on" : ""; }
-
-function tableView() {
-  nav("table");
-  const cols = [["module", "module"], ["c", "c"], ["density", "firing density"], ["mean_ci", "mean CI"], ["weight_norm", "weight norm"]]
-    .concat(S.labelled ? [["label", "label"], ["score", "detection (bal. acc.)"]] : []);
-  const q = query.toLowerCase();
-  const rows = ROWS.filter((r) => !q || cid(r.module, r.c).toLowerCase().includes(q) || (r.label || "").toLowerCase().includes(q));
-  rows.sort((a, b) => { const x = a[sortKey], y = b[sortKey]; return sortDir * (x === y ? 0 : x === null ? -1 : y === null ? 1 : x < y ? -1 : 1); });
-  const mods = Object.entries(S.modules).map(([m, v]) => `${esc(m)} ${v.alive}/${v.C}`).join(" · ");
-  $("main").innerHTML = `<input type="search" id="q" placeholder="search module, index or label" value="${esc(query)}">
-    <span class="note" id="count">${rows.length} of ${ROWS.length} alive components</span>
-    <p class="note">alive / C per module: ${mods}. Firing: CI &gt; ${S.ci_threshold} on ${S.n_examples} harvested ${S.kind === "text" || S.kind === "tokens" ? "tokens" : "inputs"}.${S.labelled ? "" : " No labels yet: run analysis/autointerp.py."}</p>
-    <table id="components"><tr>${cols.map(([k, t]) => `<th data-k="${k}">${t}${k === sortKey ? (sortDir > 0 ? " ▲" : " ▼") : ""}</th>`).join("")}</tr>
-    ${rows.map((r) => `<tr class="row" data-m="${esc(r.module)}" data-c="${r.c}"><td>${esc(r.module)}</td><td class="num">${r.c}</td><td class="num">${num(r.density)}</td><td class="num">${num(r.mean_ci)}</td><td class="num">${num(r.weight_norm)}</td>${S.labelled ? `<td class="label">${esc(r.label || "")}</td><td class="num">${num(r.score, 3)}</td>` : ""}</tr>`).join("")}</table>`;
-  $("q").oninput = (e) => { query = e.target.value; const pos = e.target.selectionStart; tableView(); $("q").focus(); $("q").setSelectionRange(pos, pos); };
-  document.querySelectorAll("th").forEach((th) => th.onclick = () => { const k = th.dataset.k; sortDir = k === sortKey ? -sortDir : (k === "module" || k === "label" ? 1 : -1); sortKey = k; tableView(); });
-  document.querySelectorAll("tr.row").forEach((tr) => tr.onclick = () => location.hash = `#/c/${encodeURIComponent(tr.dataset.m)}/${tr.dataset.c}`);
-}
-
-async function componentView(module, c) {
-  nav("");
-  const d = await api(`/api/component?module=${encodeURIComponent(module)}&c=${c}`);
-  let h = `<h2 id="title">${esc(cid(module, c))}</h2>${d.label ? `<p class="label" id="label">“${esc(d.label)}”${d.balanced_accuracy != null ? ` <span class="note">detection balanced accuracy ${num(d.balanced_accuracy, 3)}</span>` : ""}</p>` : ""}
-    <p class="note">firing density ${num(d.density)} · mean CI ${num(d.mean_ci)} · weight norm ||U[:, c]|| ||V[c]|| ${num(d.weight_norm)}</p>`;
-  if (d.contexts) {
-    h += `<h3>Top activating contexts</h3><p class="note">each token shaded by this component's CI on it; the top-CI token outlined</p><div id="contexts">${d.contexts.map(context).join("")}</div>`;
-    const list = (xs) => xs.map((e) => `<div class="ctx">${esc(JSON.stringify(e.token))} <span class="note">${signed(e.delta_prob)}</span></div>`).join("");
-    h += `<div class="cols"><div><h3>Promotes</h3><p class="note">next-token probability drops most when it is ablated where it fires</p><div id="promotes">${list(d.promotes)}</div></div>
-      <div><h3>Suppresses</h3><p class="note">rises most</p><div id="suppresses">${list(d.suppresses)}</div></div></div>`;
-  }
-  if (d.examples) {
-    h += `<h3>Top activating inputs</h3><div id="contexts">${d.examples.map((x) => x.tokens ? context(x) :
-      `<div class="ctx-in">${shown(x)} <span class="note">#${x.input}${x.pos !== null ? ` at position ${x.pos}` : ""} · CI ${num(x.ci, 3)}</span></div>`).join("") || "<p class='note'>none above the threshold</p>"}</div>`;
-  }
-  if (d.one_hot) {
-    h += `<h3>One-hot inputs</h3><p class="note">CI on the input with x[i] = 1 and every other entry 0</p>
-      <table id="onehot"><tr><th>i</th><th>CI</th></tr>${d.one_hot.map(([i, v]) => `<tr><td class="num">${i}</td><td class="num" style="${bg(v)}">${num(v, 3)}</td></tr>`).join("") || "<tr><td colspan=2 class='note'>none</td></tr>"}</table>`;
-  }
-  $("main").innerHTML = h;
-}
-
-function promptHelp() {
-  return {text: "Type any text.", tokens: "Token ids separated by spaces, or #k for the k-th harvested input.",
-    vector: `Feature indices below ${S.width}, each optionally with a value (3 7:0.5 sets x[3] = 1, x[7] = 0.5), or #k for the k-th harvested input.`,
-    image: "#k for the k-th harvested input.", other: "This experiment's inputs cannot be typed."}[S.kind];
-}
-function promptView() {
-  nav("prompt");
-  $("main").innerHTML = `<p class="note">${promptHelp()} The decomposed model runs on the server; each token lists the components with CI &gt; ${S.ci_threshold}. Click a component to shade every token by its CI.</p>
-    <textarea id="prompt">${esc(lastPrompt ?? (S.kind === "text" ? "Once upon a time, there was a little cat." : "#0"))}</textarea><br><button id="go">Run</button> <span id="status" class="note"></span><div id="out"></div>`;
-  $("go").onclick = runPrompt; $("prompt").onkeydown = (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) runPrompt(); };
-  if (lastResult) drawPrompt();
-}
-async function runPrompt() {
-  lastPrompt = $("prompt").value; $("status").textContent = "running…";
-  try { lastResult = await api("/api/prompt", {text: lastPrompt}); pick = null; $("status").textContent = ""; drawPrompt(); }
-  catch (e) { $("status").innerHTML = `<span class="err">${esc(e.message)}</span>`; }
-}
-function drawPrompt() {
-  const r = lastResult, most = Math.max(1, ...r.firing.map((f) => f.length)), ciOf = (f) => { const e = pick && f.find((e) => cid(e.module, e.c) === pick); return e ? e.ci : 0; };
-  const chip = (e) => `<span class="chip" data-id="${esc(cid(e.module, e.c))}" style="${bg(e.ci)}" title="${esc(cid(e.module, e.c) + (e.label ? ": " + e.label : ""))}">${esc(cid(short(e.module), e.c))}${e.pos !== null ? `@${e.pos}` : ""} ${num(e.ci, 2)}${e.label ? ` <span class="label">${esc(e.label)}</span>` : ""}</span>`;
-  $("out").innerHTML = (r.pixels || r.entries ? `<p>${shown(r)}</p>` : "") +
-    `<p class="ctx" id="shaded">${r.tokens.map((t, i) => `<span class="tok" style="${bg(pick ? ciOf(r.firing[i]) : r.firing[i].length / most)}" title="${r.firing[i].length} firing">${vis(t)}</span>`).join("")}</p>
-    <p class="note">${pick ? `shaded by the CI of ${esc(pick)} (<a href="#/c/${pick.split(":").slice(0, -1).join(":")}/${pick.split(":").pop()}">its page</a>)` : "shaded by how many components fire, relative to the token with most"}</p>
-    <p class="note">showing components with CI ≥ <input id="minci" type="number" step="0.05" min="0" max="1" style="width: 4.5em" value="${minCI ?? S.ci_threshold}">${prefix ? `; module names without their common prefix "${esc(prefix)}"` : ""}</p>
-    <table id="per-token"><tr><th>#</th><th>token</th><th>firing components (CI)</th></tr>${r.tokens.map((t, i) => `<tr><td class="num">${i}</td><td class="ctx">${vis(JSON.stringify(t))}</td><td>${r.firing[i].filter((e) => e.ci >= (minCI ?? 0)).map(chip).join("") || "<span class='note'>none</span>"}</td></tr>`).join("")}</table>`;
-  $("minci").onchange = (e) => { minCI = Number(e.target.value); drawPrompt(); };
-  document.querySelectorAll(".chip").forEach((el) => el.onclick = () => { pick = el.dataset.id === pick ? null : el.dataset.id; drawPrompt(); });
-}
-
-async function route() {
-  const h = decodeURIComponent(location.hash || "#/");
-  try {
-    const m = h.match(/^#\/c\/(.+)\/(\d+)$/);
-    const p = h.match(/^#\/prompt\/(.+)$/s);  // #/prompt/TEXT: a link that runs TEXT
-    if (m) await componentView(m[1], Number(m[2]));
-    else if (p) { lastPrompt = p[1]; lastResult = null; promptView(); await runPrompt(); }
-    else if (h === "#/prompt") promptView(); else tableView();
-  } catch (e) { $("main").innerHTML = `<p class="err">${esc(e.message)}</p>`; }
-}
-(async () => {
-  S = await api("/api/summary"); ROWS = await api("/api/components"); $("run").textContent = S.run_dir;
-  prefix = commonPrefix(Object.keys(S.modules));
-  window.onhashchange = route; route();
-})();
-</script></body></html>
-"""
+PAGE = Path(__file__).with_name("explore.html")  # the whole front end: one page, its CSS and JS inline
 
 
 def make_handler(ex: Explorer) -> type[BaseHTTPRequestHandler]:
@@ -396,7 +251,7 @@ def make_handler(ex: Explorer) -> type[BaseHTTPRequestHandler]:
             url = urlparse(self.path)
             q = {k: v[0] for k, v in parse_qs(url.query).items()}
             if url.path == "/":
-                self.send(200, PAGE.encode(), "text/html; charset=utf-8")
+                self.send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
             elif url.path == "/api/summary":
                 self.reply(ex.summary)
             elif url.path == "/api/components":

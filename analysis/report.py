@@ -36,6 +36,7 @@ from spd_run import run_main  # noqa: E402
 SECTIONS = ["Summary", "Training curves", "Figures", "Components", "Config"]  # the report's <h2>s, in order
 RUN_KEYS = ["steps", "wall_s", "steps_per_s", "tokens_per_s", "peak_rss_mb", "peak_gpu_mem_mb", "resumed_from_step",
             "skipped_steps"]  # results.json's "Time" table; recon/*, train/* and faithfulness: "Losses"
+HEADLINE_FIRST = ["mmcs", "ml2r", "ce_unrecovered", "acc_target", "acc_ci_masked"]  # the rest in results.json's order
 SHOWN_CONTEXTS, SHOWN_TOKENS = 5, 5  # per LM subcomponent in the table (harvest.json keeps top-k of each)
 CSS = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1400px; }
@@ -133,6 +134,7 @@ def summary_html(results: dict | None, h: dict) -> str:
                 losses[k] = v
         elif not isinstance(v, dict):  # e.g. C per module: the module table has it
             headline[k] = v
+    headline = {k: headline[k] for k in sorted(headline, key=lambda k: k not in HEADLINE_FIRST)}
     parts = []
     if results is None:
         parts.append('<p class="note">no results.json: the run has not finished; alive counts from the harvest</p>')
