@@ -49,13 +49,6 @@ MAX_PROMPT_TOKENS = 512
 MAX_ONE_HOT = 4096  # vector inputs up to this width also get the one-hot sweep
 
 
-class IdTokens:
-    """Stands in for a tokenizer where the inputs are token ids without one (e.g. the induction-head task)."""
-
-    def decode(self, ids: list[int]) -> str:
-        return f"{ids[0]} "
-
-
 def input_kind(x: Any, tokenizer: Any) -> str:
     """text (an LM with a tokenizer), tokens (integer ids), vector (batch, d), image (batch, ch, h, w), other."""
     if tokenizer is not None:
