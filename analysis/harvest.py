@@ -28,7 +28,8 @@ Writes OUT/harvest.json (OUT defaults to RUN_DIR/analysis) and prints its path a
        "weight_norm": [C floats],  ||U[:, c]|| ||V[c]||
        "alive": [ints],            the c with density > 0, densest first
        "lm": {str(c): {            LMs only, for every alive c
-           "contexts": [{"tokens": [str], "pos": int (index of the firing token in tokens), "ci": float}],
+           "contexts": [{"tokens": [str], "pos": int (index of the firing token in tokens), "ci": float,
+                         "token_ci": [float] (c's CI on each of tokens)}],
                                    top-k by CI, highest first; up to CONTEXT_BEFORE tokens before, CONTEXT_AFTER after
            "promotes": [{"token": str, "delta_prob": float}],   top-k, most negative change first
            "suppresses": [{"token": str, "delta_prob": float}]  top-k, most positive change first
@@ -116,7 +117,10 @@ def lm_details(model: ComponentModel, exp: Experiment, batches: list[Tensor], ci
                 break
             b, row = divmod(flat, per_batch)
             tokens, pos = context_window(batches[b].reshape(-1, seq)[row // seq].cpu(), row % seq, exp.tokenizer)
-            contexts.append({"tokens": tokens, "pos": pos, "ci": round(value, 4)})
+            start = row % seq - pos
+            token_ci = cis[b][name].reshape(-1, seq, cis[b][name].shape[-1])[row // seq, start:start + len(tokens), c]
+            contexts.append({"tokens": tokens, "pos": pos, "ci": round(value, 4),
+                             "token_ci": [round(v, 3) for v in token_ci.clamp(0, 1).tolist()]})
         mean = sums[c] / counts[c]
         details[str(c)] = {"contexts": contexts, "promotes": token_list(exp.tokenizer, mean, top_k, largest=False),
                            "suppresses": token_list(exp.tokenizer, mean, top_k, largest=True)}
@@ -124,9 +128,10 @@ def lm_details(model: ComponentModel, exp: Experiment, batches: list[Tensor], ci
 
 
 @torch.no_grad()
-def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8) -> Path:
-    """Compute the statistics above on the run's first `n_batches` held-out batches; write out/harvest.json."""
-    cfg, exp = load_run(run_dir)
+def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8, loaded: tuple | None = None) -> Path:
+    """Compute the statistics above on the run's first `n_batches` held-out batches; write out/harvest.json.
+    `loaded`: the run's (cfg, Experiment) when the caller has loaded it already."""
+    cfg, exp = loaded or load_run(run_dir)
     model, threshold = exp.model, cfg.spd.ci_threshold
     is_lm = exp.tokenizer is not None
     batches = [exp.input_fn(exp.eval_batch(i)) for i in range(n_batches)]
@@ -164,6 +169,19 @@ def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8) -> Pat
     path = out / "harvest.json"
     path.write_text(json.dumps(result))
     return path
+
+
+def harvested(run_dir: Path, out: Path, loaded: tuple | None = None) -> dict:
+    """out/harvest.json as a dict, harvested first (default settings) when it is missing or older than the
+    run's newest checkpoint: what the report, the explorer and autointerp read. `loaded` as for harvest."""
+    if not (run_dir / "config.yaml").is_file():
+        raise SPDError(f"{run_dir} is not a run dir (no config.yaml); pass the directory a decomposition wrote")
+    ckpts = checkpoint_paths(run_dir / "checkpoints")
+    path = out / "harvest.json"
+    if not path.exists() or (ckpts and path.stat().st_mtime < ckpts[-1].stat().st_mtime):
+        print(f"harvesting {run_dir} into {path} (missing, or older than the newest checkpoint)", flush=True)
+        harvest(run_dir, out, loaded=loaded)
+    return json.loads(path.read_text())
 
 
 def main() -> None:

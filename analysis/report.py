@@ -1,10 +1,14 @@
-"""One self-contained HTML report of a decomposition run: config, results, curves, figures, components.
+"""One self-contained HTML report of a decomposition run: summary, curves, figures, components, config.
 
     python analysis/report.py RUN_DIR [--out DIR]
 
 Writes OUT/report.html (OUT defaults to RUN_DIR/analysis): images embedded as base64 PNGs, inline CSS
-and no scripts, so it opens offline in any browser. The component tables come from OUT/harvest.json,
-which analysis/harvest.py writes first when it is missing or older than the run's newest checkpoint.
+and no scripts, so it opens offline in any browser. It opens with what a reader came for: the experiment's
+headline metrics from results.json (MMCS/ML2R, CE unrecovered, accuracies: every result not per module),
+per module its C, alive count, L0 and any other per-module result, the reconstruction losses and the run's
+time; the whole results.json and the config are folded (<details>, no script needed). The component tables
+come from OUT/harvest.json, which analysis/harvest.py writes first when it is missing or older than the
+run's newest checkpoint, with the labels of OUT/autointerp.json when analysis/autointerp.py has run.
 Prints the path of the HTML as its last line.
 """
 
@@ -25,11 +29,14 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from analysis.harvest import harvest  # noqa: E402
-from spd_config import SPDError  # noqa: E402
-from spd_run import checkpoint_paths, run_main  # noqa: E402
+from analysis.autointerp import load_labels  # noqa: E402
+from analysis.harvest import harvested  # noqa: E402
+from spd_run import run_main  # noqa: E402
 
-SECTIONS = ["Config", "Results", "Training curves", "Figures", "Components"]  # the report's <h2>s, in order
+SECTIONS = ["Summary", "Training curves", "Figures", "Components", "Config"]  # the report's <h2>s, in order
+RUN_KEYS = ["steps", "wall_s", "steps_per_s", "tokens_per_s", "peak_rss_mb", "peak_gpu_mem_mb", "resumed_from_step",
+            "skipped_steps"]  # results.json's "Time" table; recon/*, train/* and faithfulness: "Losses"
+HEADLINE_FIRST = ["mmcs", "ml2r", "ce_unrecovered", "acc_target", "acc_ci_masked"]  # the rest in results.json's order
 SHOWN_CONTEXTS, SHOWN_TOKENS = 5, 5  # per LM subcomponent in the table (harvest.json keeps top-k of each)
 CSS = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1400px; }
@@ -45,6 +52,9 @@ figure { display: inline-block; margin: 0.5em; vertical-align: top; }
 .ctx mark { border-radius: 2px; color: #000; }
 .note { color: #666; font-size: 13px; }
 .module { display: inline-block; vertical-align: top; margin-right: 2em; }
+.summary > div { display: inline-block; vertical-align: top; margin-right: 2.5em; }
+.summary h3 { margin: 0.6em 0 0.2em; font-size: 15px; }
+td.label { font-style: italic; color: #2d5e46; }
 """
 
 
@@ -85,13 +95,15 @@ def curves_png(rows: list[dict]) -> bytes:
 
 
 def context_html(ctx: dict) -> str:
-    """One context, its firing token highlighted with an opacity of its CI."""
+    """One context, each token shaded by the subcomponent's CI on it (older harvests: the firing token alone),
+    the firing token outlined."""
+    cis = ctx.get("token_ci") or [ctx["ci"] if i == ctx["pos"] else 0.0 for i in range(len(ctx["tokens"]))]
     parts = []
-    for i, tok in enumerate(ctx["tokens"]):
+    for i, (tok, ci) in enumerate(zip(ctx["tokens"], cis)):
         tok = escape(tok.replace("\n", "⏎"))
-        if i == ctx["pos"]:
-            tok = f'<mark style="background: rgba(255, 140, 0, {max(ctx["ci"], 0.2):.2f})">{tok}</mark>'
-        parts.append(tok)
+        outline = "; outline: 1px solid #c60" if i == ctx["pos"] else ""
+        parts.append(f'<mark style="background: rgba(255, 140, 0, {ci:.2f}){outline}">{tok}</mark>' if ci > 0 or outline
+                     else tok)
     return f'<div class="ctx">{"".join(parts)}  <span class="note">CI {ctx["ci"]:.2f}</span></div>'
 
 
@@ -100,26 +112,78 @@ def tokens_html(effects: list[dict]) -> str:
                        for e in effects[:SHOWN_TOKENS])
 
 
-def components_html(h: dict) -> str:
-    """Per module: its alive subcomponents, densest first (for LMs with contexts and next-token effects)."""
+def kv_table(rows: dict) -> str:
+    return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td class='num'>{fmt(v)}</td></tr>" for k, v in rows.items()) \
+        + "</table>"
+
+
+def summary_html(results: dict | None, h: dict) -> str:
+    """Headline metrics, losses and time from results.json, then one row per module: C and alive (harvest), and
+    every per-module result ("key/<module>": L0, alive, ablation accuracies, ...) as a column."""
+    modules = list(h["modules"])
+    per_module: dict[str, dict] = {}  # key prefix -> {module: value}
+    headline, losses, time = {}, {}, {}
+    for k, v in (results or {}).items():
+        prefix, _, module = k.rpartition("/")
+        if module in modules:
+            per_module.setdefault(prefix, {})[module] = v
+        elif k in RUN_KEYS:
+            time[k] = v
+        elif k.startswith(("recon/", "train/")) or k == "faithfulness":
+            if k != "train/lr":
+                losses[k] = v
+        elif not isinstance(v, dict):  # e.g. C per module: the module table has it
+            headline[k] = v
+    headline = {k: headline[k] for k in sorted(headline, key=lambda k: k not in HEADLINE_FIRST)}
+    parts = []
+    if results is None:
+        parts.append('<p class="note">no results.json: the run has not finished; alive counts from the harvest</p>')
+    for title, rows in (("Headline metrics", headline), ("Losses (final)", losses), ("Time", time)):
+        if rows:
+            parts.append(f"<div><h3>{title}</h3>{kv_table(rows)}</div>")
+    head = ["module", "C", "fired (harvest)"] + list(per_module)
+    body = "".join("<tr>" + f"<td>{escape(n)}</td><td class='num'>{m['C']}</td><td class='num'>{len(m['alive'])}</td>"
+                   + "".join(f"<td class='num'>{fmt(per_module[p].get(n, ''))}</td>" for p in per_module) + "</tr>"
+                   for n, m in h["modules"].items())
+    parts.append("<div><h3>Per module</h3><table><tr>" + "".join(f"<th>{escape(x)}</th>" for x in head)
+                 + f"</tr>{body}</table></div>")
+    out = f'<div class="summary">{"".join(parts)}</div>'
+    if results is not None:
+        out += f"<details><summary>all of results.json</summary>{kv_table(results)}</details>"
+    return out
+
+
+def components_html(h: dict, labels: dict | None = None) -> str:
+    """Per module: its alive subcomponents, densest first (for LMs with contexts and next-token effects, and
+    the autointerp label and detection score of each when `labels` has them)."""
+    labels = labels or {}
     out = [f'<p class="note">{h["n_examples"]} held-out {"tokens" if h["lm"] else "examples"} '
            f'({h["n_batches"]} batches, checkpoint {escape(h["checkpoint"])}); a subcomponent fires when its '
            f'CI &gt; {h["ci_threshold"]}. Weight norm = ||U[:, c]|| ||V[c]||.'
            + (" Next-token effect: mean change in next-token probability when c is ablated (CI mask → 0) "
               "where it fires, this module alone masked; promoted tokens drop most, suppressed rise most."
               if h["lm"] else "")
+           + (" Labels: analysis/autointerp.py; detection: balanced accuracy of an LLM predicting from the label "
+              "which held-out contexts the subcomponent fires in (0.5 = chance)." if labels else "")
            + "</p>"]
     for name, m in h["modules"].items():
         alive = m["alive"]
         out.append(f'<div class="module"><h3>{escape(name)}</h3><p class="note">{len(alive)} of {m["C"]} subcomponents fired; '
                    f'the {m["C"] - len(alive)} that never did are not listed.</p>')
         head = ["c", "firing density", "mean CI", "weight norm"]
+        if labels:
+            head += ["label", "detection"]
         if h["lm"]:
             head += ["top activating contexts", "promotes", "suppresses"]
         rows = ["<tr>" + "".join(f"<th>{x}</th>" for x in head) + "</tr>"]
         for c in alive:
             cells = [f'<td class="num">{c}</td>'] + [f'<td class="num">{m[k][c]:.4g}</td>'
                                                       for k in ("density", "mean_ci", "weight_norm")]
+            if labels:
+                lab = labels.get(name, {}).get(str(c), {})
+                score = lab.get("balanced_accuracy")
+                cells += [f'<td class="label">{escape(lab.get("label") or "")}</td>',
+                          f'<td class="num">{"" if score is None else f"{score:.2f}"}</td>']
             if h["lm"]:
                 d = m["lm"][str(c)]
                 cells += [f"<td>{''.join(context_html(x) for x in d['contexts'][:SHOWN_CONTEXTS])}</td>",
@@ -131,19 +195,11 @@ def components_html(h: dict) -> str:
 
 def report(run_dir: Path, out: Path) -> Path:
     """Write out/report.html for the run (harvesting first if needed); return its path."""
-    if not (run_dir / "config.yaml").is_file():
-        raise SPDError(f"{run_dir} is not a run dir (no config.yaml); pass the directory a decomposition wrote")
-    ckpts = checkpoint_paths(run_dir / "checkpoints")
-    harvest_path = out / "harvest.json"
-    if not harvest_path.exists() or (ckpts and harvest_path.stat().st_mtime < ckpts[-1].stat().st_mtime):
-        harvest(run_dir, out)
-    h = json.loads(harvest_path.read_text())
-
-    body = {"Config": f"<pre>{escape((run_dir / 'config.yaml').read_text())}</pre>"}
+    h = harvested(run_dir, out)
     results = run_dir / "results.json"
-    body["Results"] = ("<table>" + "".join(f"<tr><th>{escape(k)}</th><td class='num'>{fmt(v)}</td></tr>"
-                                           for k, v in json.loads(results.read_text()).items()) + "</table>"
-                       if results.exists() else '<p class="note">no results.json: the run has not finished</p>')
+    body = {"Summary": summary_html(json.loads(results.read_text()) if results.exists() else None, h),
+            "Config": f"<details><summary>config.yaml</summary><pre>{escape((run_dir / 'config.yaml').read_text())}"
+                      f"</pre></details>"}
     metrics = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
     body["Training curves"] = png_tag(curves_png(rows), "training curves") if rows else \
@@ -151,7 +207,7 @@ def report(run_dir: Path, out: Path) -> Path:
     pngs = sorted((run_dir / "figures").glob("*.png"))
     body["Figures"] = "".join(f"<figure>{png_tag(p.read_bytes(), p.name)}<figcaption>{escape(p.name)}</figcaption>"
                               f"</figure>" for p in pngs) or '<p class="note">no figures/*.png</p>'
-    body["Components"] = components_html(h)
+    body["Components"] = components_html(h, load_labels(out))
 
     title = f"SPD report: {run_dir.resolve()}"
     html = (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{escape(title)}</title><style>{CSS}</style>'

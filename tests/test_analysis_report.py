@@ -75,6 +75,14 @@ def test_report_is_self_contained(tms_run):
     n_figures = len(list((tms_run / "run/figures").glob("*.png")))
     assert html.count('src="data:image/png;base64,') == n_figures + 1  # + the training curves
     assert "ci_per_feature.png" in html and "mmcs" in html and "linear1" in html
+    # it opens with the summary (headline metrics, the per-module table) and ends with the folded config
+    assert SECTIONS[0] == "Summary" and SECTIONS[-1] == "Config"
+    results = json.loads((tms_run / "run/results.json").read_text())
+    summary = html[html.index("<h2>Summary</h2>"):html.index("<h2>Training curves</h2>")]
+    assert f"<th>mmcs</th><td class='num'>{results['mmcs']:.4g}</td>" in summary
+    assert "<td>linear1</td><td class='num'>20</td>" in summary and "<th>l0</th>" in summary
+    assert f"<td class='num'>{results['l0/linear1']:.4g}</td>" in summary  # L0 per module
+    assert "<details><summary>config.yaml</summary>" in html[html.index("<h2>Config</h2>"):]
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None,
