@@ -56,7 +56,7 @@ class ShapesConfig:
     n_images: int = option(2000, "held-out images the metrics and figures read", ge=27)
     min_f1: float = option(0.7, "a subcomponent whose best product set fits its firing below this F1 is unexplained",
                            ge=0, le=1)
-    n_top_components: int = option(4, "top-images figure: subcomponents per layer (highest mean CI first)", ge=1)
+    n_top_components: int = option(4, "top-images figure: subcomponents per layer (most specific first)", ge=1)
     n_top_images: int = option(6, "top-images figure: images per subcomponent (highest CI first)", ge=1)
 
 
@@ -137,7 +137,10 @@ def accuracy_metrics(model: ComponentModel, x: Tensor, y: Tensor) -> dict[str, f
 def attribute_analysis(model: ComponentModel, cfg: ShapesConfig, x: Tensor, y: Tensor) -> tuple[dict, dict]:
     """Per alive subcomponent: its best product set, F1, kind and mutual information with each attribute;
     the counts per kind. Returns (results entries, what the figures need)."""
-    ci = {n: g.clamp(0, 1) for n, g in per_input(model, model.ci_of(x)).items()}  # (N, C) per image
+    full = model.ci_of(x)
+    ci = {n: g.clamp(0, 1) for n, g in per_input(model, full).items()}  # (N, C) per image
+    # how much of an image needs c (a conv's mean over locations): ranks the top images, whose max often ties at 1
+    share = {n: g.clamp(0, 1).mean((1, 2)) if g.dim() == 4 else ci[n] for n, g in full.items()}
     sets = product_sets()
     components, counts = {}, {k: 0 for k in ("atomic", "combination", "dense", "unexplained")}
     n_one_value = 0  # atomic ones firing on one value ("colour=red"), not on all but one ("colour!=red")
@@ -156,7 +159,7 @@ def attribute_analysis(model: ComponentModel, cfg: ShapesConfig, x: Tensor, y: T
                                       "density": round(fires[:, c].float().mean().item(), 4),
                                       "mi_bits": dict(zip(ATTRIBUTES, (round(b, 3) for b in bits)))}
     out = {f"n_{k}": v for k, v in counts.items()} | {"n_atomic_one_value": n_one_value, "components": components}
-    return out, {"ci": ci, "alive": alive}
+    return out, {"ci": ci, "share": share, "alive": alive}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,21 +182,23 @@ def plot_ci_per_value(ci: dict[str, Tensor], alive: dict[str, Tensor], y: Tensor
     plt.close(fig)
 
 
-def plot_top_images(x: Tensor, ci: dict[str, Tensor], alive: dict[str, Tensor], components: dict, n_comp: int,
-                    n_img: int, path) -> None:
-    """Rows: the n_comp subcomponents of each layer with the highest mean CI; columns: the n_img images
-    on which their CI is highest, each titled with its CI."""
-    rows = [(n, c) for n, g in ci.items() for c in alive[n][g[:, alive[n]].mean(0).argsort(descending=True)][:n_comp]
-            .tolist()]
+def plot_top_images(x: Tensor, ci: dict[str, Tensor], share: dict[str, Tensor], alive: dict[str, Tensor],
+                    components: dict, n_comp: int, n_img: int, path) -> None:
+    """Rows: the n_comp most specific subcomponents of each layer (not dense, best F1 first); columns: the
+    n_img images with the highest CI (ties, as at CI 1, broken by `share`), each titled with CI and share."""
+    def specificity(n: str, c: int) -> tuple[bool, float]:
+        info = components[f"{n}:{c}"]
+        return info["kind"] != "dense", info["f1"]
+    rows = [(n, c) for n in ci for c in sorted(alive[n].tolist(), key=lambda c: specificity(n, c), reverse=True)[:n_comp]]
     fig, axes = plt.subplots(len(rows), n_img, figsize=(1.3 * n_img, 1.45 * len(rows)), squeeze=False)
     for r, (n, c) in enumerate(rows):
-        top = ci[n][:, c].argsort(descending=True)[:n_img]
+        top = (ci[n][:, c] + 1e-3 * share[n][:, c]).argsort(descending=True)[:n_img]  # both in [0, 1]
         info = components[f"{n}:{c}"]
         axes[r, 0].set_ylabel(f"{n}:{c}\n{info['fires_on']}\nF1 {info['f1']:.2f}", fontsize=6, rotation=0,
                               ha="right", va="center")
         for ax, i in zip(axes[r], top.tolist()):
             ax.imshow(x[i].permute(1, 2, 0).clamp(0, 1).cpu())
-            ax.set_title(f"{ci[n][i, c]:.2f}", fontsize=6)
+            ax.set_title(f"{ci[n][i, c]:.2f} / {share[n][i, c]:.2f}", fontsize=6)
             ax.set_xticks([])
             ax.set_yticks([])
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -247,8 +252,8 @@ def main() -> None:
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
     plot_ci_per_value(fig_data["ci"], fig_data["alive"], y.cpu(), figures / "ci_per_attribute_value.png")
-    plot_top_images(x, fig_data["ci"], fig_data["alive"], analysis["components"], cfg.n_top_components,
-                    cfg.n_top_images, figures / "top_images.png")
+    plot_top_images(x, fig_data["ci"], fig_data["share"], fig_data["alive"], analysis["components"],
+                    cfg.n_top_components, cfg.n_top_images, figures / "top_images.png")
     if "conv1" in model.decomposed:
         conv1 = model.decomposed["conv1"]
         plot_filters(conv1.components.factors()[1], conv1.original.kernel_size, fig_data["alive"]["conv1"],

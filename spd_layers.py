@@ -196,8 +196,8 @@ class DecomposedModule(nn.Module):
 
     With no mask set it runs the original module. With a mask (..., C) it runs the masked
     components instead: `((a V^T) * m) U^T (+ delta_mask * a (W - UV)^T) + bias` (a conv: per patch a,
-    mask (batch, H_out, W_out, C)). A layer with its own
-    forward (`runs_own_forward`) runs it, extra arguments and all, with that computation in its base call.
+    mask (batch, H_out, W_out, C)). A layer with its own forward (`runs_own_forward`) runs it, extra
+    arguments and all, with that computation in its base call.
     """
 
     def __init__(self, original: nn.Module, components: Components, own_forward: bool = False):
@@ -227,6 +227,7 @@ class DecomposedModule(nn.Module):
         """The target conv's patch map (stride, padding and its mode, dilation) with the (k, in * kH * kW)
         matrix W as filters, channels-last: x (batch, in, H, W) -> (batch, H_out, W_out, k)."""
         filters = W.view(W.shape[0], *self.original.weight.shape[1:])
+        # nn.Conv2d's own conv with other filters: its padding modes and 'same' padding come with it
         return self.original._conv_forward(x, filters, None).movedim(1, -1)
 
     def inner_acts(self, x: Tensor) -> Tensor:
@@ -244,7 +245,7 @@ class DecomposedModule(nn.Module):
             return x
         conv = self.original
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)
+        padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)  # what _conv_forward pads, 'same' too
         patches = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (B, d_in, L)
         H_out, W_out = ((n - d * (k - 1) - 1) // s + 1 for n, k, s, d in
                         zip(padded.shape[-2:], conv.kernel_size, conv.stride, conv.dilation))

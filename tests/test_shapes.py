@@ -200,7 +200,7 @@ def test_attribute_analysis_and_figures_on_an_untrained_cnn(tmp_path):
     assert sum(out[f"n_{k}"] for k in ("atomic", "combination", "dense", "unexplained")) == n_alive
     assert all(g.shape == (54, 4) for g in fig["ci"].values())  # per image: conv CI reduced over locations
     plot_ci_per_value(fig["ci"], fig["alive"], y, tmp_path / "a.png")
-    plot_top_images(x, fig["ci"], fig["alive"], out["components"], 2, 3, tmp_path / "b.png")
+    plot_top_images(x, fig["ci"], fig["share"], fig["alive"], out["components"], 2, 3, tmp_path / "b.png")
     plot_filters(model.components["conv1"].V, (4, 4), fig["alive"]["conv1"], out["components"], tmp_path / "c.png")
     assert all((tmp_path / f"{n}.png").stat().st_size > 0 for n in "abc")
 
