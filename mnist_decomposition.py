@@ -217,7 +217,8 @@ def analyse(model: ComponentModel, cfg: MNISTConfig, x: Tensor, y: Tensor, figur
     plot_ci_per_class(per_class, alive_idx, figures / "ci_per_class.png")
     first = model.decomposed[model.names[0]]
     side = first.original.kernel_size[0] if first.is_conv else cfg.target.image_side
-    top = ci[model.names[0]].mean(0).argsort(descending=True)[: min(cfg.n_component_images, len(alive_idx[model.names[0]]))]
+    n_top = min(cfg.n_component_images, len(alive_idx[model.names[0]]))
+    top = ci[model.names[0]].mean(0).argsort(descending=True)[:n_top]
     plot_component_images(first.components.factors()[1].detach(), top, per_class[model.names[0]], side,
                           figures / f"{model.names[0]}_components.png")
     plot_causal(effect, path_w, n80, a1, a2, cfg.effect_share, figures / "causal_fc1_fc2.png")

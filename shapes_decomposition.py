@@ -189,7 +189,8 @@ def plot_top_images(x: Tensor, ci: dict[str, Tensor], share: dict[str, Tensor], 
     def specificity(n: str, c: int) -> tuple[bool, float]:
         info = components[f"{n}:{c}"]
         return info["kind"] != "dense", info["f1"]
-    rows = [(n, c) for n in ci for c in sorted(alive[n].tolist(), key=lambda c: specificity(n, c), reverse=True)[:n_comp]]
+    rows = [(n, c) for n in ci
+            for c in sorted(alive[n].tolist(), key=lambda c: specificity(n, c), reverse=True)[:n_comp]]
     fig, axes = plt.subplots(len(rows), n_img, figsize=(1.3 * n_img, 1.45 * len(rows)), squeeze=False)
     for r, (n, c) in enumerate(rows):
         top = (ci[n][:, c] + 1e-3 * share[n][:, c]).argsort(descending=True)[:n_img]  # both in [0, 1]

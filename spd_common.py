@@ -240,8 +240,8 @@ class ComponentModel(nn.Module):
         for pattern, C in patterns.items():
             matches = [n for n in found if fnmatch.fnmatchcase(n, pattern)]
             if not matches:
-                raise SPDError(f"module pattern '{pattern}' matches no nn.Linear/nn.Embedding/Conv1D/nn.Conv2d (or MoE expert "
-                               f"matrix) of the target; its modules are: {', '.join(found) or '(none)'}")
+                raise SPDError(f"module pattern '{pattern}' matches no nn.Linear/nn.Embedding/Conv1D (or nn.Conv2d, "
+                               f"or MoE expert matrix) of the target; its modules are: {', '.join(found) or '(none)'}")
             for n in matches:
                 self.C.setdefault(n, C)
         for name, src in tied.items():

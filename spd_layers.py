@@ -142,7 +142,8 @@ def check_decomposable(name: str, module: nn.Module) -> None:
         raise SPDError(f"module '{name}' is a Conv2d with groups = {module.groups}; only groups = 1 is decomposable: "
                        "leave it out of spd.modules")
     if type(module).forward is not nn.Conv2d.forward:
-        raise SPDError(f"module '{name}' ({type(module).__name__}) overrides Conv2d.forward; leave it out of spd.modules")
+        raise SPDError(f"module '{name}' ({type(module).__name__}) overrides Conv2d.forward; "
+                       "leave it out of spd.modules")
 
 
 class BaseLayerCall(torch.overrides.TorchFunctionMode):

@@ -107,7 +107,8 @@ def test_cnn_target_takes_flat_images_and_decomposes_exactly():
     logits, _ = model.run_target(x)
     ci = model.ci_of(x)
     assert logits.shape == (5, 10) and ci["conv1"].shape == (5, 8, 8, 6) and ci["conv2"].shape == (5, 4, 4, 6)
-    with model.masked({n: torch.ones_like(g) for n, g in ci.items()}, {n: torch.ones(g.shape[:-1]) for n, g in ci.items()}):
+    ones, deltas = {n: torch.ones_like(g) for n, g in ci.items()}, {n: torch.ones(g.shape[:-1]) for n, g in ci.items()}
+    with model.masked(ones, deltas):
         torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=1e-5)
 
 
