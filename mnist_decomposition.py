@@ -1,12 +1,14 @@
 """SPD on an MLP digit classifier: which few rank-one pieces of each layer classify each digit.
 
     python mnist_decomposition.py configs/digits.yaml [key.sub=value ...] [--out DIR]   # offline, 8x8 digits
+    python mnist_decomposition.py configs/digits_cnn.yaml                               # the same with a CNN
     python mnist_decomposition.py configs/mnist.yaml                                    # 28x28 MNIST from the hub
 
 The story:
-  1. Load the config; get the target, an MLP images -> fc1 -> ReLU -> fc2 -> ReLU -> fc3 -> 10 logits
-     (trained and cached if missing), and its fixed training and held-out images.
-  2. Decompose fc1, fc2 and fc3 with `spd_common.optimize`, the output loss comparing logits.
+  1. Load the config; get the target, an MLP images -> fc1 -> ReLU -> fc2 -> ReLU -> fc3 -> 10 logits, or a
+     CNN images -> conv1 -> conv2 -> fc1 -> fc2 (trained and cached if missing), and its fixed training and
+     held-out images.
+  2. Decompose every layer with `spd_common.optimize`, the output loss comparing logits.
   3. Evaluate on the held-out images: accuracy of the target, of the CI-masked model and with each
      layer's components all ablated (that layer's masks 0, the other layers the target's); L0 per
      layer (mean active subcomponents per image) comes with optimize's generic results.
@@ -14,7 +16,10 @@ The story:
      E[CI_j | i on] - E[CI_j | i off] over the images where CI_j > 0.1 (i's mask 1 or 0, fc1's other
      masks at their CI, fc2's CI recomputed from the activations that result); beside it the weight
      path |V2[j] · U1[:, i]|, and how many fc1 components carry 80% of each fc2 component's effect.
-  5. Figures: mean CI per digit class, fc1's top components' V rows as images, the causal analysis.
+  5. Figures: mean CI per digit class, the first layer's top components' V rows as images (fc1's read
+     pixels, conv1's are 3x3 filters), the causal analysis.
+A conv module's CI is one per output location; per image it counts as its max over locations
+(`analysis.common.per_input`).
 
 Copying this for a new experiment: change the target and data (`train_targets/train_mnist.py` and
 `build`), the metrics (section "Metrics") and the figures (section "Figures"); keep the config's
@@ -33,6 +38,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
+from analysis.common import per_input
 from spd_common import ComponentModel, Experiment, SPDConfig, optimize
 from spd_config import config_to_dict, option
 from spd_run import get_device, parse_cli, run_main, set_seed, write_results
@@ -49,7 +55,7 @@ class MNISTConfig:
                                     ge=0, le=1)
     effect_share: float = option(0.8, "causal analysis: count the fc1 components carrying this share of an effect",
                              gt=0, le=1)
-    n_component_images: int = option(16, "fc1 components (highest mean CI) drawn as images", ge=1)
+    n_component_images: int = option(16, "first-layer components (highest mean CI) drawn as images", ge=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,8 +155,9 @@ def plot_ci_per_class(per_class: dict[str, Tensor], alive_idx: dict[str, Tensor]
 
 
 def plot_component_images(V: Tensor, top: Tensor, per_class: Tensor, side: int, path) -> None:
-    """fc1's V rows (the pixel pattern each component reads) of the components `top`, as side x side
-    images (red positive, blue negative), titled with the digit whose images use it most."""
+    """The first layer's V rows (the pixel pattern each component reads: the image for fc1, a filter for
+    conv1) of the components `top`, as side x side images (red positive, blue negative), titled with the
+    digit whose images use it most."""
     cols = min(8, len(top))
     rows = -(-len(top) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False)
@@ -189,11 +196,11 @@ def plot_causal(effect: Tensor, path_w: Tensor, n80: Tensor, alive1: Tensor, ali
 def analyse(model: ComponentModel, cfg: MNISTConfig, x: Tensor, y: Tensor, figures) -> dict:
     """The causal analysis fc1 -> fc2 between the alive components of both, on held-out images x (N, d_in)
     with labels y (N,), and every figure; returns the analysis' results."""
-    ci = model.ci_of(x)
+    ci = per_input(model, model.ci_of(x))  # (N, C) per module
     alive_idx = {n: alive(g, cfg.spd.ci_threshold) for n, g in ci.items()}
     a1, a2 = alive_idx["fc1"], alive_idx["fc2"]
     effect = fc1_to_fc2_effects(model, x, a1, cfg.effect_ci_threshold)[:, a2]
-    (U1, V1), (_, V2) = model.decomposed["fc1"].components.factors(), model.decomposed["fc2"].components.factors()
+    (U1, _), (_, V2) = model.decomposed["fc1"].components.factors(), model.decomposed["fc2"].components.factors()
     path_w = weight_path(U1, V2)[a1][:, a2]
     n80 = n_carrying(effect, cfg.effect_share)
     top_edges = effect.abs().flatten().argsort(descending=True)[:10].tolist()
@@ -208,8 +215,12 @@ def analyse(model: ComponentModel, cfg: MNISTConfig, x: Tensor, y: Tensor, figur
     figures.mkdir(exist_ok=True)
     per_class = {n: mean_ci_per_class(g, y) for n, g in ci.items()}
     plot_ci_per_class(per_class, alive_idx, figures / "ci_per_class.png")
-    top = ci["fc1"].mean(0).argsort(descending=True)[: min(cfg.n_component_images, len(a1))]
-    plot_component_images(V1, top, per_class["fc1"], cfg.target.image_side, figures / "fc1_components.png")
+    first = model.decomposed[model.names[0]]
+    side = first.original.kernel_size[0] if first.is_conv else cfg.target.image_side
+    n_top = min(cfg.n_component_images, len(alive_idx[model.names[0]]))
+    top = ci[model.names[0]].mean(0).argsort(descending=True)[:n_top]
+    plot_component_images(first.components.factors()[1].detach(), top, per_class[model.names[0]], side,
+                          figures / f"{model.names[0]}_components.png")
     plot_causal(effect, path_w, n80, a1, a2, cfg.effect_share, figures / "causal_fc1_fc2.png")
     return out
 

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from spd_config import SPDError, config_to_dict, option
 from spd_kernels import ScalarGeluMLP
-from spd_layers import (Components, DecomposedExperts, DecomposedModule, ExpertLinear, decomposable_modules,
-                        runs_own_forward, weight_out_in)
+from spd_layers import (Components, DecomposedExperts, DecomposedModule, ExpertLinear, check_decomposable,
+                        decomposable_modules, runs_own_forward, weight_out_in)
 from spd_run import (Batch, Dist, MetricsLogger, Preempted, TrainState, init_distributed, peak_rss_mb,
                      preemption_signals, rebalance_threads, resume_training, save_training_checkpoint, split_batch,
                      step_generator, target_digest)
@@ -328,8 +328,8 @@ class ComponentModel(nn.Module):
         for pattern, C in patterns.items():
             matches = [n for n in found if fnmatch.fnmatchcase(n, pattern)]
             if not matches:
-                raise SPDError(f"module pattern '{pattern}' matches no nn.Linear/nn.Embedding/Conv1D (or MoE expert "
-                               f"matrix) of the target; its modules are: {', '.join(found) or '(none)'}")
+                raise SPDError(f"module pattern '{pattern}' matches no nn.Linear/nn.Embedding/Conv1D (or nn.Conv2d, "
+                               f"or MoE expert matrix) of the target; its modules are: {', '.join(found) or '(none)'}")
             for n in matches:
                 self.C.setdefault(n, C)
         for name, src in tied.items():
@@ -347,6 +347,7 @@ class ComponentModel(nn.Module):
         # Sources before the modules tied to them, so that their components exist.
         for name in [n for n in self.C if n not in tied] + [n for n in self.C if n in tied]:
             original = found[name]
+            check_decomposable(name, original)
             d_out, d_in = weight_out_in(original).shape
             src = self.components[_key(tied[name])] if name in tied else None
             comps = Components(d_in, d_out, self.C[name], tied_to=src)
@@ -474,11 +475,11 @@ class ComponentModel(nn.Module):
 
     def ci_input(self, name: str, x: Tensor, inner: Tensor | None = None) -> Tensor:
         """What module `name`'s CI function reads on its input x: its inner acts (ci_fn = mlp, and any
-        embedding, whose input is token ids) or x itself."""
+        embedding, whose input is token ids) or x itself (a conv's: its input patches)."""
         mod = self.decomposed[name]
         if self.ci_reads_inner_acts or mod.is_embedding:
             return inner if inner is not None else mod.inner_acts(x)
-        return x
+        return mod.matrix_input(x)  # a conv's: its patches, channels-last
 
     def module_ci(self, name: str, x: Tensor, inner: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """CI (..., C) of one module on its input x, (lower-leaky, upper-leaky); `inner`: its inner
@@ -551,10 +552,9 @@ def faithfulness_loss(model: ComponentModel) -> Tensor:
 
 
 def importance_minimality_loss(ci_upper: dict[str, Tensor], p: float, eps: float = 1e-12) -> Tensor:
-    """sum over modules and subcomponents of (g + eps)^p, mean over examples (batch and seq positions)."""
-    total = sum(((g + eps) ** p).sum() for g in ci_upper.values())
-    n_examples = next(iter(ci_upper.values())).shape[:-1].numel()
-    return total / n_examples
+    """sum over modules and subcomponents of (g + eps)^p, each module's mean over its examples (batch and seq
+    positions, or a conv's output locations: a conv module counts as much per image as a linear one)."""
+    return sum(((g + eps) ** p).sum() / g.shape[:-1].numel() for g in ci_upper.values())
 
 
 def annealed_p(cfg: SPDConfig, frac: float) -> float:

@@ -3,13 +3,20 @@ the second: CI functions, masks, losses and the `optimize` loop).
 
 - `Components`: C rank-one subcomponents U (d_out, C) @ V (C, d_in) of one weight matrix.
 - Which target modules can be decomposed (`decomposable_modules`): nn.Linear, nn.Embedding, GPT-2's
-  Conv1D, subclasses with their own forward (Gemma's scaled embedding, OPT's positions), and each
+  Conv1D, nn.Conv2d, subclasses with their own forward (Gemma's scaled embedding, OPT's positions), and each
   matrix of a transformers MoE experts module.
 - `DecomposedModule`: what stands in a target module's place, running its masked forward
   (`DecomposedExperts` for an MoE experts module).
 
 Shapes: `...` is any batch shape (batch, or batch x seq); a module's weight is seen as a (d_out, d_in)
 matrix W, approximated by U (d_out, C) @ V (C, d_in).
+
+nn.Conv2d: a linear map applied to every input patch, so W is its weight (out_channels, in_channels,
+kH, kW) seen as (out_channels, in_channels * kH * kW): V[c] is a filter (in_channels, kH, kW) and U[:, c]
+its output direction. Its inner acts, CI and masks are channels-last, (batch, H_out, W_out, C): every
+output location is an example, as every token is in a language model, so the CI functions, masks and
+losses need no special case. The masked forward is a conv to C channels, the per-location mask, then a
+1x1 conv (U) to out_channels, plus the delta term and the bias.
 """
 
 from __future__ import annotations
@@ -59,10 +66,11 @@ class Components(nn.Module):
 
 
 def decomposable_types() -> tuple[type, ...]:
-    """Layer types that can be decomposed: nn.Linear, nn.Embedding, GPT-2's Conv1D and one expert's matrix."""
+    """Layer types that can be decomposed: nn.Linear, nn.Embedding, GPT-2's Conv1D, nn.Conv2d and one expert's
+    matrix."""
     from transformers.pytorch_utils import Conv1D  # imported here: transformers is slow to import
 
-    return nn.Linear, nn.Embedding, Conv1D, ExpertLinear
+    return nn.Linear, nn.Embedding, Conv1D, nn.Conv2d, ExpertLinear
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -118,8 +126,24 @@ def base_layer(module: nn.Module) -> type:
 
 def weight_out_in(module: nn.Module) -> Tensor:
     """A decomposable layer's weight as (d_out, d_in). nn.Linear stores it so; nn.Embedding stores
-    (vocab, d) = (d_in, d_out) for one-hot inputs, and Conv1D (d_in, d_out) (it computes x @ W + b)."""
+    (vocab, d) = (d_in, d_out) for one-hot inputs, and Conv1D (d_in, d_out) (it computes x @ W + b);
+    nn.Conv2d (out, in, kH, kW), flattened to (out, in * kH * kW), the patch order of F.unfold."""
+    if isinstance(module, nn.Conv2d):
+        return module.weight.flatten(1)
     return module.weight if isinstance(module, (nn.Linear, ExpertLinear)) else module.weight.T
+
+
+def check_decomposable(name: str, module: nn.Module) -> None:
+    """Refuse, in one line, a layer whose components could not reproduce it: a grouped Conv2d (its weight
+    is not one matrix over the whole patch) or a Conv2d subclass with its own forward."""
+    if not isinstance(module, nn.Conv2d):
+        return
+    if module.groups != 1:
+        raise SPDError(f"module '{name}' is a Conv2d with groups = {module.groups}; only groups = 1 is decomposable: "
+                       "leave it out of spd.modules")
+    if type(module).forward is not nn.Conv2d.forward:
+        raise SPDError(f"module '{name}' ({type(module).__name__}) overrides Conv2d.forward; "
+                       "leave it out of spd.modules")
 
 
 class BaseLayerCall(torch.overrides.TorchFunctionMode):
@@ -172,8 +196,9 @@ class DecomposedModule(nn.Module):
     """Stands in for a decomposable layer (see `decomposable_types`) inside the target model.
 
     With no mask set it runs the original module. With a mask (..., C) it runs the masked
-    components instead: `((a V^T) * m) U^T (+ delta_mask * a (W - UV)^T) + bias`. A layer with its own
-    forward (`runs_own_forward`) runs it, extra arguments and all, with that computation in its base call.
+    components instead: `((a V^T) * m) U^T (+ delta_mask * a (W - UV)^T) + bias` (a conv: per patch a,
+    mask (batch, H_out, W_out, C)). A layer with its own forward (`runs_own_forward`) runs it, extra
+    arguments and all, with that computation in its base call.
     """
 
     def __init__(self, original: nn.Module, components: Components, own_forward: bool = False):
@@ -183,6 +208,7 @@ class DecomposedModule(nn.Module):
         self.base = base_layer(original)
         self.own_forward = own_forward
         self.is_embedding = isinstance(original, nn.Embedding)
+        self.is_conv = isinstance(original, nn.Conv2d)
         self.mask: Tensor | None = None
         self.delta_mask: Tensor | None = None
         self.inner: Tensor | None = None  # inner acts of the target's input here, when the caller has them
@@ -198,20 +224,47 @@ class DecomposedModule(nn.Module):
         """The frozen target weight as a (d_out, d_in) matrix."""
         return weight_out_in(self.original)
 
+    def _conv(self, x: Tensor, W: Tensor) -> Tensor:
+        """The target conv's patch map (stride, padding and its mode, dilation) with the (k, in * kH * kW)
+        matrix W as filters, channels-last: x (batch, in, H, W) -> (batch, H_out, W_out, k)."""
+        filters = W.view(W.shape[0], *self.original.weight.shape[1:])
+        # nn.Conv2d's own conv with other filters: its padding modes and 'same' padding come with it
+        return self.original._conv_forward(x, filters, None).movedim(1, -1)
+
     def inner_acts(self, x: Tensor) -> Tensor:
-        """h_c = V[c] · a: (..., C). For an embedding `a` is the one-hot token, so h = V[:, token]."""
+        """h_c = V[c] · a: (..., C). For an embedding `a` is the one-hot token, so h = V[:, token]; for a
+        conv, `a` is each input patch and h is (batch, H_out, W_out, C)."""
         _, V = self.components.factors()
+        if self.is_conv:
+            return self._conv(x, V)
         return F.embedding(x, V.T) if self.is_embedding else x @ V.T
+
+    def matrix_input(self, x: Tensor) -> Tensor:
+        """The input as rows the (d_out, d_in) weight multiplies, (..., d_in): x itself, or for a conv its
+        patches (batch, H_out, W_out, in * kH * kW). What `vector_mlp` / `shared_mlp` CI functions read."""
+        if not self.is_conv:
+            return x
+        conv = self.original
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        padded = F.pad(x, conv._reversed_padding_repeated_twice, mode=mode)  # what _conv_forward pads, 'same' too
+        patches = F.unfold(padded, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (B, d_in, L)
+        H_out, W_out = ((n - d * (k - 1) - 1) // s + 1 for n, k, s, d in
+                        zip(padded.shape[-2:], conv.kernel_size, conv.stride, conv.dilation))
+        return patches.view(x.shape[0], -1, H_out, W_out).movedim(1, -1)
 
     def _masked_forward(self, x: Tensor, mask: Tensor, delta_mask: Tensor | None, inner: Tensor | None) -> Tensor:
         U, V = self.components.factors()
-        out = ((inner if inner is not None else self.inner_acts(x)) * mask) @ U.T
+        out = ((inner if inner is not None else self.inner_acts(x)) * mask) @ U.T  # a conv's: channels-last
         if delta_mask is not None:
             delta = self.target_weight() - U @ V
-            delta_out = F.embedding(x, delta.T) if self.is_embedding else x @ delta.T
+            if self.is_conv:
+                delta_out = self._conv(x, delta)
+            else:
+                delta_out = F.embedding(x, delta.T) if self.is_embedding else x @ delta.T
             out = out + delta_mask.unsqueeze(-1) * delta_out
         bias = getattr(self.original, "bias", None)
-        return out if bias is None else out + bias
+        out = out if bias is None else out + bias
+        return out.movedim(-1, 1) if self.is_conv else out  # (batch, out, H_out, W_out), as the target's
 
     MASK_STATE = ("mask", "delta_mask", "inner", "rows")  # what `ComponentModel.masked` sets for one forward
 

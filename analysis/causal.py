@@ -6,8 +6,8 @@ The forward pass: every decomposed module runs its components masked by its own 
 input it receives in this very pass ("self-consistent CI masks"; the weight residual W - UV is left out, as
 in CI-masked evaluation). Ablating subcomponent c of module A sets its mask to 0 on top of that, so every
 module after A recomputes its CI from the changed activations. For each alive c of A (CI > spd.ci_threshold
-on at least --min-density of the inputs), on the inputs (positions, for sequence models) where c fires in
-the unablated pass:
+on at least --min-density of the inputs), on the inputs (positions, for sequence models; images, when A or
+B is a conv, whose CI then counts as its max over locations) where c fires in the unablated pass:
   - delta CI of every subcomponent d of B: mean of CI_B[d] (ablated) - CI_B[d] (unablated); an edge
     c -> d is kept when |delta| >= --min-effect (negative: c is needed to switch d on), with the mean
     unablated CI of d on those inputs beside it;
@@ -40,7 +40,7 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis.common import alive, out_dir, parser  # noqa: E402 (needs ROOT on the path)
+from analysis.common import alive, out_dir, per_input, parser  # noqa: E402 (needs ROOT on the path)
 from spd_common import ComponentModel  # noqa: E402
 from spd_config import SPDError  # noqa: E402
 from spd_run import load_run, run_main  # noqa: E402
@@ -104,10 +104,13 @@ def edges(delta: Tensor, min_effect: float) -> list[tuple[int, float]]:
 @torch.no_grad()
 def ablate_pair(model: ComponentModel, output_fn, x: Tensor, a: str, b: str, threshold: float, min_density: float,
                 min_effect: float) -> list[dict]:
-    """Ablate each alive subcomponent of module `a` on x (its firing inputs only); effects on module `b`."""
+    """Ablate each alive subcomponent of module `a` on x (its firing inputs only); effects on module `b`.
+    When either is a conv, both CIs are compared per image, a conv's as its max over locations (`per_input`)."""
+    per_image = model.decomposed[a].is_conv or model.decomposed[b].is_conv
+    reduce = (lambda cis: per_input(model, cis)) if per_image else (lambda cis: cis)  # noqa: E731
     with self_consistent_masks(model) as cis:
         base_out = output_fn(model(x))
-        base = {a: cis[a], b: cis[b]}
+        base = reduce({a: cis[a], b: cis[b]})
     n_batch = x.shape[0]
     results = []
     for c in alive({a: base[a].flatten(0, -2)}, threshold, min_density)[a].tolist():
@@ -115,7 +118,7 @@ def ablate_pair(model: ComponentModel, output_fn, x: Tensor, a: str, b: str, thr
         rows = fires.reshape(n_batch, -1).any(1)
         with self_consistent_masks(model, ablate=(a, c)) as cis:
             out = output_fn(model(x[rows]))
-            ci_b = cis[b]
+            ci_b = reduce({b: cis[b]})[b]
         pos = fires[rows]  # the positions where c fired, among the selected rows
         before = base[b][rows][pos]
         delta = (ci_b[pos] - before).mean(0)

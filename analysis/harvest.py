@@ -4,8 +4,10 @@
 
 Streams N held-out batches (`exp.eval_batch(i)`, i < N) through the run's decomposed model and, per
 module and subcomponent c, records how often it fires (CI > spd.ci_threshold), its mean CI and its
-weight norm ||U[:, c]|| ||V[c]||. For language models (the experiment has a tokenizer) it also records,
-per alive subcomponent, the top-k activating contexts and its next-token effects:
+weight norm ||U[:, c]|| ||V[c]||. A conv module's CI, one per output location, counts per image as its max
+over locations (`analysis.common.per_input`): c fires on an image when it fires somewhere in it. For
+language models (the experiment has a tokenizer) it also records, per alive subcomponent, the top-k
+activating contexts and its next-token effects:
 
   next-token effect of c in module n = mean over the positions where c fires of
       softmax(logits | n masked with CI, c's mask 0 there) - softmax(logits | n masked with CI)
@@ -19,7 +21,7 @@ per alive subcomponent, the top-k activating contexts and its next-token effects
 Writes OUT/harvest.json (OUT defaults to RUN_DIR/analysis) and prints its path as the last line:
 
   {"run_dir": str, "checkpoint": str (the checkpoint harvested), "n_batches": N, "top_k": K,
-   "ci_threshold": float, "n_examples": int (rows of CI per module: examples, or tokens for LMs),
+   "ci_threshold": float, "n_examples": int (rows of CI per module: examples (images), or tokens for LMs),
    "lm": bool,
    "modules": {module name: {
        "C": int,
@@ -49,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from analysis.common import per_input  # noqa: E402
 from spd_common import ComponentModel, Experiment  # noqa: E402
 from spd_config import SPDError  # noqa: E402
 from spd_run import checkpoint_paths, load_run, run_main  # noqa: E402
@@ -142,8 +145,8 @@ def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8, loaded
     n_rows = 0
     for b, x in enumerate(batches):
         ci = model.ci_of(x)
-        for n, g in ci.items():
-            rows = g.flatten(0, -2).float().cpu()  # (examples or tokens, C)
+        for n, g in per_input(model, ci).items():
+            rows = g.flatten(0, -2).float().cpu()  # (examples or tokens, C); a conv's max over locations
             fired[n] += (rows > threshold).sum(0)
             ci_sum[n] += rows.clamp(0, 1).sum(0)  # masks use a lower-leaky CI that dips below 0
             if is_lm:  # index b * rows + row: which batch, and which token of it

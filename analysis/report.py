@@ -159,7 +159,8 @@ def components_html(h: dict, labels: dict | None = None) -> str:
     labels = labels or {}
     out = [f'<p class="note">{h["n_examples"]} held-out {"tokens" if h["lm"] else "examples"} '
            f'({h["n_batches"]} batches, checkpoint {escape(h["checkpoint"])}); a subcomponent fires when its '
-           f'CI &gt; {h["ci_threshold"]}. Weight norm = ||U[:, c]|| ||V[c]||.'
+           f'CI &gt; {h["ci_threshold"]} (a conv module\'s at some location of the image: its max over locations). '
+           f'Weight norm = ||U[:, c]|| ||V[c]||.'
            + (" Next-token effect: mean change in next-token probability when c is ablated (CI mask → 0) "
               "where it fires, this module alone masked; promoted tokens drop most, suppressed rise most."
               if h["lm"] else "")

@@ -12,7 +12,8 @@ import torch
 from mnist_decomposition import causal_effects, fc1_to_fc2_effects, mean_ci_per_class, n_carrying, weight_path
 from spd_common import ComponentModel
 from spd_config import SPDError
-from train_targets.train_mnist import MLPClassifier, MNISTTargetConfig, accuracy, load_images, load_or_train_mnist
+from train_targets.train_mnist import (CNNClassifier, MLPClassifier, MNISTTargetConfig, accuracy, load_images,
+                                       load_or_train_mnist)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +97,21 @@ def test_target_trains_and_caches(tmp_path, capsys):
         load_or_train_mnist(MNISTTargetConfig(d_hidden=16, path=cfg.path))
 
 
+def test_cnn_target_takes_flat_images_and_decomposes_exactly():
+    """The CNN option reads the same flattened images as the MLP; with all masks 1 and the delta, its
+    decomposed conv and linear layers give the target's logits."""
+    torch.manual_seed(0)
+    target = CNNClassifier(side=8, channels=4, d_hidden=16)
+    x = load_images(MNISTTargetConfig()).x_test[:5]
+    model = ComponentModel(target, {"conv*": 6, "fc*": 6}, {}, "mlp", [4])
+    logits, _ = model.run_target(x)
+    ci = model.ci_of(x)
+    assert logits.shape == (5, 10) and ci["conv1"].shape == (5, 8, 8, 6) and ci["conv2"].shape == (5, 4, 4, 6)
+    ones, deltas = {n: torch.ones_like(g) for n, g in ci.items()}, {n: torch.ones(g.shape[:-1]) for n, g in ci.items()}
+    with model.masked(ones, deltas):
+        torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=1e-5)
+
+
 def run_script(args, cwd, timeout=600):
     return subprocess.run([sys.executable, str(ROOT / "mnist_decomposition.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
@@ -119,6 +135,20 @@ def test_short_run_writes_results_and_figures(tmp_path):
     for name in ["ci_per_class.png", "fc1_components.png", "causal_fc1_fc2.png"]:
         assert (run_dir / "figures" / name).stat().st_size > 0, name
     assert (run_dir / "checkpoints" / "final.pt").is_file()
+
+
+@pytest.mark.slow
+def test_short_cnn_run_writes_results_and_figures(tmp_path):
+    overrides = ["spd.steps=30", "spd.eval_every=15", "spd.faithfulness_warmup_steps=5", "spd.batch_size=32",
+                 "target.steps=200", "target.min_accuracy=0.5", f"target.path={tmp_path / 'target.pt'}"]
+    proc = run_script([str(ROOT / "configs/digits_cnn.yaml"), *overrides], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(Path(tmp_path, proc.stdout.strip().splitlines()[-1]).read_text())
+    for key in ["acc_target", "acc_ci_masked", "acc_ablated/conv1", "l0/conv1", "l0/fc2", "causal/top_edges"]:
+        assert key in results, key
+    run_dir = Path(tmp_path, proc.stdout.strip().splitlines()[-1]).parent
+    for name in ["ci_per_class.png", "conv1_components.png", "causal_fc1_fc2.png"]:
+        assert (run_dir / "figures" / name).stat().st_size > 0, name
 
 
 def test_unreachable_hub_dataset_is_one_line(tmp_path):

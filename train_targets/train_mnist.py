@@ -1,4 +1,6 @@
-"""Train an MLP digit classifier: images (flattened) -> fc1 -> ReLU -> fc2 -> ReLU -> fc3 -> 10 logits.
+"""Train a digit classifier: an MLP, images (flattened) -> fc1 -> ReLU -> fc2 -> ReLU -> fc3 -> 10 logits, or a
+small CNN (`target.arch: cnn`), images -> conv1 (3x3) -> ReLU -> conv2 (3x3, stride 2) -> ReLU -> fc1 -> ReLU
+-> fc2 -> 10 logits, so that the same example covers linear and convolutional layers.
 
 Data: `digits` is scikit-learn's bundled 8x8 digits (1797 images, no network), split once into a
 fixed training and held-out set; any other name is a hub dataset with `image` and `label` columns
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -24,10 +27,12 @@ from spd_run import load_or_train_target, step_generator, target_main
 
 @dataclass
 class MNISTTargetConfig:
+    arch: Literal["mlp", "cnn"] = option("mlp", "the classifier: MLP (fc1, fc2, fc3) or CNN (conv1, conv2, fc1, fc2)")
     dataset: str = option("digits", "'digits' (sklearn's bundled 8x8, offline) or a hub image dataset, e.g. ylecun/mnist")
     image_side: int = option(8, "images are side x side pixels: 8 for digits, 28 for MNIST", ge=1)
     heldout_frac: float = option(0.2, "digits only: fraction held out (hub datasets hold out their test split)", gt=0, le=0.5)
-    d_hidden: int = option(64, "width of both hidden layers", ge=1)
+    d_hidden: int = option(64, "width of the hidden layers (the MLP's two, the CNN's fc1)", ge=1)
+    channels: int = option(8, "CNN only: channels of conv1 (conv2 has twice as many)", ge=1)
     steps: int = option(3000, "training steps", ge=1)
     batch_size: int = option(128, "training batch size", ge=1)
     lr: float = option(1e-3, "AdamW learning rate (constant)", gt=0)
@@ -95,6 +100,28 @@ class MLPClassifier(nn.Module):
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
+class CNNClassifier(nn.Module):
+    def __init__(self, side: int, channels: int, d_hidden: int, n_classes: int = 10):
+        super().__init__()
+        self.side = side
+        self.conv1 = nn.Conv2d(1, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1)
+        self.fc1 = nn.Linear(2 * channels * ((side + 1) // 2) ** 2, d_hidden)
+        self.fc2 = nn.Linear(d_hidden, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(batch, side^2) flattened images, as the MLP takes them -> logits (batch, n_classes)."""
+        h = F.relu(self.conv2(F.relu(self.conv1(x.view(-1, 1, self.side, self.side)))))
+        return self.fc2(F.relu(self.fc1(h.flatten(1))))
+
+
+def make_classifier(cfg: MNISTTargetConfig) -> nn.Module:
+    """An untrained classifier of the config's architecture."""
+    if cfg.arch == "cnn":
+        return CNNClassifier(cfg.image_side, cfg.channels, cfg.d_hidden)
+    return MLPClassifier(cfg.image_side ** 2, cfg.d_hidden)
+
+
 def image_batch(x: Tensor, batch_size: int, seed: int, step: int) -> Tensor:
     """Batch number `step` of stream `seed`: rows of x drawn with replacement. Indexed by step, so a
     resumed run sees the same data."""
@@ -107,11 +134,11 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
     return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def train_mnist(cfg: MNISTTargetConfig) -> MLPClassifier:
+def train_mnist(cfg: MNISTTargetConfig) -> nn.Module:
     """Train on the training split; reject a target below `min_accuracy` on the held-out split."""
     data = load_images(cfg)
     torch.manual_seed(cfg.seed)
-    model = MLPClassifier(data.x_train.shape[1], cfg.d_hidden)
+    model = make_classifier(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     for step in range(cfg.steps):
         gen = step_generator(cfg.seed, step)
@@ -129,10 +156,10 @@ def train_mnist(cfg: MNISTTargetConfig) -> MLPClassifier:
     return model.requires_grad_(False)
 
 
-def load_or_train_mnist(cfg: MNISTTargetConfig) -> MLPClassifier:
+def load_or_train_mnist(cfg: MNISTTargetConfig) -> nn.Module:
     """The cached target at cfg.path, trained first (and cached) when missing."""
-    return load_or_train_target(cfg, lambda: MLPClassifier(cfg.image_side ** 2, cfg.d_hidden),
-                                lambda: train_mnist(cfg), ("dataset", "image_side", "d_hidden"))
+    shape_keys = ("dataset", "image_side", "d_hidden") + (("arch", "channels") if cfg.arch == "cnn" else ())
+    return load_or_train_target(cfg, lambda: make_classifier(cfg), lambda: train_mnist(cfg), shape_keys)
 
 
 if __name__ == "__main__":
