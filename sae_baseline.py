@@ -205,8 +205,9 @@ class Dictionary(nn.Module):
         return self.decode(self.encode(x * self.in_scale)[0]) / self.out_scale
 
     def active(self, z: Tensor, terms: dict[str, Tensor]) -> Tensor:
-        """Which latents are on (bool, like z): z != 0, or for `stochastic` CI above spd.ci_threshold."""
-        return terms["ci"] > self.spd.ci_threshold if "ci" in terms else z != 0
+        """Which latents are on (bool, like z): z != 0; for `stochastic` also CI above spd.ci_threshold
+        (in training z is masked by noise, not by CI)."""
+        return (z != 0) & (terms["ci"] > self.spd.ci_threshold) if "ci" in terms else z != 0
 
     def losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Unweighted loss terms and `total` on one normalised batch x (B, d_in) -> y (B, d_out)."""
@@ -260,11 +261,22 @@ def target_module(exp: Experiment, name: str) -> nn.Module:
                        f"{', '.join(names)}") from None
 
 
+def first_tensor(args: tuple, kwargs: dict) -> Tensor:
+    """A module's main input: its first positional argument, or its first keyword tensor (e.g. hidden_states)."""
+    return args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+
+
+def main_output(out: Any) -> Tensor:
+    """A module's main output: the output itself, or the first element of a tuple (attention layers)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
 def module_io(exp: Experiment, name: str, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
     """The target's output (what its output loss compares) and the module's input and output on a batch."""
     seen: dict[str, Tensor] = {}
-    hook = target_module(exp, name).register_forward_hook(lambda m, args, out: seen.update(a=args[0], b=out))
+    hook = target_module(exp, name).register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(a=first_tensor(args, kwargs), b=main_output(out)), with_kwargs=True)
     try:
         out = exp.output_fn(exp.model(exp.input_fn(batch)))
     finally:
@@ -284,12 +296,22 @@ def read_write(cfg: DictionaryConfig, a: Tensor, b: Tensor) -> tuple[Tensor, Ten
 def spliced_output(exp: Experiment, cfg: DictionaryConfig, dic: Dictionary, batch: Any) -> Tensor:
     """The target's output with the module's `site` (sae) or output (transcoder) replaced by the dictionary's."""
     mod = target_module(exp, cfg.module)
+
+    def replace(out: Any, new: Tensor) -> Any:
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
     if cfg.mode == "sae" and cfg.site == "input":
-        hook = mod.register_forward_pre_hook(lambda m, args: (dic(args[0]), *args[1:]))
+        def swap_input(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (dic(args[0]), *args[1:]), kwargs
+            key = next(k for k, v in kwargs.items() if isinstance(v, Tensor))
+            return args, {**kwargs, key: dic(kwargs[key])}
+        hook = mod.register_forward_pre_hook(swap_input, with_kwargs=True)
     elif cfg.mode == "sae":
-        hook = mod.register_forward_hook(lambda m, args, out: dic(out))
+        hook = mod.register_forward_hook(lambda m, args, out: replace(out, dic(main_output(out))))
     else:
-        hook = mod.register_forward_hook(lambda m, args, out: dic(args[0]))
+        hook = mod.register_forward_hook(lambda m, args, kwargs, out: replace(out, dic(first_tensor(args, kwargs))),
+                                         with_kwargs=True)
     try:
         return exp.output_fn(exp.model(exp.input_fn(batch)))
     finally:
