@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from analysis.compare_methods import recovered
 from sae_baseline import (Dictionary, DictionaryConfig, JumpReLU, StepST, abs_topk, batch_topk_relu, main,
                           topk_relu)
 from spd_common import SPDConfig
@@ -117,6 +118,16 @@ def test_stochastic_latents_are_ci_masked_at_eval_and_between_ci_and_one_in_trai
     dic.eval()
     z, terms = dic.encode(x)
     assert torch.allclose(z, pre * terms["ci"])
+
+
+def test_features_recovered_one_to_one_and_duplicates():
+    # latents x features. Latent 0 and 1 both sit on feature 0 (one is a duplicate), latent 2 on feature 1
+    # at 0.95, latent 3 half-way between features 1 and 2 (0.7 each: serves neither), feature 2 unrecovered
+    cos = torch.tensor([[0.99, 0.1, 0.0], [0.97, 0.0, 0.1], [0.1, 0.95, 0.2], [0.0, 0.7, 0.7]])
+    assert recovered(cos, 0.9) == (2, 1)
+    assert recovered(cos, 0.96) == (1, 1)
+    assert recovered(cos[2:], 0.9) == (1, 0)  # no latent at feature 0 any more
+    assert recovered(torch.zeros(0, 3), 0.9) == (0, 0)
 
 
 def write_config(tmp_path, name: str, experiment: str, script: str, overrides: list[str], dictionary: dict) -> str:
