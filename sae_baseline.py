@@ -385,7 +385,11 @@ def load_sae_run(run_dir: str | Path) -> tuple[SAEConfig, Experiment, Dictionary
     if not ckpts:
         raise SPDError(f"{run_dir} holds no checkpoint; pass the run dir of a finished sae_baseline.py run")
     exp, dic = build(cfg)
-    dic.load_decomposition_state(load_checkpoint(ckpts[0], required=("components",)))
+    state = load_checkpoint(ckpts[0], required=("components", "target_digest"))
+    if state["target_digest"] != target_digest(exp.model):
+        raise SPDError(f"{ckpts[0]} was trained against a different target than the one {cfg.experiment} "
+                       f"builds now (retrained since?); restore the run's original target file")
+    dic.load_decomposition_state(state)
     return cfg, exp, dic.eval()
 
 
