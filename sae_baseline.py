@@ -1,0 +1,486 @@
+"""Sparse dictionaries (SAEs, transcoders) on one module of any experiment's target: SPD's baselines.
+
+    python sae_baseline.py configs/sae_tms_5-2.yaml [key.sub=value ...] [--out DIR]
+    python sae_baseline.py --resume RUN_DIR   # continue an interrupted run (README: Resuming)
+
+The story:
+  1. Load the config and build the experiment it names (`experiment:`, e.g. configs/tms_5-2.yaml)
+     through that experiment script's `build()`: its target (trained and cached if missing) and its
+     step-indexed data. The decomposition `build()` attaches is never trained here.
+  2. Read one module's activations on each step's batch (`dictionary.module`): its input or output
+     (`sae`), or input -> output (`transcoder`), each scaled to a mean squared norm of its width.
+  3. Train a dictionary y^ = z(x) W_dec + b_dec, z = f(x W_enc + b_enc), f one of: ReLU + L1, TopK,
+     BatchTopK, JumpReLU (straight-through threshold gradient), AbsTopK, or `stochastic` (ReLU
+     latents masked with SPD's CI function and masks, under importance minimality). Options: unit-norm
+     decoder rows with the gradient projected onto their tangent space, an auxiliary loss that lets
+     dead latents reconstruct the residual, input normalisation.
+  4. Evaluate: L0, dead latents, fraction of variance unexplained, and the target's output with the
+     dictionary spliced in for the module, relative to the target output's variance.
+  5. Figures: latent firing densities, and each alive latent's largest cosine with another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from spd_common import (Experiment, SPDConfig, importance_minimality_loss, lower_leaky_hard_sigmoid, lr_at,
+                        make_ci_fn, nonfinite_term, output_loss, run_results, sample_masks, upper_leaky_hard_sigmoid)
+from spd_config import SPDError, config_to_dict, load_config, option
+from spd_run import (MetricsLogger, Preempted, config_class, import_script, load_checkpoint, parse_cli,
+                     preemption_signals, resume_training, run_main, save_training_checkpoint, script_for,
+                     target_digest, write_results)
+
+Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "abstopk", "stochastic"]
+
+
+@dataclass
+class DictionaryConfig:
+    module: str = option(doc="target module whose activations are read, e.g. linear1 or layers.0")
+    mode: Literal["sae", "transcoder"] = option("sae", "sae: reconstruct the module's `site`; transcoder: "
+                                                "map the module's input to its output")
+    site: Literal["input", "output"] = option("output", "sae mode: which of the module's activations to reconstruct")
+    n_latents: int = option(64, "dictionary size", ge=1)
+    activation: Activation = option("topk", "sparse activation f (stochastic: ReLU latents under SPD masks)")
+    k: float = option(4, "topk / abstopk: latents kept per example (whole); batchtopk: round(k x batch) kept over "
+                         "the batch, so it may be below 1 for sparse data", gt=0)
+    l1_coeff: float = option(1e-3, "relu: weight of sum_c z_c ||W_dec[c]||", ge=0)
+    l0_coeff: float = option(1e-3, "jumprelu: weight of the L0 (straight-through to the thresholds)", ge=0)
+    threshold_init: float = option(0.1, "jumprelu: initial threshold of every latent", gt=0)
+    bandwidth: float = option(0.05, "jumprelu: width of the straight-through window around the threshold", gt=0)
+    unit_norm_decoder: bool = option(True, "keep decoder rows at norm 1, gradients projected onto that sphere")
+    aux_coeff: float = option(1 / 32, "weight of the dead-latent auxiliary loss (0 = off)", ge=0)
+    aux_k: int = option(16, "dead latents (largest pre-activations) the auxiliary loss uses per example", ge=1)
+    dead_steps: int = option(200, "a latent that has not fired for this many steps counts as dead", ge=1)
+    normalize: bool = option(True, "scale input and output to a mean squared norm equal to their width")
+    threshold_momentum: float = option(0.99, "batchtopk: EMA momentum of the inference threshold", ge=0, le=1)
+    n_eval_batches: int = option(4, "held-out batches for the final metrics", ge=1)
+
+
+@dataclass
+class SAEConfig:
+    experiment: str = option(doc="the experiment config whose target and data are used, e.g. configs/tms_5-2.yaml")
+    dictionary: DictionaryConfig = option(doc="what the dictionary reads and how it is sparse")
+    spd: SPDConfig = option(doc="training settings (steps, batch_size, lr, lr_schedule, seed, device, threads, "
+                                "checkpoints); stochastic: also ci_fn, ci_hidden, sampling, "
+                                "importance_minimality_coeff, p, ci_threshold. Also set in the experiment's build")
+    experiment_overrides: list[str] = option([], "key.sub=value overrides of the experiment config")
+    experiment_script: Optional[str] = option(None, "the script that runs the experiment config (null: the one "
+                                                    "*_decomposition.py whose config class reads it)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Sparse activations: (..., n) pre-activations -> (..., n) latents
+# ------------------------------------------------------------------------------------------------
+def topk_relu(pre: Tensor, k: int) -> Tensor:
+    """The k largest pre-activations of each example, ReLU'd; the rest 0 (gradient to the kept only)."""
+    vals, idx = pre.topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+
+
+def batch_topk_relu(pre: Tensor, k: float) -> Tensor:
+    """The round(k x batch) largest ReLU'd pre-activations over the whole batch (B, n): an example may
+    keep more or fewer than k. The smallest kept value feeds the threshold used at inference."""
+    flat = pre.relu().flatten()
+    vals, idx = flat.topk(min(max(round(k * pre.shape[0]), 1), flat.numel()))
+    return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
+
+
+def abs_topk(pre: Tensor, k: int) -> Tensor:
+    """The k pre-activations of largest magnitude per example, with their sign (no ReLU)."""
+    idx = pre.abs().topk(k, dim=-1).indices
+    return torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx))
+
+
+def rectangle(u: Tensor) -> Tensor:
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    """z = pre * H(pre - theta). d/dpre: H; d/dtheta, straight through a window of width eps around
+    theta: -(theta / eps) K((pre - theta) / eps), K the unit rectangle (Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        d_theta = -(theta / ctx.eps) * rectangle((pre - theta) / ctx.eps) * grad
+        return grad * (pre > theta), d_theta.reshape(-1, theta.shape[-1]).sum(0), None
+
+
+class StepST(torch.autograd.Function):
+    """H(pre - theta), the JumpReLU's L0. d/dpre: 0; d/dtheta: -(1 / eps) K((pre - theta) / eps)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        d_theta = -(1 / ctx.eps) * rectangle((pre - theta) / ctx.eps) * grad
+        return torch.zeros_like(pre), d_theta.reshape(-1, theta.shape[-1]).sum(0), None
+
+
+# ------------------------------------------------------------------------------------------------
+# The dictionary
+# ------------------------------------------------------------------------------------------------
+class Dictionary(nn.Module):
+    """Encoder W_enc (d_in, n), decoder W_dec (n, d_out): rows of W_dec are the latents' directions.
+
+    `decomposition_state` / `load_decomposition_state` let spd_run's checkpoints and resume carry it."""
+
+    def __init__(self, d_in: int, d_out: int, cfg: DictionaryConfig, spd: SPDConfig):
+        super().__init__()
+        self.cfg, self.spd, n = cfg, spd, cfg.n_latents
+        W_dec = F.normalize(torch.randn(n, d_out), dim=-1)
+        W_enc = W_dec.T.clone() if d_in == d_out else torch.randn(d_in, n) / d_in ** 0.5
+        self.W_enc, self.W_dec = nn.Parameter(W_enc), nn.Parameter(W_dec)
+        self.b_enc, self.b_dec = nn.Parameter(torch.zeros(n)), nn.Parameter(torch.zeros(d_out))
+        if cfg.activation == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n,), float(cfg.threshold_init)).log())
+        if cfg.activation == "stochastic":
+            self.ci_fn = make_ci_fn(spd.ci_fn, n, d_in, spd.ci_hidden)
+        self.register_buffer("in_scale", torch.ones(()))
+        self.register_buffer("out_scale", torch.ones(()))
+        self.register_buffer("steps_since_fired", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("batch_threshold", torch.zeros(()))  # batchtopk at inference
+
+    def pre(self, x: Tensor) -> Tensor:
+        """Pre-activations (..., n); an SAE first subtracts the decoder bias (its estimate of the mean)."""
+        if self.cfg.mode == "sae":
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Latents z (..., n) and the activation's own terms (penalty, ci) for `losses`."""
+        cfg, pre = self.cfg, self.pre(x)
+        if cfg.activation == "relu":
+            z = pre.relu()
+            return z, {"sparsity": (z * self.W_dec.norm(dim=-1)).sum(-1).mean()}
+        if cfg.activation == "topk":
+            return topk_relu(pre, int(cfg.k)), {}
+        if cfg.activation == "abstopk":
+            return abs_topk(pre, int(cfg.k)), {}
+        if cfg.activation == "batchtopk":
+            if not self.training:  # per example, at the threshold learned in training
+                return pre.relu() * (pre > self.batch_threshold), {}
+            z = batch_topk_relu(pre.flatten(0, -2), cfg.k).view_as(pre)
+            kept = z[z > 0]
+            if kept.numel():
+                m = cfg.threshold_momentum
+                self.batch_threshold.mul_(m).add_((1 - m) * kept.min().detach())
+            return z, {}
+        if cfg.activation == "jumprelu":
+            theta = self.log_threshold.exp()
+            z = JumpReLU.apply(pre, theta, cfg.bandwidth)
+            return z, {"sparsity": StepST.apply(pre, theta, cfg.bandwidth).sum(-1).mean()}
+        ci_pre = self.ci_fn(pre if self.spd.ci_fn == "mlp" else x)  # stochastic
+        ci, ci_upper = lower_leaky_hard_sigmoid(ci_pre), upper_leaky_hard_sigmoid(ci_pre)
+        mask = sample_masks({"z": ci}, self.spd.sampling, use_delta=False)[0]["z"] if self.training else ci
+        return pre.relu() * mask, {"ci": ci, "sparsity": importance_minimality_loss({"z": ci_upper}, self.spd.p)}
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalised space is internal: raw input (..., d_in) -> raw output (..., d_out)."""
+        return self.decode(self.encode(x * self.in_scale)[0]) / self.out_scale
+
+    def active(self, z: Tensor, terms: dict[str, Tensor]) -> Tensor:
+        """Which latents are on (bool, like z): z != 0; for `stochastic` also CI above spd.ci_threshold
+        (in training z is masked by noise, not by CI)."""
+        return (z != 0) & (terms["ci"] > self.spd.ci_threshold) if "ci" in terms else z != 0
+
+    def losses(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Unweighted loss terms and `total` on one normalised batch x (B, d_in) -> y (B, d_out)."""
+        cfg = self.cfg
+        z, terms = self.encode(x)
+        y_hat = self.decode(z)
+        losses = {"recon": F.mse_loss(y_hat, y)}
+        coeff = {"relu": cfg.l1_coeff, "jumprelu": cfg.l0_coeff,
+                 "stochastic": self.spd.importance_minimality_coeff or 0.0}.get(cfg.activation, 0.0)
+        if "sparsity" in terms:
+            losses["sparsity"] = terms["sparsity"]
+        fired = self.active(z, terms).flatten(0, -2).any(0)
+        self.steps_since_fired.add_(1).masked_fill_(fired, 0)
+        dead = self.steps_since_fired >= cfg.dead_steps
+        if cfg.aux_coeff and dead.any():  # dead latents reconstruct what the live ones miss (Gao et al. 2024)
+            residual = (y - y_hat).detach()
+            pre_dead = self.pre(x).masked_fill(~dead, -float("inf"))
+            z_aux = topk_relu(pre_dead, min(cfg.aux_k, int(dead.sum()))).nan_to_num(0.0)
+            losses["aux"] = F.mse_loss(z_aux @ self.W_dec, residual) / residual.pow(2).mean().clamp_min(1e-12)
+        losses["total"] = (losses["recon"] + coeff * losses.get("sparsity", 0.0)
+                           + cfg.aux_coeff * losses.get("aux", 0.0))
+        return losses
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """Remove the part of each decoder row's gradient along the row: a step then moves along the sphere."""
+        if self.W_dec.grad is not None:
+            W = self.W_dec
+            W.grad -= (W.grad * W).sum(-1, keepdim=True) * W
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    def decomposition_state(self) -> dict[str, Any]:
+        return {"components": self.state_dict(), "ci_fns": {}}
+
+    def load_decomposition_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["components"])
+
+
+# ------------------------------------------------------------------------------------------------
+# The target's activations, and the dictionary spliced in
+# ------------------------------------------------------------------------------------------------
+def target_module(exp: Experiment, name: str) -> nn.Module:
+    try:
+        return exp.model.target.get_submodule(name)
+    except AttributeError:
+        names = [n for n, _ in exp.model.target.named_modules() if n and ".original" not in n]
+        raise SPDError(f"dictionary.module '{name}' is not a module of the target; its modules: "
+                       f"{', '.join(names)}") from None
+
+
+def first_tensor(args: tuple, kwargs: dict) -> Tensor:
+    """A module's main input: its first positional argument, or its first keyword tensor (e.g. hidden_states)."""
+    return args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+
+
+def main_output(out: Any) -> Tensor:
+    """A module's main output: the output itself, or the first element of a tuple (attention layers)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def module_io(exp: Experiment, name: str, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """The target's output (what its output loss compares) and the module's input and output on a batch."""
+    seen: dict[str, Tensor] = {}
+    hook = target_module(exp, name).register_forward_hook(
+        lambda m, args, kwargs, out: seen.update(a=first_tensor(args, kwargs), b=main_output(out)), with_kwargs=True)
+    try:
+        out = exp.output_fn(exp.model(exp.input_fn(batch)))
+    finally:
+        hook.remove()
+    return out, seen["a"], seen["b"]
+
+
+def read_write(cfg: DictionaryConfig, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(what the dictionary reads, what it must produce), flattened to (N, d)."""
+    if cfg.mode == "transcoder":
+        return a.flatten(0, -2), b.flatten(0, -2)
+    x = a if cfg.site == "input" else b
+    return x.flatten(0, -2), x.flatten(0, -2)
+
+
+@torch.no_grad()
+def spliced_output(exp: Experiment, cfg: DictionaryConfig, dic: Dictionary, batch: Any) -> Tensor:
+    """The target's output with the module's `site` (sae) or output (transcoder) replaced by the dictionary's."""
+    mod = target_module(exp, cfg.module)
+
+    def replace(out: Any, new: Tensor) -> Any:
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    if cfg.mode == "sae" and cfg.site == "input":
+        def swap_input(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (dic(args[0]), *args[1:]), kwargs
+            key = next(k for k, v in kwargs.items() if isinstance(v, Tensor))
+            return args, {**kwargs, key: dic(kwargs[key])}
+        hook = mod.register_forward_pre_hook(swap_input, with_kwargs=True)
+    elif cfg.mode == "sae":
+        hook = mod.register_forward_hook(lambda m, args, out: replace(out, dic(main_output(out))))
+    else:
+        hook = mod.register_forward_hook(lambda m, args, kwargs, out: replace(out, dic(first_tensor(args, kwargs))),
+                                         with_kwargs=True)
+    try:
+        return exp.output_fn(exp.model(exp.input_fn(batch)))
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
+def evaluate_dictionary(exp: Experiment, cfg: SAEConfig, dic: Dictionary) -> tuple[dict[str, float], Tensor]:
+    """Metrics on held-out batches, and each latent's firing density (n,)."""
+    dic.eval()
+    d, spd = cfg.dictionary, cfg.spd
+    fires, n, err, var, out_err, out_var, out_loss = 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0
+    for i in range(d.n_eval_batches):
+        batch = exp.eval_batch(i)
+        out, a, b = module_io(exp, d.module, batch)
+        x, y = read_write(d, a, b)
+        z, terms = dic.encode(x * dic.in_scale)
+        on = dic.active(z, terms)
+        fires, n = fires + on.sum(0), n + len(x)
+        err += (dic.decode(z) / dic.out_scale - y).pow(2).sum().item()
+        var += (y - y.mean(0)).pow(2).sum().item()
+        spliced = spliced_output(exp, d, dic, batch)
+        out_err += (spliced - out).pow(2).mean().item()
+        out_var += out.var().item()
+        out_loss += output_loss(spliced, out, spd.output_loss).item() / d.n_eval_batches
+    density = fires.float() / n
+    dic.train()
+    return {"l0": density.sum().item(), "n_dead": int((density == 0).sum()), "fvu": err / var,
+            "spliced_output_loss": out_loss, "spliced_mse_over_target_var": out_err / out_var}, density
+
+
+# ------------------------------------------------------------------------------------------------
+# Building and training
+# ------------------------------------------------------------------------------------------------
+def experiment_config(cfg: SAEConfig) -> tuple[Any, Any]:
+    """(the experiment script as a module, its config with this run's batch sizes, seed and device)."""
+    root = Path(__file__).resolve().parent
+    module = import_script(root / (cfg.experiment_script or script_for(cfg.experiment)))
+    exp_cfg = load_config(config_class(module), cfg.experiment, cfg.experiment_overrides)
+    for key in ("batch_size", "eval_batch_size", "seed", "device"):
+        setattr(exp_cfg.spd, key, getattr(cfg.spd, key))
+    return module, exp_cfg
+
+
+def build(cfg: SAEConfig) -> tuple[Experiment, Dictionary]:
+    """The experiment and a fresh dictionary sized to its module, with the normalisation scales set."""
+    d = cfg.dictionary
+    if d.activation in ("topk", "abstopk") and (d.k != int(d.k) or d.k > d.n_latents):
+        raise SPDError(f"dictionary.k = {d.k}: {d.activation} keeps a whole number of latents per example, "
+                       f"1 to n_latents = {d.n_latents}; set k to one")
+    module, exp_cfg = experiment_config(cfg)
+    exp = module.build(exp_cfg)
+    target_module(exp, cfg.dictionary.module)
+    _, a, b = module_io(exp, cfg.dictionary.module, exp.train_batch(0))
+    x, y = read_write(cfg.dictionary, a, b)
+    torch.manual_seed(cfg.spd.seed)
+    dic = Dictionary(x.shape[-1], y.shape[-1], cfg.dictionary, cfg.spd).to(x.device)
+    if cfg.dictionary.normalize:  # a constant per side, from the first training batch, so that resume sees the same
+        dic.in_scale.fill_((x.shape[-1] / x.pow(2).sum(-1).mean().clamp_min(1e-12)) ** 0.5)
+        dic.out_scale.fill_((y.shape[-1] / y.pow(2).sum(-1).mean().clamp_min(1e-12)) ** 0.5)
+    with torch.no_grad():  # start from the mean output: a constant part (an MLP's bias) would take Adam long to learn
+        dic.b_dec.copy_(y.mean(0) * dic.out_scale)
+    return exp, dic
+
+
+def load_sae_run(run_dir: str | Path) -> tuple[SAEConfig, Experiment, Dictionary]:
+    """A finished (or checkpointed) run of this script: its config, experiment and trained dictionary."""
+    run_dir = Path(run_dir)
+    cfg = load_config(SAEConfig, run_dir / "config.yaml")
+    ckpts = sorted((run_dir / "checkpoints").glob("*.pt"), key=lambda p: (p.name != "final.pt", p.stat().st_mtime))
+    if not ckpts:
+        raise SPDError(f"{run_dir} holds no checkpoint; pass the run dir of a finished sae_baseline.py run")
+    exp, dic = build(cfg)
+    state = load_checkpoint(ckpts[0], required=("components", "target_digest"))
+    if state["target_digest"] != target_digest(exp.model):
+        raise SPDError(f"{ckpts[0]} was trained against a different target than the one {cfg.experiment} "
+                       f"builds now (retrained since?); restore the run's original target file")
+    dic.load_decomposition_state(state)
+    return cfg, exp, dic.eval()
+
+
+def train(exp: Experiment, cfg: SAEConfig, dic: Dictionary, run_dir: Path) -> dict[str, Any]:
+    """Adam on the dictionary; checkpoints, resume and preemption as in spd_common.optimize."""
+    import time
+
+    spd, d = cfg.spd, cfg.dictionary
+    opt = torch.optim.Adam(dic.parameters(), lr=spd.lr)
+    digest = target_digest(exp.model)
+    state = resume_training(run_dir, dic, opt, digest, True, spd.steps)
+    logger = MetricsLogger(run_dir, spd.wandb_project, config_to_dict(cfg))
+
+    def save(name: str) -> None:
+        save_training_checkpoint(run_dir / "checkpoints" / name, dic, opt, state, digest, True, spd.keep_checkpoints)
+
+    t0 = time.time()
+    try:
+        with preemption_signals() as caught:
+            for step in range(state.step, spd.steps):
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, spd)
+                _, a, b = module_io(exp, d.module, exp.train_batch(step))
+                x, y = read_write(d, a, b)
+                losses = dic.losses(x * dic.in_scale, y * dic.out_scale)
+                opt.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                if d.unit_norm_decoder:
+                    dic.project_decoder_grad()
+                bad = nonfinite_term(losses, torch.nn.utils.get_total_norm([p.grad for p in dic.parameters()
+                                                                            if p.grad is not None]))
+                if bad is not None:
+                    raise SPDError(f"loss term '{bad[0]}' is {bad[1]} at step {step}; lower spd.lr")
+                opt.step()
+                if d.unit_norm_decoder:
+                    dic.normalize_decoder()
+                if step % spd.log_every == 0 or step == spd.steps - 1:
+                    state.train_metrics = {f"train/{k}": v.item() for k, v in losses.items()}
+                    state.train_metrics["train/n_dead"] = int((dic.steps_since_fired >= d.dead_steps).sum())
+                    logger.log(step, state.train_metrics)
+                if step > 0 and step % spd.eval_every == 0:
+                    logger.log(step, {f"eval/{k}": v for k, v in evaluate_dictionary(exp, cfg, dic)[0].items()})
+                state.step = step + 1
+                if spd.checkpoint_every and state.step % spd.checkpoint_every == 0 and state.step < spd.steps:
+                    save(f"step_{state.step}.pt")
+                if caught and state.step < spd.steps:
+                    save(f"step_{state.step}.pt")
+                    raise Preempted(f"{caught[0]} at step {state.step} of {spd.steps}: saved {state.last_ckpt}; "
+                                    f"continue with python sae_baseline.py --resume {run_dir}")
+        wall = time.time() - t0
+        save("final.pt")
+        final, density = evaluate_dictionary(exp, cfg, dic)
+        logger.log(spd.steps, {f"eval/{k}": v for k, v in final.items()})
+    finally:
+        logger.close()
+    return run_results(spd, state, wall, dic.W_dec.device) | state.train_metrics | final | {"density": density.tolist()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def plot_latents(dic: Dictionary, density: list[float], path: Path) -> None:
+    """Left: firing density of each latent (log10; dead at the left edge). Right: each alive latent's
+    largest cosine with another alive latent's decoder row (near 1: duplicates)."""
+    dens = torch.tensor(density)
+    alive = dens > 0
+    W = F.normalize(dic.W_dec[alive.to(dic.W_dec.device)].float(), dim=-1).cpu()
+    cos = (W @ W.T).fill_diagonal_(-1).max(1).values if len(W) > 1 else torch.zeros(0)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].hist(dens.clamp_min(1e-6).log10().numpy(), bins=40)
+    axes[0].set(xlabel="log10 firing density (dead: -6)", ylabel="latents",
+                title=f"{int(alive.sum())} alive of {len(dens)}")
+    axes[1].hist(cos.numpy(), bins=40, range=(-1, 1))
+    axes[1].set(xlabel="largest cosine with another alive latent's decoder row", ylabel="latents")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    cfg, run_dir = parse_cli(SAEConfig, __doc__.splitlines()[0])
+    exp, dic = build(cfg)
+    results = train(exp, cfg, dic, run_dir)
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    plot_latents(dic, results["density"], figures / "latents.png")
+    print(f"{cfg.dictionary.mode} {cfg.dictionary.activation} on {cfg.dictionary.module}: L0 {results['l0']:.2f}  "
+          f"dead {results['n_dead']}/{cfg.dictionary.n_latents}  FVU {results['fvu']:.4g}  spliced output MSE / "
+          f"target var {results['spliced_mse_over_target_var']:.4g}  ({results['steps']} steps, {results['wall_s']} s)")
+    write_results(run_dir, results)
+
+
+if __name__ == "__main__":
+    run_main(main)

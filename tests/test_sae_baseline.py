@@ -1,0 +1,178 @@
+"""sae_baseline.py: each sparse activation's forward and backward on hand-checked tensors, the
+decoder-norm projection, the dead-latent loss, and short end-to-end runs of both modes with resume."""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+from analysis.compare_methods import recovered
+from sae_baseline import (Dictionary, DictionaryConfig, JumpReLU, StepST, abs_topk, batch_topk_relu, main,
+                          topk_relu)
+from spd_common import SPDConfig
+
+
+def grad_of(fn, pre: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pre = pre.clone().requires_grad_(True)
+    out = fn(pre)
+    (out * upstream).sum().backward()
+    return out.detach(), pre.grad
+
+
+def test_topk_keeps_the_k_largest_relud_and_routes_gradient_to_them():
+    pre = torch.tensor([[3.0, -1.0, 2.0, 0.5], [-1.0, -2.0, -3.0, 0.1]])
+    up = torch.tensor([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
+    z, g = grad_of(lambda p: topk_relu(p, 2), pre, up)
+    assert torch.equal(z, torch.tensor([[3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.1]]))
+    # kept and positive: the upstream gradient; kept but negative (-1 in row 2): ReLU'd, no gradient
+    assert torch.equal(g, torch.tensor([[1.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 8.0]]))
+
+
+def test_batch_topk_keeps_k_times_batch_over_the_whole_batch():
+    pre = torch.tensor([[5.0, 1.0], [0.5, 0.2], [4.0, 3.0]])
+    z, g = grad_of(lambda p: batch_topk_relu(p, 1), pre, torch.ones(3, 2))
+    # the 3 largest of the batch are 5, 4, 3: example 0 keeps one, example 1 none, example 2 two
+    assert torch.equal(z, torch.tensor([[5.0, 0.0], [0.0, 0.0], [4.0, 3.0]]))
+    assert torch.equal(g, torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))
+    # k below 1: round(0.34 x 3) = 1 latent in the whole batch
+    assert torch.equal(batch_topk_relu(pre, 0.34), torch.tensor([[5.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+
+
+def test_abs_topk_keeps_the_largest_magnitudes_with_their_sign():
+    z, g = grad_of(lambda p: abs_topk(p, 2), torch.tensor([[-3.0, 1.0, 2.0]]), torch.tensor([[1.0, 2.0, 3.0]]))
+    assert torch.equal(z, torch.tensor([[-3.0, 0.0, 2.0]]))
+    assert torch.equal(g, torch.tensor([[1.0, 0.0, 3.0]]))
+
+
+def test_jumprelu_and_its_l0_straight_through_threshold_gradients():
+    pre = torch.tensor([[0.5, 2.05, 3.0]], requires_grad=True)
+    theta = torch.tensor([1.0, 2.0, 1.0], requires_grad=True)
+    z = JumpReLU.apply(pre, theta, 0.2)
+    assert torch.allclose(z, torch.tensor([[0.0, 2.05, 3.0]]))  # below its threshold: 0; above: pre itself
+    z.sum().backward()
+    assert torch.equal(pre.grad, torch.tensor([[0.0, 1.0, 1.0]]))
+    # only latent 1 lies within eps/2 = 0.1 of its threshold: d/dtheta = -theta / eps = -2 / 0.2
+    assert torch.allclose(theta.grad, torch.tensor([0.0, -10.0, 0.0]))
+    pre.grad, theta.grad = None, None
+    l0 = StepST.apply(pre, theta, 0.2)
+    assert torch.equal(l0, torch.tensor([[0.0, 1.0, 1.0]]))
+    l0.sum().backward()
+    assert torch.equal(pre.grad, torch.zeros(1, 3))  # the L0 pushes thresholds only
+    assert torch.allclose(theta.grad, torch.tensor([0.0, -5.0, 0.0]))  # -1 / eps
+
+
+def test_jumprelu_dictionary_passes_the_threshold_gradient_to_log_threshold():
+    dic = Dictionary(2, 2, DictionaryConfig(module="m", activation="jumprelu", n_latents=2, threshold_init=1.0,
+                                            bandwidth=0.2), SPDConfig())
+    with torch.no_grad():
+        dic.W_enc.copy_(torch.eye(2))
+    z, terms = dic.encode(torch.tensor([[1.05, 3.0]]))
+    (z.sum() + terms["sparsity"]).backward()
+    # latent 0 is in the window: -(theta / eps) - 1 / eps = -10, times dtheta/dlog = theta = 1
+    assert torch.allclose(dic.log_threshold.grad, torch.tensor([-10.0, 0.0]))
+
+
+def test_decoder_gradient_projection_and_renormalisation():
+    dic = Dictionary(2, 2, DictionaryConfig(module="m", n_latents=2), SPDConfig())
+    with torch.no_grad():
+        dic.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.6, 0.8]]))
+    dic.W_dec.grad = torch.tensor([[2.0, 3.0], [1.0, 1.0]])
+    dic.project_decoder_grad()
+    # the part along each row goes: [2, 3] - 2 [1, 0]; [1, 1] - 1.4 [0.6, 0.8]
+    assert torch.allclose(dic.W_dec.grad, torch.tensor([[0.0, 3.0], [0.16, -0.12]]))
+    assert torch.allclose((dic.W_dec.grad * dic.W_dec).sum(-1), torch.zeros(2), atol=1e-6)
+    with torch.no_grad():
+        dic.W_dec.sub_(0.5 * dic.W_dec.grad)
+    dic.normalize_decoder()
+    assert torch.allclose(dic.W_dec.norm(dim=-1), torch.ones(2))
+    assert torch.allclose(dic.W_dec[0], torch.tensor([1.0, -1.5]) / 3.25 ** 0.5)  # [1, 0] - 0.5 [0, 3], unit
+
+
+def test_dead_latents_reconstruct_the_residual():
+    cfg = DictionaryConfig(module="m", activation="topk", k=1, n_latents=2, aux_k=1, dead_steps=10, aux_coeff=0.5)
+    dic = Dictionary(2, 2, cfg, SPDConfig())
+    with torch.no_grad():
+        dic.W_enc.copy_(torch.eye(2))
+        dic.W_dec.copy_(torch.tensor([[1.0, 0.0], [0.6, 0.8]]))
+    dic.steps_since_fired.fill_(10)  # both dead; latent 0 fires in this batch and comes back
+    x = torch.tensor([[1.0, 0.5]])
+    losses = dic.losses(x, x)
+    assert dic.steps_since_fired.tolist() == [0, 11]
+    # top-1 keeps latent 0: y^ = [1, 0], residual [0, 0.5]. Dead latent 1 (pre 0.5) writes 0.5 [0.6, 0.8]:
+    # MSE((0.3, 0.4), (0, 0.5)) = 0.05, over the residual's mean square 0.125
+    assert losses["recon"].item() == pytest.approx(0.125)
+    assert losses["aux"].item() == pytest.approx(0.4)
+    assert losses["total"].item() == pytest.approx(0.125 + 0.5 * 0.4)
+    losses["total"].backward()
+    assert dic.W_dec.grad[1].abs().sum() > 0  # only through the auxiliary loss
+
+
+def test_stochastic_latents_are_ci_masked_at_eval_and_between_ci_and_one_in_training():
+    dic = Dictionary(2, 2, DictionaryConfig(module="m", activation="stochastic", n_latents=2), SPDConfig())
+    x = torch.randn(64, 2)
+    pre = dic.pre(x).relu()
+    z, terms = dic.encode(x)
+    assert (z <= pre + 1e-6).all() and (z >= pre * terms["ci"].clamp(0, 1) - 1e-6).all()
+    dic.eval()
+    z, terms = dic.encode(x)
+    assert torch.allclose(z, pre * terms["ci"])
+
+
+def test_features_recovered_one_to_one_and_duplicates():
+    # latents x features. Latent 0 and 1 both sit on feature 0 (one is a duplicate), latent 2 on feature 1
+    # at 0.95, latent 3 half-way between features 1 and 2 (0.7 each: serves neither), feature 2 unrecovered
+    cos = torch.tensor([[0.99, 0.1, 0.0], [0.97, 0.0, 0.1], [0.1, 0.95, 0.2], [0.0, 0.7, 0.7]])
+    assert recovered(cos, 0.9) == (2, 1)
+    assert recovered(cos, 0.96) == (1, 1)
+    assert recovered(cos[2:], 0.9) == (1, 0)  # no latent at feature 0 any more
+    assert recovered(torch.zeros(0, 3), 0.9) == (0, 0)
+
+
+def write_config(tmp_path, name: str, experiment: str, script: str, overrides: list[str], dictionary: dict) -> str:
+    import yaml
+
+    cfg = {"experiment": experiment, "experiment_script": script, "experiment_overrides": overrides,
+           "dictionary": dictionary,
+           "spd": {"steps": 60, "batch_size": 256, "eval_batch_size": 512, "lr": 3e-3, "eval_every": 30,
+                   "checkpoint_every": 30, "log_every": 10, "importance_minimality_coeff": 1e-3}}
+    cfg["dictionary"]["n_eval_batches"] = 2
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def run(monkeypatch, capsys, *argv: str) -> dict:
+    monkeypatch.setattr(sys, "argv", ["sae_baseline.py", *argv])
+    main()
+    return json.loads(open(capsys.readouterr().out.strip().splitlines()[-1]).read())
+
+
+def test_sae_on_tms_hidden_layer_end_to_end_and_resume_is_exact(tmp_path, monkeypatch, capsys):
+    cfg = write_config(tmp_path, "sae_tms", "configs/tms_5-2.yaml", "tms_decomposition.py",
+                       [f"target.path={tmp_path}/tms.pt", "target.steps=500", "target.batch_size=256"],
+                       {"module": "linear1", "mode": "sae", "n_latents": 5, "activation": "topk", "k": 1})
+    res = run(monkeypatch, capsys, cfg, "--out", str(tmp_path / "a"))
+    assert res["steps"] == 60 and res["l0"] == pytest.approx(1.0) and len(res["density"]) == 5
+    assert res["fvu"] < 0.5 and res["spliced_mse_over_target_var"] < 1.0  # better than nothing in 60 steps
+    assert (tmp_path / "a" / "figures" / "latents.png").is_file()
+    # interrupted after step 30: drop what came after, resume, and land on the same dictionary
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for name in ("results.json", "checkpoints/final.pt"):
+        (tmp_path / "b" / name).unlink()
+    resumed = run(monkeypatch, capsys, "--resume", str(tmp_path / "b"))
+    assert resumed["resumed_from_step"] == 30 and resumed["fvu"] == res["fvu"]
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "final.pt", weights_only=True)["components"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stochastic_transcoder_on_a_residual_mlp_end_to_end(tmp_path, monkeypatch, capsys):
+    cfg = write_config(tmp_path, "tc_resid", "configs/resid_mlp1.yaml", "resid_mlp_decomposition.py",
+                       [f"target.path={tmp_path}/resid.pt", "target.n_features=10", "target.d_embed=20",
+                        "target.d_mlp=10", "target.feature_probability=0.1", "target.steps=500",
+                        "target.batch_size=256", "spd.modules={layers.*.mlp_in: 4}"],
+                       {"module": "layers.0", "mode": "transcoder", "n_latents": 20, "activation": "stochastic"})
+    res = run(monkeypatch, capsys, cfg, "--out", str(tmp_path / "tc"))
+    assert res["steps"] == 60 and 0 < res["l0"] < 20
+    assert res["fvu"] < 1.0 and res["spliced_mse_over_target_var"] < 1.0
