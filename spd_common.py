@@ -343,6 +343,7 @@ class ComponentModel(nn.Module):
         self.components = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
         self.decomposed: dict[str, DecomposedModule] = {}
+        self.global_ci = ci_fn.startswith("global")
         ci_in: dict[str, int] = {}  # what each module's CI function reads: d_in (an embedding: C)
         # Sources before the modules tied to them, so that their components exist.
         for name in [n for n in self.C if n not in tied] + [n for n in self.C if n in tied]:
@@ -353,7 +354,7 @@ class ComponentModel(nn.Module):
             comps = Components(d_in, d_out, self.C[name], tied_to=src)
             self.components[_key(name)] = comps
             ci_in[name] = self.C[name] if isinstance(original, nn.Embedding) else d_in
-            if not ci_fn.startswith("global"):
+            if not self.global_ci:
                 self.ci_fns[_key(name)] = make_ci_fn(ci_fn, self.C[name], ci_in[name], ci_hidden)
             wrapper = DecomposedModule(original, comps, runs_own_forward(name, original))
             if isinstance(original, ExpertLinear):  # its experts module, wrapped once, runs it in the expert's place
@@ -366,10 +367,9 @@ class ComponentModel(nn.Module):
                 _swap(target, name, wrapper)
             self.decomposed[name] = wrapper
         self.names = list(self.decomposed)
-        self.global_ci = ci_fn.startswith("global")
-        if self.global_ci:
-            self.ci_fns["global"] = GlobalCI(ci_fn, {n: ci_in[n] for n in self.names}, {n: self.C[n] for n in self.names},
-                                             ci_hidden, ci_layers, ci_heads)
+        if self.global_ci:  # ci_in is in the order of self.names
+            self.ci_fns["global"] = GlobalCI(ci_fn, ci_in, {n: self.C[n] for n in self.names}, ci_hidden, ci_layers,
+                                             ci_heads)
         self.adversary = PersistentAdversary()  # spd.pgd_persistent's state, checkpointed with the decomposition
 
     @classmethod
@@ -466,8 +466,8 @@ class ComponentModel(nn.Module):
         if self.global_ci:
             pre = self.ci_fns["global"]({n: self.ci_input(n, inputs[n], None if inner is None else inner[n])
                                          for n in self.names})
-            return ({n: lower_hard_sigmoid(p, self.sigmoid) for n, p in pre.items()},
-                    {n: upper_leaky_hard_sigmoid(p) for n, p in pre.items()})
+            pairs = {n: self.ci_pair(p) for n, p in pre.items()}
+            return {n: lo for n, (lo, _) in pairs.items()}, {n: up for n, (_, up) in pairs.items()}
         lower, upper = {}, {}
         for n in self.decomposed:
             lower[n], upper[n] = self.module_ci(n, inputs[n], None if inner is None else inner[n])
@@ -486,7 +486,10 @@ class ComponentModel(nn.Module):
         acts on x, if already computed."""
         if self.global_ci:
             raise SPDError("a global CI function reads every module's input at once: use causal_importances")
-        pre = self.ci_fns[_key(name)](self.ci_input(name, x, inner))
+        return self.ci_pair(self.ci_fns[_key(name)](self.ci_input(name, x, inner)))
+
+    def ci_pair(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """CI from a CI function's pre-activations: (for the masks, spd.sigmoid; for importance minimality)."""
         return lower_hard_sigmoid(pre, self.sigmoid), upper_leaky_hard_sigmoid(pre)
 
     @torch.no_grad()

@@ -129,7 +129,7 @@ def test_pgd_and_frequency_term_gradients_on_two_processes_equal_one(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(gradients, args=(2, port, tmp_path / "two.pt"), nprocs=2)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    one, two = (torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in ("one", "two"))
     for key in one:
         for a, b in zip(one[key] if isinstance(one[key], list) else [one[key]],
                         two[key] if isinstance(two[key], list) else [two[key]]):
