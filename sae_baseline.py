@@ -34,8 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from spd_common import (Experiment, SPDConfig, importance_minimality_loss, lower_leaky_hard_sigmoid, lr_at,
-                        make_ci_fn, nonfinite_term, output_loss, run_results, sample_masks, upper_leaky_hard_sigmoid)
+from spd_common import (Experiment, SPDConfig, importance_minimality_loss, lr_at, make_ci_fn, nonfinite_term,
+                        output_loss, run_results, sample_masks)
 from spd_config import SPDError, config_to_dict, load_config, option
 from spd_run import (MetricsLogger, Preempted, config_class, import_script, load_checkpoint, parse_cli,
                      preemption_signals, resume_training, run_main, save_training_checkpoint, script_for,
@@ -192,8 +192,7 @@ class Dictionary(nn.Module):
             theta = self.log_threshold.exp()
             z = JumpReLU.apply(pre, theta, cfg.bandwidth)
             return z, {"sparsity": StepST.apply(pre, theta, cfg.bandwidth).sum(-1).mean()}
-        ci_pre = self.ci_fn(pre if self.spd.ci_fn == "mlp" else x)  # stochastic
-        ci, ci_upper = lower_leaky_hard_sigmoid(ci_pre), upper_leaky_hard_sigmoid(ci_pre)
+        ci, ci_upper = self.ci_fn.ci(pre if self.spd.ci_fn == "mlp" else x, self.spd.sigmoid)  # stochastic
         mask = sample_masks({"z": ci}, self.spd.sampling, use_delta=False)[0]["z"] if self.training else ci
         return pre.relu() * mask, {"ci": ci, "sparsity": importance_minimality_loss({"z": ci_upper}, self.spd.p)}
 

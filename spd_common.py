@@ -35,7 +35,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from spd_config import SPDError, config_to_dict, option
-from spd_kernels import ScalarGeluMLP
+from spd_kernels import ScalarGeluCI, ScalarGeluMLP, use_ci_kernel
 from spd_layers import (Components, DecomposedExperts, DecomposedModule, ExpertLinear, check_decomposable,
                         decomposable_modules, runs_own_forward, weight_out_in)
 from spd_run import (Batch, Dist, MetricsLogger, Preempted, TrainState, init_distributed, peak_rss_mb,
@@ -134,37 +134,41 @@ class SPDConfig:
 # ================================================================================================
 # 2. Causal-importance functions
 # ================================================================================================
-def lower_leaky_hard_sigmoid(x: Tensor, slope: float = 0.01) -> Tensor:
-    """0.01x below 0, x on [0, 1], 1 above (no gradient). Feeds the masks."""
-    return torch.where(x < 0, slope * x, x.clamp(max=1.0))
+class HardSigmoids(torch.autograd.Function):
+    """Both CIs from a CI function's pre-activations x: (lower, for the masks; upper, for importance minimality).
 
-
-class ClampedLeakyBackward(torch.autograd.Function):
-    """x clamped to [0, 1] in the forward pass; in the backward pass the gradient on [0, 1], and 0.01 of
-    it below 0 only where it pushes x up (a descent step then raises x): a dead subcomponent can revive,
-    but neither CI nor the masks ever go negative."""
+    lower, `leaky_forward` (the paper's): slope·x below 0, x on [0, 1], 1 above (no gradient there).
+    lower, `clamp_forward_leaky_backward`: x clamped to [0, 1]; in the backward pass the gradient on
+    [0, 1], and slope times it below 0 only where it pushes x up (a descent step then raises x): a dead
+    subcomponent can revive, but neither CI nor the masks ever go negative.
+    upper: 0 below 0 (no gradient there), x on [0, 1], 1 + slope·(x - 1) above.
+    One function for both, its gradient a product of 0/1 masks: on CPU torch.where costs about 25
+    multiplications, and the two sigmoids' autograd graphs (six of them) took a quarter of a TMS step.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, slope: float) -> Tensor:
+    def forward(ctx: Any, x: Tensor, kind: str, slope: float) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(x)
-        ctx.slope = slope
-        return x.clamp(0.0, 1.0)
+        ctx.kind, ctx.slope = kind, slope
+        lower = torch.maximum(x, slope * x) if kind == "leaky_forward" else x.clamp(min=0.0)
+        return lower.clamp_(max=1.0), torch.minimum(x, 1 + slope * (x - 1)).clamp_(min=0.0)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_lower: Tensor, g_upper: Tensor) -> tuple[Tensor, None, None]:
         (x,) = ctx.saved_tensors
-        scale = torch.where(x < 0, (grad < 0).to(grad.dtype) * ctx.slope, (x <= 1).to(grad.dtype))
-        return grad * scale, None
+        below, above = (x < 0).to(x.dtype), (x > 1).to(x.dtype)
+        leak = below if ctx.kind == "leaky_forward" else below * (g_lower < 0)
+        inside = 1 - below - above
+        return inside * (g_lower + g_upper) + ctx.slope * (leak * g_lower + above * g_upper), None, None
 
 
-def lower_hard_sigmoid(x: Tensor, kind: str, slope: float = 0.01) -> Tensor:
-    """The CI that feeds the masks: `leaky_forward` (the paper's) or `clamp_forward_leaky_backward`."""
-    return lower_leaky_hard_sigmoid(x, slope) if kind == "leaky_forward" else ClampedLeakyBackward.apply(x, slope)
+LEAK = 0.01  # the slope of the hard sigmoids' leaky parts
 
 
-def upper_leaky_hard_sigmoid(x: Tensor, slope: float = 0.01) -> Tensor:
-    """0 below 0 (no gradient), x on [0, 1], 1 + 0.01(x - 1) above. Feeds importance minimality."""
-    return torch.where(x > 1, 1 + slope * (x - 1), x.clamp(min=0.0))
+def hard_sigmoids(x: Tensor, kind: str = "leaky_forward", slope: float = LEAK) -> tuple[Tensor, Tensor]:
+    """(lower, upper) CI of pre-activations x: see HardSigmoids; `kind` is spd.sigmoid."""
+    return HardSigmoids.apply(x, kind, slope)
 
 
 def _init_stack(C: int | None, widths: list[int]) -> nn.ParameterList:
@@ -191,14 +195,35 @@ def _per_component_mlp(x: Tensor, layers: nn.ParameterList, start: int = 0) -> T
     return x
 
 
-class ScalarMLPs(nn.Module):
+class CIFunction(nn.Module):
+    """A per-module CI function: forward gives the pre-activations (..., C), `ci` the two CIs from them."""
+
+    def ci(self, x: Tensor, sigmoid: str) -> tuple[Tensor, Tensor]:
+        """(lower, upper) CI (..., C) of input x; `sigmoid` is spd.sigmoid (see HardSigmoids)."""
+        return hard_sigmoids(self(x), sigmoid)
+
+
+class ScalarMLPs(CIFunction):
     """`mlp`: each subcomponent c has its own MLP 1 -> hidden -> 1 reading its own h_c. (..., C) -> (..., C)."""
 
     def __init__(self, C: int, hidden: list[int]):
         super().__init__()
         self.layers = _init_stack(C, [1, *hidden, 1])
 
+    def fused(self, h: Tensor, sigmoid: str) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(pre, lower, upper) from the C kernel, which also applies the sigmoids (the default: one
+        hidden layer, float32 on CPU); None where it does not run."""
+        if len(self.layers) != 4 or not use_ci_kernel(h, *self.layers):
+            return None
+        C, H = h.shape[-1], self.layers[0].shape[-1]
+        w1, b1, w2, b2 = self.layers
+        outs = ScalarGeluCI.apply(h.reshape(-1, C), w1.view(C, H), b1.view(C, H), w2.view(C, H), b2.view(C),
+                                  sigmoid == "clamp_forward_leaky_backward", LEAK)
+        return tuple(o.view(h.shape) for o in outs)
+
     def forward(self, h: Tensor) -> Tensor:
+        if (fused := self.fused(h, "leaky_forward")) is not None:
+            return fused[0]
         C = h.shape[-1]
         if len(self.layers) == 4:  # one hidden layer (the default): fused elementwise
             w1, b1, w2, b2 = self.layers
@@ -208,8 +233,13 @@ class ScalarMLPs(nn.Module):
         x = h.reshape(-1, C).T.unsqueeze(-1)  # (C, N, 1)
         return _per_component_mlp(x, self.layers)[..., 0].T.reshape(h.shape)
 
+    def ci(self, h: Tensor, sigmoid: str) -> tuple[Tensor, Tensor]:
+        if (fused := self.fused(h, sigmoid)) is not None:
+            return fused[1], fused[2]
+        return super().ci(h, sigmoid)
 
-class VectorMLPs(nn.Module):
+
+class VectorMLPs(CIFunction):
     """`vector_mlp`: each subcomponent has its own MLP d_in -> hidden -> 1 reading the whole input."""
 
     def __init__(self, C: int, d_in: int, hidden: list[int]):
@@ -223,7 +253,7 @@ class VectorMLPs(nn.Module):
         return x[..., 0].T.reshape(*a.shape[:-1], self.C)
 
 
-class SharedMLP(nn.Module):
+class SharedMLP(CIFunction):
     """`shared_mlp`: one MLP per module mapping the input d_in -> hidden -> C."""
 
     def __init__(self, C: int, d_in: int, hidden: list[int]):
@@ -284,7 +314,7 @@ class GlobalCI(nn.Module):
         return dict(zip(self.Cs, self.net(a).split(list(self.Cs.values()), -1)))
 
 
-def make_ci_fn(kind: str, C: int, d_in: int, hidden: list[int]) -> nn.Module:
+def make_ci_fn(kind: str, C: int, d_in: int, hidden: list[int]) -> CIFunction:
     if kind == "mlp":
         return ScalarMLPs(C, hidden)
     if kind == "vector_mlp":
@@ -466,7 +496,7 @@ class ComponentModel(nn.Module):
         if self.global_ci:
             pre = self.ci_fns["global"]({n: self.ci_input(n, inputs[n], None if inner is None else inner[n])
                                          for n in self.names})
-            pairs = {n: self.ci_pair(p) for n, p in pre.items()}
+            pairs = {n: hard_sigmoids(p, self.sigmoid) for n, p in pre.items()}
             return {n: lo for n, (lo, _) in pairs.items()}, {n: up for n, (_, up) in pairs.items()}
         lower, upper = {}, {}
         for n in self.decomposed:
@@ -486,11 +516,7 @@ class ComponentModel(nn.Module):
         acts on x, if already computed."""
         if self.global_ci:
             raise SPDError("a global CI function reads every module's input at once: use causal_importances")
-        return self.ci_pair(self.ci_fns[_key(name)](self.ci_input(name, x, inner)))
-
-    def ci_pair(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """CI from a CI function's pre-activations: (for the masks, spd.sigmoid; for importance minimality)."""
-        return lower_hard_sigmoid(pre, self.sigmoid), upper_leaky_hard_sigmoid(pre)
+        return self.ci_fns[_key(name)].ci(self.ci_input(name, x, inner), self.sigmoid)
 
     @torch.no_grad()
     def ci_of(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:

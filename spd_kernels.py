@@ -1,10 +1,10 @@
 """Fused kernels for the hot spots of an SPD step; spd_common.py uses them where they apply.
 
-`ScalarGeluMLP`: the default CI function, C scalar MLPs 1 -> H (GELU) -> 1, with forward and backward
-each in one pass: on CPU in float32 a small C kernel (compiled once with the system's C compiler and
-cached in ~/.cache/spd, or $SPD_CACHE_DIR); elsewhere broadcast torch ops. Values and gradients
-match the batched-matmul form to float32 rounding (tests/test_ci_speed.py). SPD_CI_KERNEL=0 turns the
-C kernel off.
+The default CI function, C scalar MLPs 1 -> H (GELU) -> 1, and the hard sigmoids after it, with
+forward and backward each in one pass: on CPU in float32 a small C kernel (`ScalarGeluCI`, compiled
+once with the system's C compiler and cached in ~/.cache/spd, or $SPD_CACHE_DIR); elsewhere broadcast
+torch ops (`ScalarGeluMLP`). Values and gradients match the batched-matmul form to float32 rounding
+(tests/test_ci_speed.py). SPD_CI_KERNEL=0 turns the C kernel off.
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ from torch import Tensor
 # GELU's erf and exp over the (batch, C, H) hidden layer dominate what is left. On CPU a small C kernel
 # (compiled once with the system's C compiler and cached; about 6x faster at 1 thread) does forward
 # and backward in one pass each, recomputing the hidden layer in the backward instead of storing it,
-# with rational/polynomial erf and exp accurate to a few float32 ulp. Elsewhere (GPU, float64, no
+# with rational/polynomial erf and exp accurate to a few float32 ulp. It also applies the hard sigmoids
+# and their backward: on CPU each elementwise torch op streams a (batch, C) tensor through memory, and
+# the sigmoids' dozen such passes cost more than the MLPs themselves. Elsewhere (GPU, float64, no
 # compiler, SPD_CI_KERNEL=0) the same function runs as broadcast torch ops.
 _CI_KERNEL_SRC = r"""
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 /* erf: Eigen's/XLA's float rational approximation on [-4, 4] (+-1 outside), a few ulp. */
 static inline float erf_(float x) {
@@ -73,53 +76,117 @@ static inline float exp_neg(float x) {
 #define SQRT1_2 0.70710678118654752f
 #define INV_SQRT_2PI 0.39894228040143268f
 
-/* h (C, N) -> out (C, N): out[c] = b2[c] + sum_k w2[c,k] gelu(h[c] w1[c,k] + b1[c,k]). */
-void ci_forward(const float *h, int C, int N, int H, const float *w1, const float *b1, const float *w2,
-                const float *b2, float *out) {
-    for (int c = 0; c < C; c++) {
-        const float *hc = h + (long)c * N;
-        float *oc = out + (long)c * N;
-        for (int n = 0; n < N; n++) oc[n] = b2[c];
-        for (int k = 0; k < H; k++) {
-            const float a = w1[c * H + k], b = b1[c * H + k], w = w2[c * H + k];
-#pragma omp simd
-            for (int n = 0; n < N; n++) {
-                float p = hc[n] * a + b;
-                oc[n] += w * (p * (0.5f + 0.5f * erf_(p * SQRT1_2)));
-            }
-        }
-    }
+/* h (N, C) row-major, as torch holds it. The kernels run over tiles of BLK rows: a tile is read row by
+   row into (C, BLK) buffers, so that the SIMD loops run along n over contiguous memory, and the results
+   are written back row by row. Nothing is transposed in torch, and every array is read or written once. */
+#define BLK 256
+
+static void load_tile(const float *x, long n0, int nb, int C, float *tile) {
+    for (int j = 0; j < nb; j++)
+        for (int c = 0; c < C; c++) tile[(long)c * BLK + j] = x[(n0 + j) * C + c];
 }
 
-/* Given g = dL/dout (C, N): dh (C, N), dw1, db1, dw2 (C, H), db2 (C). Recomputes the hidden layer. */
-void ci_backward(const float *h, const float *g, int C, int N, int H, const float *w1, const float *b1,
-                 const float *w2, float *dh, float *dw1, float *db1, float *dw2, float *db2) {
-    for (int c = 0; c < C; c++) {
-        const float *hc = h + (long)c * N, *gc = g + (long)c * N;
-        float *dhc = dh + (long)c * N;
-        float sg = 0.0f;
-#pragma omp simd reduction(+:sg)
-        for (int n = 0; n < N; n++) { dhc[n] = 0.0f; sg += gc[n]; }
-        db2[c] = sg;
-        for (int k = 0; k < H; k++) {
-            const float a = w1[c * H + k], b = b1[c * H + k], w = w2[c * H + k];
-            float s_w1 = 0.0f, s_b1 = 0.0f, s_w2 = 0.0f;
-#pragma omp simd reduction(+:s_w1, s_b1, s_w2)
-            for (int n = 0; n < N; n++) {
-                float p = hc[n] * a + b;
-                float cdf = 0.5f + 0.5f * erf_(p * SQRT1_2);
-                float pdf = INV_SQRT_2PI * exp_neg(-0.5f * p * p);
-                float dpre = gc[n] * w * (cdf + p * pdf);
-                dhc[n] += dpre * a;
-                s_w1 += dpre * hc[n];
-                s_b1 += dpre;
-                s_w2 += gc[n] * p * cdf;
+static void store_tile(const float *tile, long n0, int nb, int C, float *x) {
+    for (int j = 0; j < nb; j++)
+        for (int c = 0; c < C; c++) x[(n0 + j) * C + c] = tile[(long)c * BLK + j];
+}
+
+/* pre, lower, upper (N, C): pre[n,c] = b2[c] + sum_k w2[c,k] gelu(h[n,c] w1[c,k] + b1[c,k]), and the two
+   hard sigmoids of pre (HardSigmoids in spd_common.py): lower = slope x below 0 (clamp_lower: 0), x on
+   [0, 1], 1 above; upper = 0 below 0, x on [0, 1], 1 + slope (x - 1) above. Returns -1 if out of memory. */
+int ci_forward(const float *h, int N, int C, int H, const float *w1, const float *b1, const float *w2,
+               const float *b2, float slope, int clamp_lower, float *pre, float *lower, float *upper) {
+    float *hb = malloc(sizeof(float) * 4 * C * BLK);
+    if (!hb) return -1;
+    float *ob = hb + (long)C * BLK, *lb = ob + (long)C * BLK, *ub = lb + (long)C * BLK;
+    const float low = clamp_lower ? 0.0f : slope;
+    for (long n0 = 0; n0 < N; n0 += BLK) {
+        const int nb = N - n0 < BLK ? (int)(N - n0) : BLK;
+        load_tile(h, n0, nb, C, hb);
+        for (int c = 0; c < C; c++) {
+            const float *hc = hb + (long)c * BLK;
+            float *oc = ob + (long)c * BLK, *lc = lb + (long)c * BLK, *uc = ub + (long)c * BLK;
+            for (int j = 0; j < nb; j++) oc[j] = b2[c];
+            for (int k = 0; k < H; k++) {
+                const float a = w1[c * H + k], b = b1[c * H + k], w = w2[c * H + k];
+#pragma omp simd
+                for (int j = 0; j < nb; j++) {
+                    float p = hc[j] * a + b;
+                    oc[j] += w * (p * (0.5f + 0.5f * erf_(p * SQRT1_2)));
+                }
             }
-            dw1[c * H + k] = s_w1;
-            db1[c * H + k] = s_b1;
-            dw2[c * H + k] = s_w2;
+#pragma omp simd
+            for (int j = 0; j < nb; j++) {
+                const float x = oc[j];
+                lc[j] = x < 0.0f ? low * x : (x > 1.0f ? 1.0f : x);
+                uc[j] = x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f + slope * (x - 1.0f) : x);
+            }
         }
+        store_tile(ob, n0, nb, C, pre);
+        store_tile(lb, n0, nb, C, lower);
+        store_tile(ub, n0, nb, C, upper);
     }
+    free(hb);
+    return 0;
+}
+
+/* Given the gradients of pre, lower, upper (N, C; NULL: zero): dh (N, C), dw1, db1, dw2 (C, H), db2 (C).
+   The gradient of pre is g_pre plus, on [0, 1], g_lo + g_up; below 0, slope g_lo (clamp_lower: only where
+   g_lo < 0, which pushes x up); above 1, slope g_up. Recomputes the hidden layer instead of storing it.
+   Returns -1 if out of memory. */
+int ci_backward(const float *h, const float *pre, const float *g_pre, const float *g_lo, const float *g_up,
+                int N, int C, int H, const float *w1, const float *b1, const float *w2, float slope,
+                int clamp_lower, float *dh, float *dw1, float *db1, float *dw2, float *db2) {
+    float *hb = calloc((size_t)6 * C * BLK, sizeof(float));  /* zeros: a NULL gradient reads as 0 */
+    if (!hb) return -1;
+    float *xb = hb + (long)C * BLK, *gpb = xb + (long)C * BLK, *glb = gpb + (long)C * BLK;
+    float *gub = glb + (long)C * BLK, *db = gub + (long)C * BLK;
+    memset(dw1, 0, sizeof(float) * C * H); memset(db1, 0, sizeof(float) * C * H);
+    memset(dw2, 0, sizeof(float) * C * H); memset(db2, 0, sizeof(float) * C);
+    for (long n0 = 0; n0 < N; n0 += BLK) {
+        const int nb = N - n0 < BLK ? (int)(N - n0) : BLK;
+        load_tile(h, n0, nb, C, hb);
+        load_tile(pre, n0, nb, C, xb);
+        if (g_pre) load_tile(g_pre, n0, nb, C, gpb);
+        else memset(gpb, 0, sizeof(float) * C * BLK);  /* the previous tile's gradient is there */
+        if (g_lo) load_tile(g_lo, n0, nb, C, glb);
+        if (g_up) load_tile(g_up, n0, nb, C, gub);
+        for (int c = 0; c < C; c++) {
+            const long o = (long)c * BLK;
+            const float *hc = hb + o;
+            float *gc = gpb + o, *dc = db + o, sg = 0.0f;
+#pragma omp simd reduction(+:sg)
+            for (int j = 0; j < nb; j++) {  /* gc: the gradient of pre, in place of g_pre */
+                const float x = xb[o + j], gl = glb[o + j], gu = gub[o + j];
+                const float below = (clamp_lower && !(gl < 0.0f)) ? 0.0f : slope * gl;
+                gc[j] += x < 0.0f ? below : (x > 1.0f ? slope * gu : gl + gu);
+                dc[j] = 0.0f;
+                sg += gc[j];
+            }
+            db2[c] += sg;
+            for (int k = 0; k < H; k++) {
+                const float a = w1[c * H + k], b = b1[c * H + k], w = w2[c * H + k];
+                float s_w1 = 0.0f, s_b1 = 0.0f, s_w2 = 0.0f;
+#pragma omp simd reduction(+:s_w1, s_b1, s_w2)
+                for (int j = 0; j < nb; j++) {
+                    float p = hc[j] * a + b;
+                    float cdf = 0.5f + 0.5f * erf_(p * SQRT1_2);
+                    float pdf = INV_SQRT_2PI * exp_neg(-0.5f * p * p);
+                    float dp = gc[j] * w * (cdf + p * pdf);
+                    dc[j] += dp * a;
+                    s_w1 += dp * hc[j];
+                    s_b1 += dp;
+                    s_w2 += gc[j] * p * cdf;
+                }
+                dw1[c * H + k] += s_w1;
+                db1[c * H + k] += s_b1;
+                dw2[c * H + k] += s_w2;
+            }
+        }
+        store_tile(db, n0, nb, C, dh);
+    }
+    free(hb);
+    return 0;
 }
 """
 
@@ -154,34 +221,66 @@ def _ci_kernel() -> ctypes.CDLL | None:
                       f"(slower; set SPD_CI_KERNEL=0 to skip trying)")
         return None
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    lib.ci_forward.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, ptr, ptr]
-    lib.ci_backward.argtypes = [ptr, ptr, i32, i32, i32, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+    f32 = ctypes.c_float
+    lib.ci_forward.restype = lib.ci_backward.restype = i32  # 0, or -1: out of memory
+    lib.ci_forward.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, ptr, f32, i32, ptr, ptr, ptr]
+    lib.ci_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, f32, i32,
+                                ptr, ptr, ptr, ptr, ptr]
     return lib
 
 
-def _use_ci_kernel(*tensors: Tensor) -> bool:
+def use_ci_kernel(*tensors: Tensor) -> bool:
+    """Whether ScalarGeluCI can run on these tensors: float32 on CPU, with the kernel built."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and tensors[0].shape[0] < 2 ** 31 and _ci_kernel() is not None)
+            and tensors[0].numel() < 2 ** 31 and _ci_kernel() is not None)
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class ScalarGeluCI(torch.autograd.Function):
+    """The C kernel: C independent MLPs 1 -> H (GELU) -> 1, one per column of h (N, C), and the two
+    hard sigmoids of their outputs, in one pass: (pre, lower, upper), each (N, C). Weights w1, b1, w2
+    as (C, H), b2 as (C,); `clamp_lower`: spd.sigmoid is clamp_forward_leaky_backward. The backward is
+    one pass too, from whichever of the three outputs have gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, clamp_lower: bool,
+                slope: float) -> tuple[Tensor, Tensor, Tensor]:
+        h, w1, b1, w2, b2 = (t.contiguous() for t in (h, w1, b1, w2, b2))
+        (N, C), H = h.shape, w1.shape[1]
+        pre, lower, upper = (h.new_empty(N, C) for _ in range(3))  # new_empty: on cpu whatever the default device
+        if _ci_kernel().ci_forward(h.data_ptr(), N, C, H, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), b2.data_ptr(),
+                                   slope, int(clamp_lower), pre.data_ptr(), lower.data_ptr(), upper.data_ptr()):
+            raise MemoryError("the CI kernel could not allocate its buffers")
+        ctx.save_for_backward(h, pre, w1, b1, w2)
+        ctx.clamp_lower, ctx.slope = clamp_lower, slope
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
+        return pre, lower, upper
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_pre: Tensor | None, g_lo: Tensor | None, g_up: Tensor | None) -> tuple[Tensor | None, ...]:
+        h, pre, w1, b1, w2 = ctx.saved_tensors
+        (N, C), H = h.shape, w1.shape[1]
+        g_pre, g_lo, g_up = (None if g is None else g.contiguous().float() for g in (g_pre, g_lo, g_up))
+        dh, dw1, db1, dw2, db2 = (h.new_empty(N, C), w1.new_empty(C, H), w1.new_empty(C, H), w1.new_empty(C, H),
+                                  w1.new_empty(C))
+        if _ci_kernel().ci_backward(h.data_ptr(), pre.data_ptr(), _ptr(g_pre), _ptr(g_lo), _ptr(g_up), N, C, H,
+                                    w1.data_ptr(), b1.data_ptr(), w2.data_ptr(), ctx.slope, int(ctx.clamp_lower),
+                                    dh.data_ptr(), dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(), db2.data_ptr()):
+            raise MemoryError("the CI kernel could not allocate its buffers")
+        return dh, dw1, db1, dw2, db2, None, None
 
 
 class ScalarGeluMLP(torch.autograd.Function):
-    """C independent MLPs 1 -> H (GELU) -> 1, one per column of h (N, C) -> (N, C). Weights w1, b1,
-    w2 as (C, H), b2 as (C,): views of the stored parameters. The C kernel above on CPU; else the
-    (N, C, H) hidden layer is one broadcast addcmul, and the backward reuses the forward's
-    pre-activations and activations instead of autograd's per-op backward."""
+    """The same MLPs as broadcast torch ops, for where the kernel does not run (GPU, float64, no compiler):
+    h (N, C) -> pre (N, C). The (N, C, H) hidden layer is one addcmul, and the backward reuses the
+    forward's pre-activations and activations instead of autograd's per-op backward."""
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor) -> Tensor:
-        w1, b1, w2, b2 = (t.contiguous() for t in (w1, b1, w2, b2))
-        ctx.kernel = _use_ci_kernel(h, w1, b1, w2, b2)
-        if ctx.kernel:
-            (C, N), H = h.T.shape, w1.shape[1]
-            hT = h.T.contiguous()  # (C, N): the kernel runs along N, contiguous for SIMD
-            out = h.new_empty(C, N)  # new_empty: on h's device (cpu) whatever torch's default device is
-            _ci_kernel().ci_forward(hT.data_ptr(), C, N, H, w1.data_ptr(), b1.data_ptr(), w2.data_ptr(),
-                                    b2.data_ptr(), out.data_ptr())
-            ctx.save_for_backward(hT, w1, b1, w2)
-            return out.T.contiguous()
         pre = torch.addcmul(b1, h.unsqueeze(-1), w1)  # (N, C, H)
         act = F.gelu(pre)
         ctx.save_for_backward(h, w1, w2, pre, act)
@@ -190,16 +289,6 @@ class ScalarGeluMLP(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, ...]:
-        if ctx.kernel:
-            hT, w1, b1, w2 = ctx.saved_tensors
-            (C, N), H = hT.shape, w1.shape[1]
-            gT = g.T.contiguous().float()
-            dh, dw1, db1, dw2, db2 = (hT.new_empty(C, N), w1.new_empty(C, H), w1.new_empty(C, H),
-                                      w1.new_empty(C, H), w1.new_empty(C))
-            _ci_kernel().ci_backward(hT.data_ptr(), gT.data_ptr(), C, N, H, w1.data_ptr(), b1.data_ptr(),
-                                     w2.data_ptr(), dh.data_ptr(), dw1.data_ptr(), db1.data_ptr(), dw2.data_ptr(),
-                                     db2.data_ptr())
-            return dh.T, dw1, db1, dw2, db2
         h, w1, w2, pre, act = ctx.saved_tensors
         g3 = g.unsqueeze(-1)
         dpre = torch.ops.aten.gelu_backward(g3 * w2, pre)  # (N, C, H)

@@ -50,7 +50,7 @@ def test_scalar_mlps_match_reference(monkeypatch, use_kernel, hidden):
     if use_kernel and spd_kernels._ci_kernel() is None:
         pytest.skip("no C compiler: the kernel path is not used here")
     if not use_kernel:
-        monkeypatch.setattr(spd_kernels, "_use_ci_kernel", lambda *t: False)
+        monkeypatch.setattr(spd_common, "use_ci_kernel", lambda *t: False)
     check(None, hidden, torch.float64, rtol=1e-12)  # float64 never takes the kernel
     check(None, hidden, torch.float32, rtol=1e-6)
 
@@ -80,9 +80,42 @@ def test_kernel_and_torch_paths_agree(monkeypatch):
     h = torch.randn(4096, 20)
     with torch.no_grad():
         fast = fn(h)
-    monkeypatch.setattr(spd_kernels, "_use_ci_kernel", lambda *t: False)
+    monkeypatch.setattr(spd_common, "use_ci_kernel", lambda *t: False)
     with torch.no_grad():
         torch.testing.assert_close(fn(h), fast, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigmoid", ["leaky_forward", "clamp_forward_leaky_backward"])
+def test_kernel_sigmoids_match_torch(sigmoid):
+    """The kernel's fused sigmoids: (lower, upper) and the gradients from both (plus the pre-activations')
+    equal the CI function in torch followed by hard_sigmoids, to float32 rounding. Large inputs put
+    pre-activations on every piece (below 0, [0, 1], above 1), and the gradients have both signs."""
+    if spd_kernels._ci_kernel() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(2)
+    fn = ScalarMLPs(20, [16])
+    h = (torch.randn(1000, 20) * 3).requires_grad_()
+    g_lo, g_up, g_pre = torch.randn(3, 1000, 20)
+    ref_pre = reference(h.double(), [p.double() for p in fn.layers])
+    ref = [ref_pre, *spd_common.hard_sigmoids(ref_pre, sigmoid)]
+    fused = fn.fused(h, sigmoid)
+    assert fused is not None
+    assert (ref_pre < 0).any() and (ref_pre > 1).any()
+    for got, want in zip(fused, ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    params = [h, *fn.layers]
+    grads = torch.autograd.grad(sum((o * g).sum() for o, g in zip(fused, [g_pre, g_lo, g_up])), params)
+    ref_grads = torch.autograd.grad(sum((o * g.double()).sum() for o, g in zip(ref, [g_pre, g_lo, g_up])), params,
+                                    retain_graph=True)
+    for got, want in zip(grads, ref_grads):
+        err = (got.double() - want).abs().max() / want.abs().max().clamp(min=1)
+        assert err < 1e-5
+    lower, upper = fn.ci(h, sigmoid)  # what ComponentModel uses: no gradient into pre, over several tiles of rows
+    assert torch.equal(lower, fused[1]) and torch.equal(upper, fused[2])
+    grads = torch.autograd.grad((lower * g_lo).sum() + (upper * g_up).sum(), params)
+    ref_grads = torch.autograd.grad((ref[1] * g_lo.double()).sum() + (ref[2] * g_up.double()).sum(), params)
+    for got, want in zip(grads, ref_grads):
+        assert (got.double() - want).abs().max() / want.abs().max().clamp(min=1) < 1e-5
 
 
 def test_masks_lerp_matches_formula():

@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from spd_common import (ComponentModel, SPDConfig, ScalarMLPs, SharedMLP, VectorMLPs, annealed_p, faithfulness_loss,
-                        importance_minimality_loss, layerwise_recon_loss, lower_hard_sigmoid, lower_leaky_hard_sigmoid,
-                        lr_at, masked_recon_loss, optimize, output_loss, sample_masks, upper_leaky_hard_sigmoid)
+                        importance_minimality_loss, layerwise_recon_loss, hard_sigmoids,
+                        lr_at, masked_recon_loss, optimize, output_loss, sample_masks)
 from spd_config import SPDError
 
 
@@ -106,12 +106,11 @@ def test_tied_components_are_transposes():
 
 def test_leaky_hard_sigmoids_values_and_gradients():
     x = torch.tensor([-2.0, 0.5, 3.0], requires_grad=True)
-    lower = lower_leaky_hard_sigmoid(x)
+    lower, upper = hard_sigmoids(x)
     torch.testing.assert_close(lower, torch.tensor([-0.02, 0.5, 1.0]))
-    (g,) = torch.autograd.grad(lower.sum(), x)
-    torch.testing.assert_close(g, torch.tensor([0.01, 1.0, 0.0]))
-    upper = upper_leaky_hard_sigmoid(x)
     torch.testing.assert_close(upper, torch.tensor([0.0, 0.5, 1.02]))
+    (g,) = torch.autograd.grad(lower.sum(), x, retain_graph=True)
+    torch.testing.assert_close(g, torch.tensor([0.01, 1.0, 0.0]))
     (g,) = torch.autograd.grad(upper.sum(), x)
     torch.testing.assert_close(g, torch.tensor([0.0, 1.0, 0.01]))
 
@@ -120,11 +119,13 @@ def test_clamped_sigmoid_leaks_only_backward_and_only_upward():
     """Forward: clamp to [0, 1]. Backward: the gradient on [0, 1]; below 0, 0.01 of it where it is
     negative (descent raises x: a dead subcomponent revives) and none where it would push x further down."""
     x = torch.tensor([-1.0, -1.0, 0.5, 2.0], requires_grad=True)
-    y = lower_hard_sigmoid(x, "clamp_forward_leaky_backward")
+    y, upper = hard_sigmoids(x, "clamp_forward_leaky_backward")
     torch.testing.assert_close(y, torch.tensor([0.0, 0.0, 0.5, 1.0]))
-    (g,) = torch.autograd.grad(y, x, torch.tensor([-1.0, 1.0, 1.0, 1.0]))
+    (g,) = torch.autograd.grad(y, x, torch.tensor([-1.0, 1.0, 1.0, 1.0]), retain_graph=True)
     torch.testing.assert_close(g, torch.tensor([-0.01, 0.0, 1.0, 0.0]))
-    assert torch.equal(lower_hard_sigmoid(x, "leaky_forward"), lower_leaky_hard_sigmoid(x))
+    torch.testing.assert_close(upper, hard_sigmoids(x)[1])  # the upper one is the same for both kinds
+    (g,) = torch.autograd.grad((y + 2 * upper).sum(), x)  # both outputs' gradients add
+    torch.testing.assert_close(g, torch.tensor([0.0, 0.0, 3.0, 0.02]))
 
 
 @pytest.mark.parametrize("cls,in_dim", [(ScalarMLPs, None), (VectorMLPs, 6), (SharedMLP, 6)])
