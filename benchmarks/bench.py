@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from spd_run import load_run, run_main, script_for  # noqa: E402 (needs ROOT on the path)
 
-QUALITY = ["mmcs", "ml2r", "mmcs_nonnegligible", "ml2r_nonnegligible", "n_nonnegligible/", "n_monosemantic_features",
-           "n_monosemantic_per_layer", "w_out_summed_rank/", "ci_masked_mse_over_target_var", "ce_unrecovered",
-           "acc_ci_masked", "acc_without_top_", "ce/target", "ce/ci_masked", "kl/ci_masked",
+QUALITY = ["mmcs", "ml2r", "mmcs_nonnegligible", "ml2r_nonnegligible", "n_nonnegligible/", "n_alive/", "min_ci/",
+           "n_monosemantic_features", "n_monosemantic_per_layer", "w_out_summed_rank/", "ci_masked_mse_over_target_var",
+           "ce_unrecovered", "acc_ci_masked", "acc_without_top_", "ce/target", "ce/ci_masked", "kl/ci_masked",
            "tokens_per_s", "peak_gpu_mem_mb"]  # keys, or key prefixes ending in / or _
 
 

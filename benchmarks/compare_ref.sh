@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Developer-only benchmark (not part of the tests): the public SPD implementation (goodfire-ai/spd at
-# 3f0bb61e, "the reference") and ours side by side on the same toy, one thread each, started together.
+# 3f0bb61e, "the reference") and ours side by side on the same toy, one thread each, running at the same time.
 #
 #   bash benchmarks/compare_ref.sh tms_5-2    [--steps 1000] [--small 200]
 #   bash benchmarks/compare_ref.sh resid_mlp1 [--steps 500]
@@ -17,9 +17,9 @@
 # Nothing of the reference enters this repo.
 #
 # Per-step time: the fixed costs (imports, warm-up, evals, figures) differ between the two, so they are
-# kept out of it. The pair (reference + ours, OMP/MKL_NUM_THREADS=1, started together) runs N steps with
-# one eval (ours: spd.eval_every=N, at the end; the reference: eval_freq=slow_eval_freq=N, at steps 0
-# and N), and each side's training loop is timed by itself: ours from results.json (wall_s / steps),
+# kept out of it. The pair (reference + ours, OMP/MKL_NUM_THREADS=1, ours started once the reference's
+# loop runs) runs N steps with one eval (ours: spd.eval_every=N, at the end; the reference:
+# eval_freq=slow_eval_freq=N, at steps 0 and N), and each side's training loop is timed by itself: ours from results.json (wall_s / steps),
 # the reference from the times its log lines "--- Step K ---" (every 100 steps; the script timestamps
 # its output) arrive: (t_last - t_100) / (last - 100), so N >= 200. Fixed cost = process wall - N x
 # s/step. Cross-check: the pair also runs at n steps first (default N/5; --small 0 skips it), and
@@ -165,7 +165,7 @@ if [[ ! -f $WORK/targets/ours_$EXP.pt || ! -f $WORK/targets/ref_$EXP.path ]]; th
 fi
 REF_TARGET=$(cat "$WORK/targets/ref_$EXP.path")
 
-# ---- 3. runs: the pair started together, one thread each ------------------------------------------
+# ---- 3. runs: the pair at the same time, one thread each ------------------------------------------
 RUNS=$WORK/runs/$EXP-$(date +%Y%m%d-%H%M%S); mkdir -p "$RUNS"
 echo "runs in $RUNS"
 stamp() { python3 -uc 'import sys, time
@@ -186,8 +186,12 @@ PY
   local t0=$EPOCHREALTIME
   (cd "$SRC" && refenv "$r" "$RPY" "spd/experiments/$KIND/${KIND}_decomposition.py" "$r/config.yaml" \
     2>&1 | stamp > "$r/log"; elapsed "$t0" > "$r/wall") & local p1=$!
+  # ours starts once the reference's loop runs (its step-100 line): ours starts up in seconds, the reference
+  # in tens of seconds, and started together ours would train beside the reference's start-up, not its loop
+  until grep -qE -- "--- Step [1-9][0-9]* ---" "$r/log" 2>/dev/null || ! kill -0 $p1 2>/dev/null; do sleep 0.2; done
+  local t1=$EPOCHREALTIME
   (cd "$OURS" && "$OURS_PY" "${KIND}_decomposition.py" "$OURS_CFG" "${over[@]}" spd.threads=1 --out "$o" \
-    > "$RUNS/ours_$tag.log" 2>&1; elapsed "$t0" > "$o/wall") & local p2=$!
+    > "$RUNS/ours_$tag.log" 2>&1; elapsed "$t1" > "$o/wall") & local p2=$!
   wait $p1 || { tail -30 "$r/log"; echo "reference run $tag failed (log: $r/log)" >&2; exit 1; }
   wait $p2 || { tail -30 "$RUNS/ours_$tag.log"; echo "our run $tag failed" >&2; exit 1; }
   echo "  $tag: reference $(cat "$r/wall") s, ours $(cat "$o/wall") s (whole processes)"
@@ -253,5 +257,5 @@ print("|---|---|---|---|---|---|---|")
 print(f"| {exp} | {per['ref'] * 1e3:.1f} | {per['ours'] * 1e3:.1f} | {per['ref'] / per['ours']:.2f} | "
       f"{fmt(ttr['ref'])}{'' if full else ' (est.)'} | {fmt(ttr['ours'])}{'' if full else ' (est.)'} | "
       f"{ttr['ref'] / ttr['ours']:.2f} |")
-print(f"\nms/step: {what}; one thread each, started together; batch ref {batch['ref']}, ours {batch['ours']}.")
+print(f"\nms/step: {what}; one thread each, ours started once the reference trains; batch ref {batch['ref']}, ours {batch['ours']}.")
 PY
