@@ -220,8 +220,7 @@ def _ci_kernel() -> ctypes.CDLL | None:
         warnings.warn(f"the CI kernel did not build ({' '.join(str(detail).split())[:200]}); using torch ops "
                       f"(slower; set SPD_CI_KERNEL=0 to skip trying)")
         return None
-    ptr, i32 = ctypes.c_void_p, ctypes.c_int
-    f32 = ctypes.c_float
+    ptr, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.ci_forward.restype = lib.ci_backward.restype = i32  # 0, or -1: out of memory
     lib.ci_forward.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, ptr, f32, i32, ptr, ptr, ptr]
     lib.ci_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, f32, i32,

@@ -5,10 +5,11 @@
 
 Each row is the experiment's own script run on CONFIG with the shared overrides plus the option's:
 adversarial masks (PGD, fresh or persistent), subset routing of the stochastic loss, the
-importance-frequency term, and the two global CI functions (the transformer only for sequence
-models). Columns: the recon loss under CI masks and under adversarial masks (`recon/pgd`, evaluated
-for every row alike), mean L0 per module, the experiment's headline metric, and seconds per step
-(wall time of training alone, so only comparable between rows run on an equally loaded machine).
+importance-frequency term, the two global CI functions (the transformer only for sequence
+models), and the hard sigmoid clamped in the forward pass. Columns: the recon loss under CI masks and
+under adversarial masks (`recon/pgd`, evaluated for every row alike), mean L0 per module, the
+experiment's headline metric, and seconds per step (wall time of training alone, so only comparable
+between rows run on an equally loaded machine).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ OPTIONS = {
     "frequency": ["spd.importance_minimality_beta=0.1"],
     "global_shared_mlp": ["spd.ci_fn=global_shared_mlp", "spd.ci_hidden=[128]"],
     "global_transformer": ["spd.ci_fn=global_transformer", "spd.ci_hidden=[64]"],
+    "clamped_sigmoid": ["spd.sigmoid=clamp_forward_leaky_backward"],
 }
 HEADLINE = {"lm_decomposition.py": "ce_unrecovered", "resid_mlp_decomposition.py": "ci_masked_mse_over_target_var",
             "tms_decomposition.py": "ml2r"}
@@ -48,19 +50,21 @@ def main() -> None:
     names = args.only.split(",") if args.only else [n for n in OPTIONS
                                                     if n != "global_transformer" or script == "lm_decomposition.py"]
     headline = HEADLINE.get(script, "recon/ci_masked")
-    print(f"| option | recon/ci_masked | recon/pgd | mean L0 | {headline} | s/step |\n|---|---|---|---|---|---|")
+    print(f"| option | recon/ci_masked | recon/pgd | mean L0 | {headline} | alive per module | s/step |\n"
+          "|---|---|---|---|---|---|---|")
     for name in names:
         out = args.out / name
         cmd = [sys.executable, str(ROOT / script), args.config, *args.overrides, *OPTIONS[name], "spd.threads=1",
                "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:
-            print(f"| {name} | failed: {proc.stderr.strip().splitlines()[-1][:120]} |||||")
+            print(f"| {name} | failed: {proc.stderr.strip().splitlines()[-1][:120]} ||||||")
             continue
         r = json.loads((out / "results.json").read_text())
         l0 = [v for k, v in r.items() if k.startswith("l0/")]
+        alive = "/".join(str(v) for k, v in r.items() if k.startswith("n_alive/"))
         print(f"| {name} | {r['recon/ci_masked']:.4g} | {r['recon/pgd']:.4g} | {sum(l0) / len(l0):.2f} | "
-              f"{r[headline]:.4g} | {1 / r['steps_per_s']:.3f} |", flush=True)
+              f"{r[headline]:.4g} | {alive} | {1 / r['steps_per_s']:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
