@@ -1,5 +1,5 @@
-"""sae_baseline.py: each sparse activation's forward and backward on hand-checked tensors, the
-decoder-norm projection, the dead-latent loss, and short end-to-end runs of both modes with resume."""
+"""sae_baseline.py and sparse_activations.py: each sparse activation's forward and backward on hand-checked
+tensors, the decoder-norm projection, the dead-latent loss, and short end-to-end runs of both modes with resume."""
 
 import json
 import shutil
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from analysis.compare_methods import recovered
-from sae_baseline import (Dictionary, DictionaryConfig, JumpReLU, StepST, abs_topk, batch_topk_relu, main,
-                          topk_relu)
+from sae_baseline import Dictionary, DictionaryConfig, main
+from sparse_activations import JumpReLU, abs_topk, batch_topk_relu, topk_relu
 from spd_common import SPDConfig
 
 
@@ -56,7 +56,7 @@ def test_jumprelu_and_its_l0_straight_through_threshold_gradients():
     # only latent 1 lies within eps/2 = 0.1 of its threshold: d/dtheta = -theta / eps = -2 / 0.2
     assert torch.allclose(theta.grad, torch.tensor([0.0, -10.0, 0.0]))
     pre.grad, theta.grad = None, None
-    l0 = StepST.apply(pre, theta, 0.2)
+    l0 = JumpReLU.apply(pre, theta, 0.2, True)  # its L0 term
     assert torch.equal(l0, torch.tensor([[0.0, 1.0, 1.0]]))
     l0.sum().backward()
     assert torch.equal(pre.grad, torch.zeros(1, 3))  # the L0 pushes thresholds only
