@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import matplotlib
 
@@ -192,11 +192,12 @@ class Dictionary(nn.Module):
 # The target's activations, and the dictionary spliced in
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def module_io(exp: Experiment, cfg: DictionaryConfig, batch: Any, dic: Dictionary | None = None
+def module_io(exp: Experiment, cfg: DictionaryConfig, batch: Any, dic: Callable[[Tensor], Tensor] | None = None
               ) -> tuple[Tensor, Tensor, Tensor]:
     """The target's output on a batch (what its output loss compares), and what the dictionary reads and
     must produce there, flattened to (N, d): the module's input and output (transcoder), or its `site`
-    twice (sae). With `dic`, the dictionary is spliced in for the module's `site` (sae) or output (transcoder)."""
+    twice (sae). With `dic` (the Dictionary, or a map standing in for it, e.g. with a latent ablated), that
+    is spliced in for the module's `site` (sae) or output (transcoder)."""
     seen: dict[str, Tensor] = {}
     splice_input = dic is not None and cfg.mode == "sae" and cfg.site == "input"
 
