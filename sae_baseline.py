@@ -10,10 +10,9 @@ The story:
   2. Read one module's activations on each step's batch (`dictionary.module`): its input or output
      (`sae`), or input -> output (`transcoder`), each scaled to a mean squared norm of its width.
   3. Train a dictionary y^ = z(x) W_dec + b_dec, z = f(x W_enc + b_enc), f one of: ReLU + L1, TopK,
-     BatchTopK, JumpReLU (straight-through threshold gradient), AbsTopK, or `stochastic` (ReLU
-     latents masked with SPD's CI function and masks, under importance minimality). Options: unit-norm
-     decoder rows with the gradient projected onto their tangent space, an auxiliary loss that lets
-     dead latents reconstruct the residual, input normalisation.
+     BatchTopK, JumpReLU, AbsTopK (the last four in sparse_activations.py), or `stochastic` (ReLU
+     latents masked with SPD's CI function and masks, under importance minimality); options in
+     `DictionaryConfig` (unit-norm decoder rows, a dead-latent auxiliary loss, normalisation).
   4. Evaluate: L0, dead latents, fraction of variance unexplained, and the target's output with the
      dictionary spliced in for the module, relative to the target output's variance.
   5. Figures: latent firing densities, and each alive latent's largest cosine with another.
@@ -21,9 +20,10 @@ The story:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import matplotlib
 
@@ -34,11 +34,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from sparse_activations import JumpReLU, abs_topk, batch_topk_relu, topk_relu
 from spd_common import (Experiment, SPDConfig, importance_minimality_loss, lr_at, make_ci_fn, nonfinite_term,
                         output_loss, run_results, sample_masks)
 from spd_config import SPDError, config_to_dict, load_config, option
-from spd_run import (MetricsLogger, Preempted, config_class, import_script, load_checkpoint, parse_cli,
-                     preemption_signals, resume_training, run_main, save_training_checkpoint, script_for,
+from spd_run import (ROOT, MetricsLogger, Preempted, checkpoint_paths, config_class, import_script, load_checkpoint,
+                     parse_cli, preemption_signals, resume_training, run_main, save_training_checkpoint, script_for,
                      target_digest, write_results)
 
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "abstopk", "stochastic"]
@@ -80,66 +81,6 @@ class SAEConfig:
 
 
 # ------------------------------------------------------------------------------------------------
-# Sparse activations: (..., n) pre-activations -> (..., n) latents
-# ------------------------------------------------------------------------------------------------
-def topk_relu(pre: Tensor, k: int) -> Tensor:
-    """The k largest pre-activations of each example, ReLU'd; the rest 0 (gradient to the kept only)."""
-    vals, idx = pre.topk(k, dim=-1)
-    return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
-
-
-def batch_topk_relu(pre: Tensor, k: float) -> Tensor:
-    """The round(k x batch) largest ReLU'd pre-activations over the whole batch (B, n): an example may
-    keep more or fewer than k. The smallest kept value feeds the threshold used at inference."""
-    flat = pre.relu().flatten()
-    vals, idx = flat.topk(min(max(round(k * pre.shape[0]), 1), flat.numel()))
-    return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
-
-
-def abs_topk(pre: Tensor, k: int) -> Tensor:
-    """The k pre-activations of largest magnitude per example, with their sign (no ReLU)."""
-    idx = pre.abs().topk(k, dim=-1).indices
-    return torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx))
-
-
-def rectangle(u: Tensor) -> Tensor:
-    return (u.abs() < 0.5).to(u.dtype)
-
-
-class JumpReLU(torch.autograd.Function):
-    """z = pre * H(pre - theta). d/dpre: H; d/dtheta, straight through a window of width eps around
-    theta: -(theta / eps) K((pre - theta) / eps), K the unit rectangle (Rajamanoharan et al. 2024)."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return pre * (pre > theta)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        pre, theta = ctx.saved_tensors
-        d_theta = -(theta / ctx.eps) * rectangle((pre - theta) / ctx.eps) * grad
-        return grad * (pre > theta), d_theta.reshape(-1, theta.shape[-1]).sum(0), None
-
-
-class StepST(torch.autograd.Function):
-    """H(pre - theta), the JumpReLU's L0. d/dpre: 0; d/dtheta: -(1 / eps) K((pre - theta) / eps)."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(pre, theta)
-        ctx.eps = eps
-        return (pre > theta).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        pre, theta = ctx.saved_tensors
-        d_theta = -(1 / ctx.eps) * rectangle((pre - theta) / ctx.eps) * grad
-        return torch.zeros_like(pre), d_theta.reshape(-1, theta.shape[-1]).sum(0), None
-
-
-# ------------------------------------------------------------------------------------------------
 # The dictionary
 # ------------------------------------------------------------------------------------------------
 class Dictionary(nn.Module):
@@ -175,10 +116,8 @@ class Dictionary(nn.Module):
         if cfg.activation == "relu":
             z = pre.relu()
             return z, {"sparsity": (z * self.W_dec.norm(dim=-1)).sum(-1).mean()}
-        if cfg.activation == "topk":
-            return topk_relu(pre, int(cfg.k)), {}
-        if cfg.activation == "abstopk":
-            return abs_topk(pre, int(cfg.k)), {}
+        if cfg.activation in ("topk", "abstopk"):
+            return (topk_relu if cfg.activation == "topk" else abs_topk)(pre, int(cfg.k)), {}
         if cfg.activation == "batchtopk":
             if not self.training:  # per example, at the threshold learned in training
                 return pre.relu() * (pre > self.batch_threshold), {}
@@ -191,7 +130,7 @@ class Dictionary(nn.Module):
         if cfg.activation == "jumprelu":
             theta = self.log_threshold.exp()
             z = JumpReLU.apply(pre, theta, cfg.bandwidth)
-            return z, {"sparsity": StepST.apply(pre, theta, cfg.bandwidth).sum(-1).mean()}
+            return z, {"sparsity": JumpReLU.apply(pre, theta, cfg.bandwidth, True).sum(-1).mean()}
         ci, ci_upper = self.ci_fn.ci(pre if self.spd.ci_fn == "mlp" else x, self.spd.sigmoid)  # stochastic
         mask = sample_masks({"z": ci}, self.spd.sampling, use_delta=False)[0]["z"] if self.training else ci
         return pre.relu() * mask, {"ci": ci, "sparsity": importance_minimality_loss({"z": ci_upper}, self.spd.p)}
@@ -233,13 +172,14 @@ class Dictionary(nn.Module):
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
         """Remove the part of each decoder row's gradient along the row: a step then moves along the sphere."""
-        if self.W_dec.grad is not None:
+        if self.cfg.unit_norm_decoder and self.W_dec.grad is not None:
             W = self.W_dec
             W.grad -= (W.grad * W).sum(-1, keepdim=True) * W
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        if self.cfg.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
     def decomposition_state(self) -> dict[str, Any]:
         return {"components": self.state_dict(), "ci_fns": {}}
@@ -251,91 +191,65 @@ class Dictionary(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # The target's activations, and the dictionary spliced in
 # ------------------------------------------------------------------------------------------------
-def target_module(exp: Experiment, name: str) -> nn.Module:
+@torch.no_grad()
+def module_io(exp: Experiment, cfg: DictionaryConfig, batch: Any, dic: Callable[[Tensor], Tensor] | None = None
+              ) -> tuple[Tensor, Tensor, Tensor]:
+    """The target's output on a batch (what its output loss compares), and what the dictionary reads and
+    must produce there, flattened to (N, d): the module's input and output (transcoder), or its `site`
+    twice (sae). With `dic` (the Dictionary, or a map standing in for it, e.g. with a latent ablated), that
+    is spliced in for the module's `site` (sae) or output (transcoder)."""
+    seen: dict[str, Tensor] = {}
+    splice_input = dic is not None and cfg.mode == "sae" and cfg.site == "input"
+
+    def read_input(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # the main input: the first positional argument, or the first keyword tensor (e.g. hidden_states)
+        seen["input"] = x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+        if not splice_input:
+            return None
+        if args:  # the module itself runs on the reconstruction
+            return (dic(x), *args[1:]), kwargs
+        return args, {k: dic(v) if v is x else v for k, v in kwargs.items()}
+
+    def read_output(m: nn.Module, args: tuple, out: Any) -> Any:
+        seen["output"] = main = out[0] if isinstance(out, tuple) else out  # attention layers: (output, ...)
+        if dic is None or splice_input:
+            return None
+        new = dic(main if cfg.mode == "sae" else seen["input"])
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
     try:
-        return exp.model.target.get_submodule(name)
+        mod = exp.model.target.get_submodule(cfg.module)
     except AttributeError:
         names = [n for n, _ in exp.model.target.named_modules() if n and ".original" not in n]
-        raise SPDError(f"dictionary.module '{name}' is not a module of the target; its modules: "
+        raise SPDError(f"dictionary.module '{cfg.module}' is not a module of the target; its modules: "
                        f"{', '.join(names)}") from None
-
-
-def first_tensor(args: tuple, kwargs: dict) -> Tensor:
-    """A module's main input: its first positional argument, or its first keyword tensor (e.g. hidden_states)."""
-    return args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
-
-
-def main_output(out: Any) -> Tensor:
-    """A module's main output: the output itself, or the first element of a tuple (attention layers)."""
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def module_io(exp: Experiment, name: str, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """The target's output (what its output loss compares) and the module's input and output on a batch."""
-    seen: dict[str, Tensor] = {}
-    hook = target_module(exp, name).register_forward_hook(
-        lambda m, args, kwargs, out: seen.update(a=first_tensor(args, kwargs), b=main_output(out)), with_kwargs=True)
+    hooks = [mod.register_forward_pre_hook(read_input, with_kwargs=True), mod.register_forward_hook(read_output)]
     try:
         out = exp.output_fn(exp.model(exp.input_fn(batch)))
     finally:
-        hook.remove()
-    return out, seen["a"], seen["b"]
-
-
-def read_write(cfg: DictionaryConfig, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(what the dictionary reads, what it must produce), flattened to (N, d)."""
-    if cfg.mode == "transcoder":
-        return a.flatten(0, -2), b.flatten(0, -2)
-    x = a if cfg.site == "input" else b
-    return x.flatten(0, -2), x.flatten(0, -2)
-
-
-@torch.no_grad()
-def spliced_output(exp: Experiment, cfg: DictionaryConfig, dic: Dictionary, batch: Any) -> Tensor:
-    """The target's output with the module's `site` (sae) or output (transcoder) replaced by the dictionary's."""
-    mod = target_module(exp, cfg.module)
-
-    def replace(out: Any, new: Tensor) -> Any:
-        return (new, *out[1:]) if isinstance(out, tuple) else new
-
-    if cfg.mode == "sae" and cfg.site == "input":
-        def swap_input(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            if args:
-                return (dic(args[0]), *args[1:]), kwargs
-            key = next(k for k, v in kwargs.items() if isinstance(v, Tensor))
-            return args, {**kwargs, key: dic(kwargs[key])}
-        hook = mod.register_forward_pre_hook(swap_input, with_kwargs=True)
-    elif cfg.mode == "sae":
-        hook = mod.register_forward_hook(lambda m, args, out: replace(out, dic(main_output(out))))
-    else:
-        hook = mod.register_forward_hook(lambda m, args, kwargs, out: replace(out, dic(first_tensor(args, kwargs))),
-                                         with_kwargs=True)
-    try:
-        return exp.output_fn(exp.model(exp.input_fn(batch)))
-    finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+    x, y = (seen["input"], seen["output"]) if cfg.mode == "transcoder" else (seen[cfg.site], seen[cfg.site])
+    return out, x.flatten(0, -2), y.flatten(0, -2)
 
 
 @torch.no_grad()
 def evaluate_dictionary(exp: Experiment, cfg: SAEConfig, dic: Dictionary) -> tuple[dict[str, float], Tensor]:
     """Metrics on held-out batches, and each latent's firing density (n,)."""
     dic.eval()
-    d, spd = cfg.dictionary, cfg.spd
+    d = cfg.dictionary
     fires, n, err, var, out_err, out_var, out_loss = 0, 0, 0.0, 0.0, 0.0, 0.0, 0.0
     for i in range(d.n_eval_batches):
         batch = exp.eval_batch(i)
-        out, a, b = module_io(exp, d.module, batch)
-        x, y = read_write(d, a, b)
+        out, x, y = module_io(exp, d, batch)
         z, terms = dic.encode(x * dic.in_scale)
-        on = dic.active(z, terms)
-        fires, n = fires + on.sum(0), n + len(x)
+        fires, n = fires + dic.active(z, terms).sum(0), n + len(x)
         err += (dic.decode(z) / dic.out_scale - y).pow(2).sum().item()
         var += (y - y.mean(0)).pow(2).sum().item()
-        spliced = spliced_output(exp, d, dic, batch)
+        spliced = module_io(exp, d, batch, dic)[0]
         out_err += (spliced - out).pow(2).mean().item()
         out_var += out.var().item()
-        out_loss += output_loss(spliced, out, spd.output_loss).item() / d.n_eval_batches
+        out_loss += output_loss(spliced, out, cfg.spd.output_loss).item() / d.n_eval_batches
     density = fires.float() / n
     dic.train()
     return {"l0": density.sum().item(), "n_dead": int((density == 0).sum()), "fvu": err / var,
@@ -347,8 +261,7 @@ def evaluate_dictionary(exp: Experiment, cfg: SAEConfig, dic: Dictionary) -> tup
 # ------------------------------------------------------------------------------------------------
 def experiment_config(cfg: SAEConfig) -> tuple[Any, Any]:
     """(the experiment script as a module, its config with this run's batch sizes, seed and device)."""
-    root = Path(__file__).resolve().parent
-    module = import_script(root / (cfg.experiment_script or script_for(cfg.experiment)))
+    module = import_script(ROOT / (cfg.experiment_script or script_for(cfg.experiment)))
     exp_cfg = load_config(config_class(module), cfg.experiment, cfg.experiment_overrides)
     for key in ("batch_size", "eval_batch_size", "seed", "device"):
         setattr(exp_cfg.spd, key, getattr(cfg.spd, key))
@@ -363,12 +276,10 @@ def build(cfg: SAEConfig) -> tuple[Experiment, Dictionary]:
                        f"1 to n_latents = {d.n_latents}; set k to one")
     module, exp_cfg = experiment_config(cfg)
     exp = module.build(exp_cfg)
-    target_module(exp, cfg.dictionary.module)
-    _, a, b = module_io(exp, cfg.dictionary.module, exp.train_batch(0))
-    x, y = read_write(cfg.dictionary, a, b)
+    _, x, y = module_io(exp, d, exp.train_batch(0))  # a wrong module name stops here, listing the target's
     torch.manual_seed(cfg.spd.seed)
-    dic = Dictionary(x.shape[-1], y.shape[-1], cfg.dictionary, cfg.spd).to(x.device)
-    if cfg.dictionary.normalize:  # a constant per side, from the first training batch, so that resume sees the same
+    dic = Dictionary(x.shape[-1], y.shape[-1], d, cfg.spd).to(x.device)
+    if d.normalize:  # a constant per side, from the first training batch, so that resume sees the same
         dic.in_scale.fill_((x.shape[-1] / x.pow(2).sum(-1).mean().clamp_min(1e-12)) ** 0.5)
         dic.out_scale.fill_((y.shape[-1] / y.pow(2).sum(-1).mean().clamp_min(1e-12)) ** 0.5)
     with torch.no_grad():  # start from the mean output: a constant part (an MLP's bias) would take Adam long to learn
@@ -377,16 +288,17 @@ def build(cfg: SAEConfig) -> tuple[Experiment, Dictionary]:
 
 
 def load_sae_run(run_dir: str | Path) -> tuple[SAEConfig, Experiment, Dictionary]:
-    """A finished (or checkpointed) run of this script: its config, experiment and trained dictionary."""
+    """A finished (or checkpointed) run of this script: its config, experiment and trained dictionary
+    (final.pt, else the newest periodic checkpoint)."""
     run_dir = Path(run_dir)
     cfg = load_config(SAEConfig, run_dir / "config.yaml")
-    ckpts = sorted((run_dir / "checkpoints").glob("*.pt"), key=lambda p: (p.name != "final.pt", p.stat().st_mtime))
-    if not ckpts:
+    paths = checkpoint_paths(run_dir / "checkpoints")
+    if not paths:
         raise SPDError(f"{run_dir} holds no checkpoint; pass the run dir of a finished sae_baseline.py run")
     exp, dic = build(cfg)
-    state = load_checkpoint(ckpts[0], required=("components", "target_digest"))
+    state = load_checkpoint(paths[-1], required=("components", "target_digest"))
     if state["target_digest"] != target_digest(exp.model):
-        raise SPDError(f"{ckpts[0]} was trained against a different target than the one {cfg.experiment} "
+        raise SPDError(f"{paths[-1]} was trained against a different target than the one {cfg.experiment} "
                        f"builds now (retrained since?); restore the run's original target file")
     dic.load_decomposition_state(state)
     return cfg, exp, dic.eval()
@@ -394,8 +306,6 @@ def load_sae_run(run_dir: str | Path) -> tuple[SAEConfig, Experiment, Dictionary
 
 def train(exp: Experiment, cfg: SAEConfig, dic: Dictionary, run_dir: Path) -> dict[str, Any]:
     """Adam on the dictionary; checkpoints, resume and preemption as in spd_common.optimize."""
-    import time
-
     spd, d = cfg.spd, cfg.dictionary
     opt = torch.optim.Adam(dic.parameters(), lr=spd.lr)
     digest = target_digest(exp.model)
@@ -409,33 +319,29 @@ def train(exp: Experiment, cfg: SAEConfig, dic: Dictionary, run_dir: Path) -> di
     try:
         with preemption_signals() as caught:
             for step in range(state.step, spd.steps):
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, spd)
-                _, a, b = module_io(exp, d.module, exp.train_batch(step))
-                x, y = read_write(d, a, b)
+                opt.param_groups[0]["lr"] = lr_at(step, spd)
+                _, x, y = module_io(exp, d, exp.train_batch(step))
                 losses = dic.losses(x * dic.in_scale, y * dic.out_scale)
                 opt.zero_grad(set_to_none=True)
                 losses["total"].backward()
-                if d.unit_norm_decoder:
-                    dic.project_decoder_grad()
+                dic.project_decoder_grad()
                 bad = nonfinite_term(losses, torch.nn.utils.get_total_norm([p.grad for p in dic.parameters()
                                                                             if p.grad is not None]))
                 if bad is not None:
                     raise SPDError(f"loss term '{bad[0]}' is {bad[1]} at step {step}; lower spd.lr")
                 opt.step()
-                if d.unit_norm_decoder:
-                    dic.normalize_decoder()
+                dic.normalize_decoder()
                 if step % spd.log_every == 0 or step == spd.steps - 1:
                     state.train_metrics = {f"train/{k}": v.item() for k, v in losses.items()}
                     state.train_metrics["train/n_dead"] = int((dic.steps_since_fired >= d.dead_steps).sum())
                     logger.log(step, state.train_metrics)
                 if step > 0 and step % spd.eval_every == 0:
                     logger.log(step, {f"eval/{k}": v for k, v in evaluate_dictionary(exp, cfg, dic)[0].items()})
-                state.step = step + 1
-                if spd.checkpoint_every and state.step % spd.checkpoint_every == 0 and state.step < spd.steps:
+                state.step = step + 1  # a checkpoint now resumes at the next step
+                periodic = bool(spd.checkpoint_every) and state.step % spd.checkpoint_every == 0
+                if state.step < spd.steps and (periodic or caught):  # a preempted run saves where it stops
                     save(f"step_{state.step}.pt")
                 if caught and state.step < spd.steps:
-                    save(f"step_{state.step}.pt")
                     raise Preempted(f"{caught[0]} at step {state.step} of {spd.steps}: saved {state.last_ckpt}; "
                                     f"continue with python sae_baseline.py --resume {run_dir}")
         wall = time.time() - t0

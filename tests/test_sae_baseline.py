@@ -1,5 +1,5 @@
-"""sae_baseline.py: each sparse activation's forward and backward on hand-checked tensors, the
-decoder-norm projection, the dead-latent loss, and short end-to-end runs of both modes with resume."""
+"""sae_baseline.py and sparse_activations.py: each sparse activation's forward and backward on hand-checked
+tensors, the decoder-norm projection, the dead-latent loss, and short end-to-end runs of both modes with resume."""
 
 import json
 import shutil
@@ -8,10 +8,12 @@ import sys
 import pytest
 import torch
 
-from analysis.compare_methods import recovered
-from sae_baseline import (Dictionary, DictionaryConfig, JumpReLU, StepST, abs_topk, batch_topk_relu, main,
-                          topk_relu)
-from spd_common import SPDConfig
+from analysis.compare_methods import (dictionary_ablation_effects, effect_matches, n_matched, plot_classifier,
+                                      recovered, spd_ablation_effects)
+from sae_baseline import Dictionary, DictionaryConfig, main
+from sparse_activations import JumpReLU, abs_topk, batch_topk_relu, topk_relu
+from spd_common import ComponentModel, Experiment, SPDConfig
+from train_targets.train_mnist import MLPClassifier
 
 
 def grad_of(fn, pre: torch.Tensor, upstream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +58,7 @@ def test_jumprelu_and_its_l0_straight_through_threshold_gradients():
     # only latent 1 lies within eps/2 = 0.1 of its threshold: d/dtheta = -theta / eps = -2 / 0.2
     assert torch.allclose(theta.grad, torch.tensor([0.0, -10.0, 0.0]))
     pre.grad, theta.grad = None, None
-    l0 = StepST.apply(pre, theta, 0.2)
+    l0 = JumpReLU.apply(pre, theta, 0.2, True)  # its L0 term
     assert torch.equal(l0, torch.tensor([[0.0, 1.0, 1.0]]))
     l0.sum().backward()
     assert torch.equal(pre.grad, torch.zeros(1, 3))  # the L0 pushes thresholds only
@@ -128,6 +130,54 @@ def test_features_recovered_one_to_one_and_duplicates():
     assert recovered(cos, 0.96) == (1, 1)
     assert recovered(cos[2:], 0.9) == (1, 0)  # no latent at feature 0 any more
     assert recovered(torch.zeros(0, 3), 0.9) == (0, 0)
+
+
+def test_latents_match_the_subcomponents_whose_ablation_changes_the_output_alike():
+    torch.manual_seed(0)
+    comp_fx = torch.randn(3, 20, 10)  # 3 subcomponents: the change of 10 logits on 20 images when ablated
+    latent_fx = torch.stack([comp_fx[2], 0.5 * comp_fx[0], torch.randn(20, 10), comp_fx[2]])
+    m = effect_matches(latent_fx, comp_fx)
+    # copies (at any scale) match their original at cosine 1; the random one matches nothing at 0.5
+    assert m["best"][[0, 1, 3]].tolist() == [2, 0, 2]
+    assert torch.allclose(m["best_cos"][[0, 1, 3]], torch.ones(3)) and m["best_cos"][2] < 0.5
+    assert n_matched(m, 0.9) == (3, 2)  # 3 latents matched, 2 subcomponents (2 is matched twice)
+    assert n_matched(m, 1.01) == (0, 0)
+    assert n_matched(effect_matches(latent_fx, comp_fx[:0]), 0.5) == (0, 0)  # no alive subcomponent
+
+
+def test_classifier_ablation_effects_on_a_hand_built_pair(tmp_path):
+    """Identity layers and x = (1, 0.5): fc1 gives h = (1, 0.5). SPD on fc2, subcomponents = the standard
+    basis, CI = the inner act (a linear 1 -> 1 CI function): CI (1, 0.5), masked fc2 out and logits (1, 0.25);
+    without subcomponent 0: (0, 0.25), without 1: (1, 0). A transcoder on fc2 with identity encoder and
+    decoder: z = h, logits (1, 0.5); without latent 0: (0, 0.5), without 1: (1, 0). Each latent's effect
+    lies along one subcomponent's: latent i matches subcomponent i at cosine 1."""
+    target = MLPClassifier(d_in=2, d_hidden=2, n_classes=2)
+    with torch.no_grad():
+        for fc in (target.fc1, target.fc2, target.fc3):
+            fc.weight.copy_(torch.eye(2))
+            fc.bias.zero_()
+    model = ComponentModel(target, {"fc2": 2}, {}, "mlp", ci_hidden=[])
+    with torch.no_grad():
+        model.components["fc2"].U.copy_(torch.eye(2))
+        model.components["fc2"].V.copy_(torch.eye(2))
+        weight, bias = model.ci_fns["fc2"].layers
+        weight.fill_(1.0)
+        bias.zero_()
+    x, both = torch.tensor([[1.0, 0.5]]), torch.tensor([0, 1])
+    comp_fx = spd_ablation_effects(model, "fc2", x, both, lambda out: out)
+    assert torch.allclose(comp_fx, torch.tensor([[[1.0, 0.0]], [[0.0, 0.25]]]))
+    cfg = DictionaryConfig(module="fc2", mode="transcoder", activation="relu", n_latents=2)
+    dic = Dictionary(2, 2, cfg, SPDConfig()).eval()
+    with torch.no_grad():
+        dic.W_enc.copy_(torch.eye(2))
+        dic.W_dec.copy_(torch.eye(2))
+    latent_fx = dictionary_ablation_effects(Experiment(model, None, None), cfg, dic, x, both)
+    assert torch.allclose(latent_fx, torch.tensor([[[1.0, 0.0]], [[0.0, 0.5]]]))
+    m = effect_matches(latent_fx, comp_fx)
+    assert m["best"].tolist() == [0, 1] and torch.allclose(m["best_cos"], torch.ones(2))
+    per_class = torch.eye(10)[:, :2]  # latent / subcomponent i fires for digit i only
+    plot_classifier(per_class, both, per_class, both, m, "fc2", 0.9, tmp_path / "pair.png")
+    assert (tmp_path / "pair.png").stat().st_size > 0
 
 
 def write_config(tmp_path, name: str, experiment: str, script: str, overrides: list[str], dictionary: dict) -> str:
