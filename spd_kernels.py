@@ -99,7 +99,6 @@ int ci_forward(const float *h, int N, int C, int H, const float *w1, const float
     float *hb = malloc(sizeof(float) * 4 * C * BLK);
     if (!hb) return -1;
     float *ob = hb + (long)C * BLK, *lb = ob + (long)C * BLK, *ub = lb + (long)C * BLK;
-    const float low = clamp_lower ? 0.0f : slope;
     for (long n0 = 0; n0 < N; n0 += BLK) {
         const int nb = N - n0 < BLK ? (int)(N - n0) : BLK;
         load_tile(h, n0, nb, C, hb);
@@ -118,7 +117,7 @@ int ci_forward(const float *h, int N, int C, int H, const float *w1, const float
 #pragma omp simd
             for (int j = 0; j < nb; j++) {
                 const float x = oc[j];
-                lc[j] = x < 0.0f ? low * x : (x > 1.0f ? 1.0f : x);
+                lc[j] = x < 0.0f ? (clamp_lower ? 0.0f : slope * x) : (x > 1.0f ? 1.0f : x);  /* +0, as torch */
                 uc[j] = x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f + slope * (x - 1.0f) : x);
             }
         }
