@@ -246,7 +246,7 @@ if full:  # quality, best effort
     if exp.startswith("tms"):  # our MMCS / ML2R on its final components (its W^T = V U, ours W = U V)
         import torch; sys.path.insert(0, ours_dir); from tms_decomposition import mmcs_ml2r
         last = max(glob.glob(f"{runs}/ref_full/spd/*/model_*.pth"), key=lambda p: int(p[p.rindex("_") + 1:-4]))
-        sd = torch.load(last, map_location="cpu")
+        sd = torch.load(last, map_location="cpu", weights_only=True)
         W, U, V = sd["target_model.linear1.weight"], sd["_components.linear1.U"].T, sd["_components.linear1.V"].T
         print("reference: mmcs {:.4g}, ml2r {:.4g}, mmcs_nonnegligible {:.4g}, ml2r_nonnegligible {:.4g}".format(
             *mmcs_ml2r(W, U, V), *mmcs_ml2r(W, U, V, 0.1)))
