@@ -548,17 +548,21 @@ class ComponentModel(nn.Module):
 # ================================================================================================
 # 4. Masks and losses
 # ================================================================================================
+def global_uniform(shape: torch.Size, like: Tensor, ddp: Dist = Dist(), generator: torch.Generator | None = None
+                   ) -> Tensor:
+    """U(0, 1) noise of this rank's `shape` (rows first): every rank draws the noise of the whole global
+    batch and keeps its own rows, so N processes sample exactly what one process with the same global
+    batch does."""
+    r = torch.rand((shape[0] * ddp.world_size, *shape[1:]), device=like.device, dtype=like.dtype, generator=generator)
+    return ddp.shard(r)
+
+
 def sample_masks(ci: dict[str, Tensor], sampling: str, use_delta: bool, generator: torch.Generator | None = None,
                  ddp: Dist = Dist()) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
     """m = g + (1 - g) r with r ~ U(0, 1) (continuous) or {0, 1} (binomial); the delta mask is r alone.
-
-    Under torchrun every rank draws the noise of the whole global batch and keeps its own rows, so
-    a run on N processes samples exactly what a one-process run with the same global batch does.
-    """
+    The noise is drawn for the global batch (global_uniform)."""
     def noise(shape: torch.Size, like: Tensor) -> Tensor:
-        r = torch.rand((shape[0] * ddp.world_size, *shape[1:]), device=like.device, dtype=like.dtype,
-                       generator=generator)
-        r = ddp.shard(r)
+        r = global_uniform(shape, like, ddp, generator)
         return (r < 0.5).to(like.dtype) if sampling == "binomial" else r
 
     masks = {n: torch.lerp(g, g.new_ones(()), noise(g.shape, g)) for n, g in ci.items()}  # one op, same to an ulp
@@ -612,7 +616,7 @@ def layerwise_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, m
     uniformly, an unbiased estimate of the same mean, at a cost that does not grow with the modules."""
     if route is not None:
         check_routable(masks, len(route), "spd.layerwise_routed=false")
-        rows = {n: route == i for i, n in enumerate(masks)}
+        rows = route_rows(route, list(masks))
         return masked_recon_loss(model, x, target_out, masks, delta_masks, kind, output_fn, inner, rows)
     losses = [masked_recon_loss(model, x, target_out, {n: m}, {n: delta_masks[n]} if delta_masks else None,
                                 kind, output_fn, inner) for n, m in masks.items()]
@@ -624,6 +628,11 @@ def draw_route(ci: dict[str, Tensor], ddp: Dist = Dist()) -> Tensor:
     the mask noise, so that N processes route as one does."""
     g = next(iter(ci.values()))
     return ddp.shard(torch.randint(len(ci), (g.shape[0] * ddp.world_size,), device=g.device))
+
+
+def route_rows(route: Tensor, names: list[str]) -> dict[str, Tensor]:
+    """(batch,) bool per module from a route of module indices: the examples that mask that module."""
+    return {n: route == i for i, n in enumerate(names)}
 
 
 def check_routable(masks: dict[str, Tensor], n_rows: int, fix: str) -> None:
@@ -647,8 +656,7 @@ def draw_rows(ci: dict[str, Tensor], routing: str, ddp: Dist = Dist()) -> dict[s
     (`layerwise`, as `draw_route`), or a uniformly random k ~ U{1..M} of the M (`uniform_k_subset`)."""
     g = next(iter(ci.values()))
     if routing == "layerwise":
-        route = draw_route(ci, ddp)
-        return {n: route == i for i, n in enumerate(ci)}
+        return route_rows(draw_route(ci, ddp), list(ci))
     k = torch.randint(1, len(ci) + 1, (g.shape[0] * ddp.world_size, 1), device=g.device)
     return subset_rows(ci, k, ddp)
 
@@ -671,10 +679,7 @@ def initial_sources(ci: dict[str, Tensor], init: str, use_delta: bool, ddp: Dist
                     generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Uniform sources (drawn for the global batch, like the mask noise), or 0: masks = CI, delta off."""
     def start(shape: torch.Size, like: Tensor) -> Tensor:
-        if init == "ci":
-            return like.new_zeros(shape)
-        return ddp.shard(torch.rand((shape[0] * ddp.world_size, *shape[1:]), device=like.device, dtype=like.dtype,
-                                    generator=generator))
+        return like.new_zeros(shape) if init == "ci" else global_uniform(shape, like, ddp, generator)
     sources = {f"mask/{n}": start(g.shape, g) for n, g in ci.items()}
     if use_delta:
         sources |= {f"delta/{n}": start(g.shape[:-1], g) for n, g in ci.items()}
