@@ -30,7 +30,7 @@ from torch import Tensor
 
 from spd_common import ComponentModel, Experiment, SPDConfig, optimize
 from spd_config import config_to_dict, option
-from spd_run import get_device, parse_cli, run_main, set_seed, step_batches, write_results
+from spd_run import figures_dir, get_device, parse_cli, run_main, write_results
 from train_targets.train_ih import IHTargetConfig, induction_batch, load_or_train_ih
 
 POSITIONS = ["first A", "B", "other", "final A"]
@@ -162,14 +162,10 @@ def plot_ci_by_position(by_pos: dict[str, Tensor], threshold: float, path) -> No
 # KEEP build(cfg: YourConfig) -> Experiment at module level: --resume and the analysis tools import it.
 def build(cfg: IHConfig) -> Experiment:
     """The target (trained first if missing) wrapped in fresh components, and its step-indexed data."""
-    device = get_device(cfg.spd.device)
-    target = load_or_train_ih(cfg.target).to(device)
-    set_seed(cfg.spd.seed)
-    model = ComponentModel.from_config(target, cfg.spd).to(device)
-    t = cfg.target
-    train_batch, eval_batch = step_batches(
-        lambda size, seed, step: induction_batch(t.vocab_size, t.seq_len, size, seed, step, device)[0], cfg.spd)
-    return Experiment(model, train_batch, eval_batch, output_fn=final_logits)
+    device, t = get_device(cfg.spd.device), cfg.target
+    return Experiment.fresh(load_or_train_ih(t).to(device), cfg.spd,
+                            lambda size, seed, step: induction_batch(t.vocab_size, t.seq_len, size, seed, step, device)[0],
+                            output_fn=final_logits)
 
 
 # KEEP main's skeleton: parse_cli, build, optimize, figures, write_results (last line), run_main.
@@ -185,8 +181,7 @@ def main() -> None:
                        full_config=config_to_dict(cfg))
     results |= ih_metrics(model, cfg, tokens, labels, ablate_each=True)
 
-    figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
+    figures = figures_dir(run_dir)
     plot_attention(model, tokens, pos_a, figures / "attention_patterns.png")
     plot_ci_by_position(ci_by_position(model.ci_of(tokens), pos_a), cfg.spd.ci_threshold,
                         figures / "ci_by_position.png")

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from spd_common import ComponentModel, Experiment, SPDConfig, autocast, optimize, output_loss, sample_masks
 from spd_config import SPDError, config_to_dict, option
-from spd_run import eval_seed, get_device, parse_cli, run_main, set_seed, write_results
+from spd_run import eval_seed, figures_dir, get_device, parse_cli, run_main, set_seed, write_results
 from train_targets.train_lm import TinyLMConfig, TokenBatches, build_tiny_lm, next_token_ce, pack
 
 
@@ -232,8 +232,7 @@ def main() -> None:
     results["tokens_per_s"] = round(results["steps"] * cfg.spd.batch_size * cfg.data.seq_len / results["wall_s"], 1)
     results["C"] = model.C
 
-    figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
+    figures = figures_dir(run_dir)
     plot_l0_over_training(run_dir, model.C, figures / "l0_over_training.png")
     with autocast(cfg.spd, get_device(cfg.spd.device)):
         cis = [model.ci_of(x) for x in eval_batches]

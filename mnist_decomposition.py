@@ -41,7 +41,7 @@ from torch import Tensor
 from analysis.common import per_input
 from spd_common import ComponentModel, Experiment, SPDConfig, optimize
 from spd_config import config_to_dict, option
-from spd_run import get_device, parse_cli, run_main, set_seed, write_results
+from spd_run import figures_dir, get_device, parse_cli, run_main, set_seed, write_results
 from train_targets.train_mnist import MNISTTargetConfig, image_batch, load_images, load_or_train_mnist
 
 N_CLASSES = 10
@@ -212,7 +212,6 @@ def analyse(model: ComponentModel, cfg: MNISTConfig, x: Tensor, y: Tensor, figur
         "causal/top_edges": [f"fc1:{a1[k // len(a2)]} -> fc2:{a2[k % len(a2)]} {effect.flatten()[k]:+.3f}"
                              for k in top_edges],
     }
-    figures.mkdir(exist_ok=True)
     per_class = {n: mean_ci_per_class(g, y) for n, g in ci.items()}
     plot_ci_per_class(per_class, alive_idx, figures / "ci_per_class.png")
     first = model.decomposed[model.names[0]]
@@ -254,7 +253,7 @@ def main() -> None:
                        eval_fn=lambda m: mnist_metrics(m, x, y), full_config=config_to_dict(cfg))
     results["mean_l0"] = sum(results[f"l0/{n}"] for n in model.names) / len(model.names)
 
-    results |= analyse(model, cfg, x, y, run_dir / "figures")
+    results |= analyse(model, cfg, x, y, figures_dir(run_dir))
 
     print(f"accuracy: target {results['acc_target']:.4f}, CI-masked {results['acc_ci_masked']:.4f} (agreeing with "
           f"the target on {results['agreement_ci_masked']:.4f}), "

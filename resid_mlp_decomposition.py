@@ -29,7 +29,7 @@ from torch import Tensor
 
 from spd_common import ComponentModel, Experiment, SPDConfig, optimize
 from spd_config import config_to_dict, option
-from spd_run import get_device, parse_cli, run_main, set_seed, step_batches, write_results
+from spd_run import figures_dir, get_device, parse_cli, run_main, write_results
 from train_targets.train_resid_mlp import ResidMLPTargetConfig, labels, load_or_train_resid_mlp, resid_mlp_batch
 
 
@@ -154,12 +154,9 @@ def plot_feature_sweeps(model: ComponentModel, cfg: ResidMLPConfig, path, n_show
 def build(cfg: ResidMLPConfig) -> Experiment:
     """The target (trained first if missing) wrapped in fresh components, and its step-indexed data."""
     device = get_device(cfg.spd.device)
-    target = load_or_train_resid_mlp(cfg.target).to(device)
-    set_seed(cfg.spd.seed)
-    model = ComponentModel.from_config(target, cfg.spd).to(device)
     n, p = cfg.target.n_features, cfg.target.feature_probability
-    return Experiment(model, *step_batches(lambda size, seed, step: resid_mlp_batch(n, p, size, seed, step, device),
-                                           cfg.spd))
+    target = load_or_train_resid_mlp(cfg.target).to(device)
+    return Experiment.fresh(target, cfg.spd, lambda size, seed, step: resid_mlp_batch(n, p, size, seed, step, device))
 
 
 # KEEP main's skeleton: parse_cli, build, optimize, figures, write_results (last line), run_main.
@@ -170,8 +167,7 @@ def main() -> None:
     results = optimize(model, cfg.spd, exp.train_batch, exp.eval_batch, run_dir,
                        eval_fn=lambda m: resid_mlp_metrics(m, cfg, exp.eval_batch), full_config=config_to_dict(cfg))
 
-    figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
+    figures = figures_dir(run_dir)
     plot_ci_heatmaps(model, cfg, figures / "ci_heatmaps.png")
     plot_feature_sweeps(model, cfg, figures / "feature_sweeps.png")
 

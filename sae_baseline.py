@@ -38,9 +38,9 @@ from sparse_activations import JumpReLU, abs_topk, batch_topk_relu, topk_relu
 from spd_common import (Experiment, SPDConfig, importance_minimality_loss, lr_at, make_ci_fn, nonfinite_term,
                         output_loss, run_results, sample_masks)
 from spd_config import SPDError, config_to_dict, load_config, option
-from spd_run import (ROOT, MetricsLogger, Preempted, checkpoint_paths, config_class, import_script, load_checkpoint,
-                     parse_cli, preemption_signals, resume_training, run_main, save_training_checkpoint, script_for,
-                     target_digest, write_results)
+from spd_run import (ROOT, MetricsLogger, Preempted, checkpoint_paths, config_class, figures_dir, import_script,
+                     load_checkpoint, parse_cli, preemption_signals, resume_training, run_main, save_training_checkpoint,
+                     script_for, target_digest, write_results)
 
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "abstopk", "stochastic"]
 
@@ -378,8 +378,7 @@ def main() -> None:
     cfg, run_dir = parse_cli(SAEConfig, __doc__.splitlines()[0])
     exp, dic = build(cfg)
     results = train(exp, cfg, dic, run_dir)
-    figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
+    figures = figures_dir(run_dir)
     plot_latents(dic, results["density"], figures / "latents.png")
     print(f"{cfg.dictionary.mode} {cfg.dictionary.activation} on {cfg.dictionary.module}: L0 {results['l0']:.2f}  "
           f"dead {results['n_dead']}/{cfg.dictionary.n_latents}  FVU {results['fvu']:.4g}  spliced output MSE / "

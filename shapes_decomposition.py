@@ -41,7 +41,7 @@ from torch import Tensor
 from analysis.common import per_input
 from spd_common import ComponentModel, Experiment, SPDConfig, optimize
 from spd_config import config_to_dict, option
-from spd_run import eval_seed, get_device, parse_cli, run_main, set_seed, step_generator, write_results
+from spd_run import figures_dir, get_device, parse_cli, run_main, step_generator, write_results
 from train_targets.train_shapes import ATTRIBUTES, ShapesTargetConfig, heldout, load_or_train_shapes, shapes_batch
 
 VALUES = [f"{a}={v}" for a, vs in ATTRIBUTES.items() for v in vs]  # the 9 attribute values, in label order
@@ -226,15 +226,11 @@ def plot_filters(V: Tensor, kernel: tuple[int, int], alive: Tensor, components: 
 def build(cfg: ShapesConfig) -> Experiment:
     """The target (trained first if missing) wrapped in fresh components, and its step-indexed images."""
     device = get_device(cfg.spd.device)
-    target = load_or_train_shapes(cfg.target).to(device)
-    set_seed(cfg.spd.seed)
-    model = ComponentModel.from_config(target, cfg.spd).to(device)
 
     def images(n: int, seed: int, step: int) -> Tensor:
         return shapes_batch(n, step_generator(seed, step), cfg.target.noise)[0].to(device)
 
-    return Experiment(model, lambda step: images(cfg.spd.batch_size, cfg.spd.seed, step),
-                      lambda step: images(cfg.spd.eval_batch_size, eval_seed(cfg.spd.seed), step))
+    return Experiment.fresh(load_or_train_shapes(cfg.target).to(device), cfg.spd, images)
 
 
 def main() -> None:
@@ -250,8 +246,7 @@ def main() -> None:
     results["l0_per_image"] = {n: round((g > cfg.spd.ci_threshold).sum(-1).float().mean().item(), 2)
                                for n, g in fig_data["ci"].items()}
 
-    figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
+    figures = figures_dir(run_dir)
     plot_ci_per_value(fig_data["ci"], fig_data["alive"], y.cpu(), figures / "ci_per_attribute_value.png")
     plot_top_images(x, fig_data["ci"], fig_data["share"], fig_data["alive"], analysis["components"],
                     cfg.n_top_components, cfg.n_top_images, figures / "top_images.png")

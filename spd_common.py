@@ -39,8 +39,8 @@ from spd_kernels import ScalarGeluCI, ScalarGeluMLP, use_ci_kernel
 from spd_layers import (Components, DecomposedExperts, DecomposedModule, ExpertLinear, check_decomposable,
                         decomposable_modules, runs_own_forward, weight_out_in)
 from spd_run import (Batch, Dist, MetricsLogger, Preempted, TrainState, init_distributed, peak_rss_mb,
-                     preemption_signals, rebalance_threads, resume_training, save_training_checkpoint, split_batch,
-                     step_generator, target_digest)
+                     preemption_signals, rebalance_threads, resume_training, save_training_checkpoint, set_seed,
+                     split_batch, step_batches, step_generator, target_digest)
 
 
 # ================================================================================================
@@ -915,6 +915,14 @@ class Experiment:
     output_fn: Callable[[Any], Tensor] = lambda out: out  # target output -> what the output loss compares
     input_fn: Callable[[Batch], Any] = lambda batch: batch  # batch -> the model's input (a dict: keyword args)
     tokenizer: Any = None  # language models only: decodes token ids (analysis shows contexts)
+
+    @classmethod
+    def fresh(cls, target: nn.Module, spd: SPDConfig, make: Callable[[int, int, int], Batch], **kw: Any) -> Experiment:
+        """`target` wrapped in fresh components (seeded by spd.seed, on the target's device), trained on
+        `make(batch_size, seed, step)`'s stream and evaluated on its held-out one (see step_batches)."""
+        set_seed(spd.seed)
+        model = ComponentModel.from_config(target, spd).to(next(target.parameters()).device)
+        return cls(model, *step_batches(make, spd), **kw)
 
 
 def nonfinite_term(losses: dict[str, Tensor], grad_norm: Tensor) -> tuple[str, float] | None:

@@ -411,6 +411,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def figures_dir(run_dir: Path) -> Path:
+    """run_dir/figures, where a script saves its plots (created if missing)."""
+    path = run_dir / "figures"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def write_results(run_dir: Path, results: dict) -> Path:
     """Write results.json and print its path as the script's last line."""
     path = run_dir / "results.json"

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from spd_common import ComponentModel, Experiment, SPDConfig, optimize
 from spd_config import config_to_dict, option
-from spd_run import get_device, parse_cli, run_main, set_seed, step_batches, write_results
+from spd_run import figures_dir, get_device, parse_cli, run_main, write_results
 from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batch
 
 
@@ -146,11 +146,9 @@ def plot_weights(model: ComponentModel, cfg: TMSConfig, path) -> None:
 def build(cfg: TMSConfig) -> Experiment:
     """The target (trained first if missing) wrapped in fresh components, and its step-indexed data."""
     device = get_device(cfg.spd.device)
-    target = load_or_train_tms(cfg.target).to(device)
-    set_seed(cfg.spd.seed)
-    model = ComponentModel.from_config(target, cfg.spd).to(device)
     n, p = cfg.target.n_features, cfg.target.feature_probability
-    return Experiment(model, *step_batches(lambda size, seed, step: tms_batch(n, p, size, seed, step, device), cfg.spd))
+    return Experiment.fresh(load_or_train_tms(cfg.target).to(device), cfg.spd,
+                            lambda size, seed, step: tms_batch(n, p, size, seed, step, device))
 
 
 # KEEP main's skeleton: parse_cli, build, optimize, figures, write_results (last line), run_main.
@@ -161,8 +159,7 @@ def main() -> None:
     results = optimize(model, cfg.spd, exp.train_batch, exp.eval_batch, run_dir, eval_fn=lambda m: tms_metrics(m, cfg),
                        full_config=config_to_dict(cfg))
 
-    figures = run_dir / "figures"
-    figures.mkdir(exist_ok=True)
+    figures = figures_dir(run_dir)
     plot_ci_per_feature(model, cfg, figures / "ci_per_feature.png")
     plot_weights(model, cfg, figures / "weights.png")
 
