@@ -73,6 +73,23 @@ static inline float exp_neg(float x) {
     memcpy(&scale, &bits, 4);
     return y * scale;
 }
+/* U[0, 1) noise without a sequential generator: element i is a hash of (seed, offset + i), 24 random bits
+   as torch.rand's float32. Counter-based, so a process drawing only its rows of a global batch (offset: the
+   index of its first element) gets exactly those rows of the global draw. About 5x faster than torch.rand
+   (mt19937) here. The hash is lowbias32 (Wellons), twice, keyed by the seed. */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+void uniform_fill(float *out, long n, long offset, uint64_t seed) {
+    const uint32_t k1 = mix32((uint32_t)seed ^ 0x9e3779b9U), k2 = mix32((uint32_t)(seed >> 32) + k1);
+#pragma omp simd
+    for (long i = 0; i < n; i++) {
+        const uint32_t x = mix32(mix32((uint32_t)(offset + i) * 0x9e3779b9U + k1) ^ k2);
+        out[i] = (float)(int32_t)(x >> 8) * 0x1p-24f;
+    }
+}
+
 #define SQRT1_2 0.70710678118654752f
 #define INV_SQRT_2PI 0.39894228040143268f
 
@@ -224,6 +241,8 @@ def _ci_kernel() -> ctypes.CDLL | None:
     lib.ci_forward.argtypes = [ptr, i32, i32, i32, ptr, ptr, ptr, ptr, f32, i32, ptr, ptr, ptr]
     lib.ci_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, i32, i32, ptr, ptr, ptr, f32, i32,
                                 ptr, ptr, ptr, ptr, ptr]
+    lib.uniform_fill.restype = None
+    lib.uniform_fill.argtypes = [ptr, ctypes.c_long, ctypes.c_long, ctypes.c_uint64]
     return lib
 
 
@@ -231,6 +250,15 @@ def use_ci_kernel(*tensors: Tensor) -> bool:
     """Whether ScalarGeluCI can run on these tensors: float32 on CPU, with the kernel built."""
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and tensors[0].numel() < 2 ** 31 and _ci_kernel() is not None)
+
+
+def counter_uniform(shape: torch.Size, offset: int = 0, generator: torch.Generator | None = None) -> Tensor:
+    """U[0, 1) float32 noise of `shape` on CPU from the kernel: element i hashes (a seed drawn from
+    `generator`, offset + i), so the rows of a larger draw are this call with their offset (needs the kernel)."""
+    seed = int(torch.randint(0, 2 ** 62, (), generator=generator, device="cpu"))
+    out = torch.empty(shape, dtype=torch.float32, device="cpu")
+    _ci_kernel().uniform_fill(out.data_ptr(), out.numel(), offset, seed)
+    return out
 
 
 def _ptr(t: Tensor | None) -> int | None:

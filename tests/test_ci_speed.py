@@ -124,7 +124,31 @@ def test_masks_lerp_matches_formula():
     torch.manual_seed(1)
     masks, deltas = spd_common.sample_masks({"a": g}, "continuous", use_delta=True)
     torch.manual_seed(1)
-    r = torch.rand(500, 7)
+    r = spd_common.global_uniform(g.shape, g)
     torch.testing.assert_close(masks["a"], g + (1 - g) * r, rtol=0, atol=1e-6)
     (grad,) = torch.autograd.grad(masks["a"].sum(), g)
     torch.testing.assert_close(grad, 1 - r, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not spd_kernels.use_ci_kernel(torch.zeros(1)), reason="no C compiler here")
+def test_counter_noise_is_uniform_and_shards_like_one_draw():
+    """The kernel's noise: each rank's rows are the global draw's, it is deterministic in the generator's
+    state, and it looks like U[0, 1): moments, a Kolmogorov-Smirnov test and no correlation between
+    neighbouring elements or the two halves of a (batch, C) draw."""
+    from scipy import stats
+
+    from spd_run import Dist
+
+    def draw(shape, rank=0, world=1, seed=3):
+        return spd_common.global_uniform(torch.Size(shape), torch.zeros(1), Dist(rank, world),
+                                         torch.Generator().manual_seed(seed))
+
+    full = draw((4096, 20))
+    assert torch.equal(torch.cat([draw((1024, 20), r, 4) for r in range(4)]), full)
+    assert torch.equal(draw((4096, 20)), full) and not torch.equal(draw((4096, 20), seed=4), full)
+    x = full.double().flatten()
+    assert 0 <= x.min() and x.max() < 1
+    assert abs(x.mean() - 0.5) < 0.005 and abs(x.var() - 1 / 12) < 0.002
+    assert stats.kstest(x.numpy(), "uniform").pvalue > 1e-3
+    for a, b in ((x[:-1], x[1:]), (full[:, :10].flatten(), full[:, 10:].flatten())):
+        assert abs(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1]) < 0.01
