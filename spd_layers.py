@@ -234,10 +234,7 @@ class DecomposedModule(nn.Module):
     def inner_acts(self, x: Tensor) -> Tensor:
         """h_c = V[c] · a: (..., C). For an embedding `a` is the one-hot token, so h = V[:, token]; for a
         conv, `a` is each input patch and h is (batch, H_out, W_out, C)."""
-        _, V = self.components.factors()
-        if self.is_conv:
-            return self._conv(x, V)
-        return F.embedding(x, V.T) if self.is_embedding else x @ V.T
+        return self._times(x, self.components.factors()[1])
 
     def matrix_input(self, x: Tensor) -> Tensor:
         """The input as rows the (d_out, d_in) weight multiplies, (..., d_in): x itself, or for a conv its
@@ -252,16 +249,23 @@ class DecomposedModule(nn.Module):
                         zip(padded.shape[-2:], conv.kernel_size, conv.stride, conv.dilation))
         return patches.view(x.shape[0], -1, H_out, W_out).movedim(1, -1)
 
+    def _times(self, x: Tensor, W: Tensor) -> Tensor:
+        """The layer's input map with the (d_out, d_in) matrix W in place of its weight, no bias: (..., d_out),
+        a conv's channels-last."""
+        if self.is_conv:
+            return self._conv(x, W)
+        return F.embedding(x, W.T) if self.is_embedding else x @ W.T
+
     def _masked_forward(self, x: Tensor, mask: Tensor, delta_mask: Tensor | None, inner: Tensor | None) -> Tensor:
-        U, V = self.components.factors()
-        out = ((inner if inner is not None else self.inner_acts(x)) * mask) @ U.T  # a conv's: channels-last
-        if delta_mask is not None:
-            delta = self.target_weight() - U @ V
-            if self.is_conv:
-                delta_out = self._conv(x, delta)
-            else:
-                delta_out = F.embedding(x, delta.T) if self.is_embedding else x @ delta.T
-            out = out + delta_mask.unsqueeze(-1) * delta_out
+        U, _ = self.components.factors()
+        inner = inner if inner is not None else self.inner_acts(x)  # a conv's: channels-last
+        if delta_mask is None:
+            out = (inner * mask) @ U.T
+        else:
+            # (h * m) U^T + d a (W - UV)^T with h = a V^T is (h * (m - d)) U^T + d a W^T: the same, without
+            # forming UV (C d_in d_out flops and its backward), and a W^T needs no weight gradient.
+            d = delta_mask.unsqueeze(-1)
+            out = (inner * (mask - d)) @ U.T + d * self._times(x, self.target_weight())
         bias = getattr(self.original, "bias", None)
         out = out if bias is None else out + bias
         return out.movedim(-1, 1) if self.is_conv else out  # (batch, out, H_out, W_out), as the target's
