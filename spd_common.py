@@ -118,7 +118,10 @@ class SPDConfig:
     wandb_project: Optional[str] = option(None, "log to this wandb project (null = no wandb)")
 
     def __post_init__(self) -> None:
-        """Checks that involve more than one field (single-field bounds are in the metadata)."""
+        """Checks that involve more than one field or value (single-field bounds are in the metadata)."""
+        for pattern, C in self.modules.items():
+            if C < 1:
+                raise SPDError(f"key 'spd.modules.{pattern}' = {C}: C must be >= 1")
         if self.p_anneal_start_frac > self.p_anneal_end_frac:
             raise SPDError(f"p_anneal_start_frac = {self.p_anneal_start_frac} must be <= p_anneal_end_frac = "
                            f"{self.p_anneal_end_frac}")

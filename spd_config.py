@@ -121,10 +121,6 @@ def _build_dataclass(cls: type, raw: Any, prefix: str = "") -> Any:
             b = meta.get(bound)
             if b is not None and isinstance(v, (int, float)) and not ok(v, b):
                 raise SPDError(f"key '{key}' = {v!r} is out of range: must be {word} {b} ({meta['doc']})")
-        if name == "modules" and isinstance(v, dict):
-            for pat, c in v.items():
-                if c < 1:
-                    raise SPDError(f"key '{key}.{pat}' = {c}: C must be >= 1")
         values[name] = v
     try:
         return cls(**values)

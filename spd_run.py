@@ -444,7 +444,8 @@ def target_main(cfg_cls: type, load_or_train: Callable[[Any], Any]) -> None:
 
 def load_or_train_target(cfg: Any, build: Callable[[], nn.Module], train: Callable[[], nn.Module],
                          shape_keys: tuple[str, ...]) -> nn.Module:
-    """The frozen target cached at `cfg.path`; trained with `train()` (and cached) when missing.
+    """The frozen target cached at `cfg.path`; trained with `train()` (and cached) when missing. `cfg` is the
+    target's config dataclass: its `path` names the cache file and its `steps` are said when training.
 
     The cache stores the target config it was trained with; one whose `shape_keys` differ from
     `cfg` is refused rather than silently loaded into a model of another shape, and one trained
