@@ -200,7 +200,7 @@ def analyse(model: ComponentModel, cfg: MNISTConfig, x: Tensor, y: Tensor, figur
     alive_idx = {n: alive(g, cfg.spd.ci_threshold) for n, g in ci.items()}
     a1, a2 = alive_idx["fc1"], alive_idx["fc2"]
     effect = fc1_to_fc2_effects(model, x, a1, cfg.effect_ci_threshold)[:, a2]
-    (U1, _), (_, V2) = model.decomposed["fc1"].components.factors(), model.decomposed["fc2"].components.factors()
+    (U1, _), (_, V2) = model.factors("fc1"), model.factors("fc2")
     path_w = weight_path(U1, V2)[a1][:, a2]
     n80 = n_carrying(effect, cfg.effect_share)
     top_edges = effect.abs().flatten().argsort(descending=True)[:10].tolist()
@@ -218,7 +218,7 @@ def analyse(model: ComponentModel, cfg: MNISTConfig, x: Tensor, y: Tensor, figur
     side = first.original.kernel_size[0] if first.is_conv else cfg.target.image_side
     n_top = min(cfg.n_component_images, len(alive_idx[model.names[0]]))
     top = ci[model.names[0]].mean(0).argsort(descending=True)[:n_top]
-    plot_component_images(first.components.factors()[1].detach(), top, per_class[model.names[0]], side,
+    plot_component_images(model.factors(model.names[0])[1].detach(), top, per_class[model.names[0]], side,
                           figures / f"{model.names[0]}_components.png")
     plot_causal(effect, path_w, n80, a1, a2, cfg.effect_share, figures / "causal_fc1_fc2.png")
     return out

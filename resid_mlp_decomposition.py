@@ -89,7 +89,7 @@ def resid_mlp_metrics(model: ComponentModel, cfg: ResidMLPConfig, eval_batch) ->
                                                                   cfg.monosemantic_ci).sum())}
     for name in layer_names(model, "mlp_out"):
         alive = (ci[name] > cfg.spd.ci_threshold).any(0)
-        U, V = model.decomposed[name].components.factors()
+        U, V = model.factors(name)
         out[f"w_out_alive/{name}"] = int(alive.sum())
         out[f"w_out_summed_rank/{name}"] = summed_rank(U, V, alive, cfg.rank_rtol)
     # CI-masked model vs target: MSE relative to the variance of the target's output

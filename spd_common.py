@@ -343,8 +343,9 @@ class ComponentModel(nn.Module):
     """A frozen target model with some modules decomposed into components, each with a CI function.
 
     `patterns` maps fnmatch patterns over module names (`decomposable_modules`) to C. The target's code is
-    untouched: each matched module is swapped for a `DecomposedModule` that runs the original unless masks
-    are set (an MoE expert's matrix: its experts module for a `DecomposedExperts`).
+    untouched, but its module tree is not: each matched module is swapped, in place, for a `DecomposedModule`
+    that runs the original unless masks are set (an MoE expert's matrix: its experts module for a
+    `DecomposedExperts`). `restore_target()` swaps the originals back; `factors(name)` gives U and V.
     """
 
     def __init__(self, target: nn.Module, patterns: dict[str, int], tied: dict[str, str],
@@ -404,6 +405,23 @@ class ComponentModel(nn.Module):
             self.ci_fns["global"] = GlobalCI(ci_fn, ci_in, {n: self.C[n] for n in self.names}, ci_hidden, ci_layers,
                                              ci_heads)
         self.adversary = PersistentAdversary()  # spd.pgd_persistent's state, checkpointed with the decomposition
+
+    def factors(self, name: str) -> tuple[Tensor, Tensor]:
+        """Module `name`'s subcomponents: U (d_out, C) and V (C, d_in); the c-th is U[:, c] V[c]."""
+        return self.decomposed[name].components.factors()
+
+    def restore_target(self) -> nn.Module:
+        """Put the target's original modules back where the wrappers are and return the target, as it was
+        before decomposition (still frozen); this ComponentModel no longer runs it afterwards."""
+        for name, wrapper in self.decomposed.items():
+            if isinstance(wrapper.original, ExpertLinear):
+                experts_name = name.rsplit(".", 2)[0]
+                experts = self.target.get_submodule(experts_name)
+                if isinstance(experts, DecomposedExperts):
+                    _swap(self.target, experts_name, experts.original)
+            else:
+                _swap(self.target, name, wrapper.original)
+        return self.target
 
     @classmethod
     def from_config(cls, target: nn.Module, spd: SPDConfig) -> ComponentModel:

@@ -81,12 +81,12 @@ def one_hot_ci(model: ComponentModel, n_features: int) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def tms_metrics(model: ComponentModel, cfg: TMSConfig) -> dict[str, float]:
-    U, V = model.decomposed["linear1"].components.factors()
+    U, V = model.factors("linear1")
     W = model.decomposed["linear1"].target_weight()
     out = dict(zip(["mmcs", "ml2r"], mmcs_ml2r(W, U, V)))
     out |= dict(zip(["mmcs_nonnegligible", "ml2r_nonnegligible"], mmcs_ml2r(W, U, V, cfg.norm_threshold)))
     for name in model.untied_names():
-        U, V = model.decomposed[name].components.factors()
+        U, V = model.factors(name)
         out[f"n_nonnegligible/{name}"] = int((subcomponent_norms(U, V) > cfg.norm_threshold).sum())
     for name, ci in one_hot_ci(model, cfg.target.n_features).items():
         out[f"n_alive_one_hot/{name}"] = int((ci > cfg.spd.ci_threshold).any(0).sum())
@@ -115,7 +115,7 @@ def plot_ci_per_feature(model: ComponentModel, cfg: TMSConfig, path) -> None:
 @torch.no_grad()
 def plot_weights(model: ComponentModel, cfg: TMSConfig, path) -> None:
     """Cosine of each non-negligible subcomponent's columns U_c V[c, j] with W[:, j]; for m = 2 also arrows."""
-    U, V = model.decomposed["linear1"].components.factors()
+    U, V = model.factors("linear1")
     W = model.decomposed["linear1"].target_weight()
     keep = (subcomponent_norms(U, V) > cfg.norm_threshold).nonzero().flatten()
     cos = column_cosines(W, U, V)[keep].cpu()

@@ -103,8 +103,8 @@ def main() -> None:
     modules, panels = {}, []
     for name in exp_a.model.names:
         a, b = live_a[name], live_b[name]
-        U_a, V_a = exp_a.model.decomposed[name].components.factors()
-        U_b, V_b = exp_b.model.decomposed[name].components.factors()
+        U_a, V_a = exp_a.model.factors(name)
+        U_b, V_b = exp_b.model.factors(name)
         with torch.no_grad():
             cos = rank_one_cosines(U_a[:, a], V_a[a], U_b[:, b], V_b[b]).cpu()
         corr = correlations(ci_a[name][:, a], ci_b[name][:, b])

@@ -9,6 +9,7 @@ import transformers as T
 
 from spd_common import ComponentModel, SPDConfig, decomposable_modules, training_losses
 from spd_config import SPDError
+from spd_layers import DecomposedExperts, DecomposedModule
 
 VOCAB = 50
 LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -69,6 +70,11 @@ def test_every_layer_decomposes_exactly(arch):
         with model.masked(ci):
             assert torch.isfinite(model(tokens).logits).all()
         torch.testing.assert_close(model(tokens).logits, before)  # no masks: the target again
+    restored = model.restore_target()  # the original modules back in place, MoE experts modules too
+    assert decomposable_modules(restored).keys() == decomposable_modules(build(arch)).keys()
+    assert not any(isinstance(m, (DecomposedModule, DecomposedExperts)) for m in restored.modules())
+    with torch.no_grad():
+        assert torch.equal(restored(tokens).logits, before)
 
 
 def test_own_forward_layers_see_their_base_inputs():

@@ -55,6 +55,11 @@ def test_patterns_attach_to_matched_modules_and_keep_target_output():
     model = ComponentModel(net, {"fc*": 3}, {}, "mlp", [4])
     assert model.names == ["fc1", "fc2"]
     assert torch.equal(model(tokens), before)  # no masks set: the original modules run
+    U, V = model.factors("fc1")
+    assert U.shape == (6, 3) and V.shape == (3, 4)
+    restored = model.restore_target()
+    assert restored is net and type(net.fc1) is nn.Linear and type(net.fc2) is nn.Linear
+    assert torch.equal(net(tokens), before)
 
 
 @pytest.mark.parametrize("ci_fn", ["mlp", "vector_mlp", "shared_mlp"])
@@ -87,8 +92,13 @@ def test_masked_forward_matches_hand_computation():
     mod.mask = mask
     try:
         torch.testing.assert_close(mod(x), expected)
+        # with the delta component at d[b]: + d[b] (W - UV) x[b]
+        mod.delta_mask = delta = torch.tensor([0.3, 1.0])
+        W = mod.target_weight()
+        expected = expected + torch.stack([delta[b] * (W - U @ V) @ x[b] for b in range(2)])
+        torch.testing.assert_close(mod(x), expected)
     finally:
-        mod.mask = None
+        mod.mask = mod.delta_mask = None
 
 
 def test_tied_components_are_transposes():
