@@ -1033,8 +1033,9 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     if cfg.compile:
         model.target.compile()  # in place: every (masked or not) forward goes through the compiled target
     params = [*model.components.parameters(), *model.ci_fns.parameters()]
-    opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(params, lr=cfg.lr,
-                                                                               weight_decay=cfg.weight_decay)
+    # fused: one kernel for all parameters; the default loops over them (1.5 ms of a 20 ms TMS step on CPU)
+    opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
     digest = target_digest(model)
     state = resume_training(run_dir, model, opt, digest, ddp.is_main, cfg.steps)
     logger = MetricsLogger(run_dir, cfg.wandb_project, full_config or {"spd": config_to_dict(cfg)}, ddp.is_main)

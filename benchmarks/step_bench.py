@@ -26,6 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import spd_common  # noqa: E402 (needs ROOT on the path)
+from spd_common import ComponentModel  # noqa: E402
 from spd_config import load_config  # noqa: E402
 from spd_run import config_class, import_script, script_for  # noqa: E402
 
@@ -63,16 +64,19 @@ class Runner:
     """One version of spd_common training one freshly built model of the experiment."""
 
     def __init__(self, sc, script, cfg):
+        versions_class = sc.ComponentModel
+
         class VersionsModel:  # build() makes its model with this version's class (old ones lack from_config)
             @staticmethod
             def from_config(target, spd):
-                return sc.ComponentModel(target, spd.modules, spd.tied, spd.ci_fn, spd.ci_hidden)
+                return versions_class(target, spd.modules, spd.tied, spd.ci_fn, spd.ci_hidden)
 
-        script.ComponentModel = VersionsModel
+        # build() reaches ComponentModel through the script or Experiment.fresh (spd_common): this version's in both
+        script.ComponentModel = spd_common.ComponentModel = VersionsModel
         try:
             exp = script.build(cfg)
         finally:
-            script.ComponentModel = spd_common.ComponentModel
+            script.ComponentModel = spd_common.ComponentModel = ComponentModel
         self.sc, self.cfg, self.exp, self.step_i = sc, cfg.spd, exp, 0
         params = list(exp.model.components.parameters()) + list(exp.model.ci_fns.parameters())
         self.opt = torch.optim.Adam(params, lr=cfg.spd.lr)
