@@ -163,9 +163,11 @@ def plot_ci_by_position(by_pos: dict[str, Tensor], threshold: float, path) -> No
 def build(cfg: IHConfig) -> Experiment:
     """The target (trained first if missing) wrapped in fresh components, and its step-indexed data."""
     device, t = get_device(cfg.spd.device), cfg.target
-    return Experiment.fresh(load_or_train_ih(t).to(device), cfg.spd,
-                            lambda size, seed, step: induction_batch(t.vocab_size, t.seq_len, size, seed, step, device)[0],
-                            output_fn=final_logits)
+
+    def tokens(size: int, seed: int, step: int) -> Tensor:
+        return induction_batch(t.vocab_size, t.seq_len, size, seed, step, device)[0]
+
+    return Experiment.fresh(load_or_train_ih(t).to(device), cfg.spd, tokens, output_fn=final_logits)
 
 
 # KEEP main's skeleton: parse_cli, build, optimize, figures, write_results (last line), run_main.

@@ -76,7 +76,8 @@ static inline float exp_neg(float x) {
 /* U[0, 1) noise without a sequential generator: element i is a hash of (seed, offset + i), 24 random bits
    as torch.rand's float32. Counter-based, so a process drawing only its rows of a global batch (offset: the
    index of its first element) gets exactly those rows of the global draw. About 5x faster than torch.rand
-   (mt19937) here. The hash is lowbias32 (Wellons), twice, keyed by the seed. */
+   (mt19937) here. The hash is lowbias32 (Wellons), twice, keyed by the seed; the counter is 32 bits, so a
+   draw of over 2^32 elements would repeat itself. */
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
     return x;

@@ -115,7 +115,8 @@ def decomposable_modules(target: nn.Module) -> dict[str, nn.Module]:
         if isinstance(m, decomposable_types()):
             found[n] = m
         elif is_experts(m):
-            found.update({f"{n}.{p}.{e}": ExpertLinear(m, p, e) for p in expert_params(m) for e in range(m.num_experts)})
+            found.update({f"{n}.{p}.{e}": ExpertLinear(m, p, e)
+                          for p in expert_params(m) for e in range(m.num_experts)})
     return found
 
 
