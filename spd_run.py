@@ -193,24 +193,27 @@ def parse_cli(cls: type, description: str, argv: list[str] | None = None) -> tup
 
 
 # The torch threads of a run started without spd.threads or OMP_NUM_THREADS: this machine's cores,
-# shared equally among the spd runs on it (each registers its pid under ~/.cache/spd/runs) and
-# re-shared as runs come and go, so that runs started side by side (or torchrun's ranks) never
-# oversubscribe the cores; torch threads fighting over a core lose several times their speed.
+# less those that runs with a fixed count hold, shared equally among the other spd runs on it (each
+# run registers its pid under ~/.cache/spd/runs, a fixed one with its thread count) and re-shared as
+# runs come and go, so that runs started side by side (or torchrun's ranks) never oversubscribe the
+# cores; torch threads fighting over a core lose several times their speed.
 RUNS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spd" / "runs"
 _fixed_threads: int | None = None
 _sharing = False
+_registered = False
 
 
 def share_threads(threads: int | None) -> None:
     """Fix the thread count (spd.threads, else OMP_NUM_THREADS if set), or take this process's share."""
-    global _fixed_threads, _sharing
+    global _fixed_threads, _sharing, _registered
     _fixed_threads = threads or (int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") else None)
-    if _fixed_threads is None and not _sharing:
-        RUNS_DIR.mkdir(parents=True, exist_ok=True)
-        entry = RUNS_DIR / str(os.getpid())
-        entry.touch()
+    _sharing = _fixed_threads is None
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    entry = RUNS_DIR / str(os.getpid())
+    entry.write_text(str(_fixed_threads or ""))  # empty: sharing
+    if not _registered:
         atexit.register(entry.unlink, missing_ok=True)
-        _sharing = True
+        _registered = True
     rebalance_threads()
 
 
@@ -219,13 +222,20 @@ def rebalance_threads() -> None:
     if _fixed_threads is not None:
         torch.set_num_threads(_fixed_threads)
     elif _sharing:
-        live = 0
+        sharing, held = 0, 0
         for entry in RUNS_DIR.iterdir():
-            if Path(f"/proc/{entry.name}").exists():
-                live += 1
-            else:
+            if not Path(f"/proc/{entry.name}").exists():
                 entry.unlink(missing_ok=True)  # a run that died without cleaning up
-        want = max(1, len(os.sched_getaffinity(0)) // max(live, 1))
+                continue
+            try:
+                fixed = entry.read_text().strip()
+            except OSError:  # it finished just now
+                continue
+            if fixed.isdigit():
+                held += int(fixed)
+            else:
+                sharing += 1
+        want = max(1, (len(os.sched_getaffinity(0)) - held) // max(sharing, 1))
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
 

@@ -80,7 +80,10 @@ def test_paper_configs_load(path):
     assert cfg.spd.lr_schedule == ("cosine_quarter" if path.stem.startswith("tms") else "constant")
 
 
-def test_spd_threads_sets_torchs_thread_count(tmp_path):
+def test_spd_threads_sets_torchs_thread_count(tmp_path, monkeypatch):
+    import spd_run
+
+    monkeypatch.setattr(spd_run, "RUNS_DIR", tmp_path / "runs")  # this process holds no cores of other tests' runs
     before = torch.get_num_threads()
     try:
         cfg, _ = parse_cli(TMSConfig, "", [str(ROOT / "configs/tms_5-2.yaml"), "spd.threads=1", "--out",
@@ -91,12 +94,14 @@ def test_spd_threads_sets_torchs_thread_count(tmp_path):
 
 
 def test_without_spd_threads_runs_share_the_cores(tmp_path, monkeypatch):
-    """Each spd run here registers its pid; a run without spd.threads or OMP_NUM_THREADS takes
-    cores // live runs threads, re-shared as runs finish (entries of dead processes are dropped)."""
+    """Each spd run here registers its pid (a fixed one with its thread count); a run without spd.threads
+    or OMP_NUM_THREADS takes (cores - fixed runs' threads) // sharing runs threads, re-shared as runs
+    finish (entries of dead processes are dropped)."""
     import spd_run
 
     monkeypatch.setattr(spd_run, "RUNS_DIR", tmp_path)
     monkeypatch.setattr(spd_run, "_sharing", False)
+    monkeypatch.setattr(spd_run, "_registered", False)
     monkeypatch.setattr(spd_run.os, "sched_getaffinity", lambda pid: set(range(4)))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     (tmp_path / str(os.getppid())).touch()  # another run, alive
@@ -108,9 +113,13 @@ def test_without_spd_threads_runs_share_the_cores(tmp_path, monkeypatch):
         (tmp_path / str(os.getppid())).unlink()  # the other run finished
         spd_run.rebalance_threads()
         assert torch.get_num_threads() == 4
+        (tmp_path / str(os.getppid())).write_text("3")  # a run with a fixed 3 threads: one core left here
+        spd_run.rebalance_threads()
+        assert torch.get_num_threads() == 1
+        (tmp_path / str(os.getppid())).unlink()
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         spd_run.share_threads(None)
-        assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 1 and (tmp_path / str(os.getpid())).read_text() == "1"
     finally:
         (tmp_path / str(os.getpid())).unlink(missing_ok=True)
         torch.set_num_threads(before)
