@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -189,6 +190,7 @@ def parse_cli(cls: type, description: str, argv: list[str] | None = None) -> tup
         if ddp.world_size > 1:
             dist.broadcast_object_list([str(run_dir)], src=0)
     share_threads(cfg.spd.threads)  # before anything heavy: the target may be trained first
+    reuse_freed_memory()
     return cfg, run_dir
 
 
@@ -238,6 +240,21 @@ def rebalance_threads() -> None:
         want = max(1, (len(os.sched_getaffinity(0)) - held) // max(sharing, 1))
         if want != torch.get_num_threads():
             torch.set_num_threads(want)
+
+
+def reuse_freed_memory(largest: int = 32 << 20, keep: int = 1 << 30) -> None:
+    """Have glibc's malloc serve blocks up to `largest` bytes from its heap and keep up to `keep`
+    freed bytes there, instead of unmapping them. torch frees and reallocates every step's activations;
+    by default blocks over 128 KiB come fresh from the kernel each time, one page fault per 4 KiB
+    touched: on resid_mlp1 (many (1024, 1000) tensors) 5x the page faults and ~20% of a CPU step. Peak
+    memory is unchanged (freed blocks are reused, not added to). Does nothing without glibc (macOS)."""
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_MMAP_THRESHOLD, largest)  # 32 MiB is glibc's maximum for this setting
+    mallopt(M_TRIM_THRESHOLD, keep)
 
 
 def _config_and_run_dir(cls: type, args: argparse.Namespace, error: Callable[[str], None]) -> tuple[Any, Path]:
