@@ -113,7 +113,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
     faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], cwd=ROOT, capture_output=True,
                                        text=True, check=True).stdout) for mode in ("default", "reuse")}
-    assert faults["default"] > 20_000, faults  # glibc's default hands the pages back (the test is meaningful)
+    if faults["default"] < 20_000:  # ~50,000 under glibc's defaults; another allocator leaves nothing to fix
+        pytest.skip(f"this malloc keeps freed memory by itself ({faults['default']} page faults)")
     assert faults["reuse"] < 0.1 * faults["default"], faults
 
 
