@@ -245,8 +245,9 @@ def rebalance_threads() -> None:
 def reuse_freed_memory(largest: int = 32 << 20, keep: int = 1 << 30) -> None:
     """Have glibc's malloc serve blocks up to `largest` bytes from its heap and keep up to `keep`
     freed bytes there, instead of unmapping them. torch frees and reallocates every step's activations;
-    by default blocks over 128 KiB come fresh from the kernel each time, one page fault per 4 KiB
-    touched: on resid_mlp1 (many (1024, 1000) tensors) 5x the page faults and ~20% of a CPU step. Peak
+    glibc's defaults (large blocks mapped, freed heap memory over a few MiB trimmed) hand them back to the
+    kernel, so they come back as fresh pages, one page fault per 4 KiB touched: on resid_mlp1 (many
+    (1024, 1000) tensors) 5x the page faults and ~20% of a CPU step. Peak
     memory is unchanged (freed blocks are reused, not added to). Does nothing without glibc (macOS)."""
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
     try:
