@@ -28,8 +28,8 @@ class ResidMLPTargetConfig:
     d_embed: int = option(1000, "residual stream width", ge=1)
     d_mlp: int = option(50, "ReLU neurons per MLP layer", ge=1)
     n_layers: int = option(1, "number of MLP layers", ge=1)
-    mlp_bias: bool = option(False, "biases in W_in and W_out (with them, 2- and 3-layer targets fit worse: "
-                               "the layers learn large outputs that cancel each other)")
+    mlp_bias: bool = option(False, "biases in W_in and W_out (with them, 2- and 3-layer targets fit worse, and "
+                               "SPD on 1 layer keeps ~25 extra W_out subcomponents; the paper has none)")
     feature_probability: float = option(0.01, "probability each feature is active (value ~ U[-1, 1])", gt=0, le=1)
     steps: int = option(10_000, "training steps", ge=1)
     batch_size: int = option(2048, "training batch size", ge=1)
