@@ -29,8 +29,8 @@
 # Time to the default result (estimate) = s/step x default steps (read from each side's default config)
 # + fixed cost; the default runs' extra evals (every 1000 / 500 steps) are not in it. --full runs both
 # default configs to completion, together, and reports their real wall times and quality instead.
-# Target training is timed once and not counted. Batch sizes differ for resid_mlp1 (reference 2048, ours
-# 1024): the ratio is per step, not per sample.
+# Target training is timed once and not counted. Each side runs its default config's batch size (both
+# printed): the ratio is per step, and per sample only where the two match.
 set -euo pipefail
 
 REF_COMMIT=3f0bb61e
@@ -148,9 +148,12 @@ fi
 # WANDB_ENTITY: its resid_mlp target training asks wandb for the entity (and a login) even when disabled
 refenv() { env PYTHONUNBUFFERED=1 WANDB_MODE=disabled WANDB_ENTITY=none MPLBACKEND=Agg CUDA_VISIBLE_DEVICES= \
   SPD_OUT_DIR="$1" "${@:2}"; }
+# our target's cache file is named by the config's target settings: a changed target block trains anew
+TARGET_KEY=$(sed -n '/^target:/,/^[a-z]/p' "$OURS/configs/$EXP.yaml" | grep -v '^  path:' | sha1sum | cut -c1-8)
+OURS_TARGET=$WORK/targets/ours_${EXP}_$TARGET_KEY.pt
 OURS_CFG=$WORK/ours_$EXP.yaml   # our default config with the target cached in the work dir
-sed "s#^\(  path: \).*#\1$WORK/targets/ours_$EXP.pt#" "$OURS/configs/$EXP.yaml" > "$OURS_CFG"
-if [[ ! -f $WORK/targets/ours_$EXP.pt || ! -f $WORK/targets/ref_$EXP.path ]]; then
+sed "s#^\(  path: \).*#\1$OURS_TARGET#" "$OURS/configs/$EXP.yaml" > "$OURS_CFG"
+if [[ ! -f $OURS_TARGET || ! -f $WORK/targets/ref_$EXP.path ]]; then
   mkdir -p "$WORK/targets"; rm -rf "$WORK/targets/ref_$EXP"
   t0=$EPOCHREALTIME
   (cd "$SRC" && refenv "$WORK/targets/ref_$EXP" "$RPY" "spd/experiments/$KIND/train_$KIND.py" \
