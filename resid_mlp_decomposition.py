@@ -92,15 +92,20 @@ def resid_mlp_metrics(model: ComponentModel, cfg: ResidMLPConfig, eval_batch) ->
         U, V = model.factors(name)
         out[f"w_out_alive/{name}"] = int(alive.sum())
         out[f"w_out_summed_rank/{name}"] = summed_rank(U, V, alive, cfg.rank_rtol)
-    # CI-masked model vs target: MSE relative to the variance of the target's output
-    err = var = 0.0
+    # CI-masked model vs target: MSE relative to the variance of the target's output. Beside it, the
+    # components alone (every mask 1, no delta term): the part of that error no CI function can remove.
+    err = components_err = var = 0.0
     for i in range(cfg.n_eval_batches):
         x = eval_batch(i)
         target_out, inputs = model.run_target(x)
-        with model.masked(model.causal_importances(inputs)[0]):
+        ci = model.causal_importances(inputs)[0]
+        with model.masked(ci):
             err += (model(x) - target_out).pow(2).mean().item()
+        with model.masked({name: torch.ones_like(c) for name, c in ci.items()}):
+            components_err += (model(x) - target_out).pow(2).mean().item()
         var += target_out.var().item()
     out["ci_masked_mse_over_target_var"] = err / var
+    out["components_mse_over_target_var"] = components_err / var
     return out
 
 
@@ -174,7 +179,8 @@ def main() -> None:
     print(f"monosemantic features {results['n_monosemantic_features']}/{n} (per layer: "
           f"{results['n_monosemantic_per_layer']}/{n})  "
           + "  ".join(f"{k} {v}" for k, v in results.items() if k.startswith("w_out"))
-          + f"  CI-masked MSE / target var {results['ci_masked_mse_over_target_var']:.3g}")
+          + f"  CI-masked MSE / target var {results['ci_masked_mse_over_target_var']:.3g}"
+          + f" (components alone: {results['components_mse_over_target_var']:.3g})")
     print(f"{results['steps']} steps in {results['wall_s']} s ({results['steps_per_s']} steps/s), "
           f"peak RSS {results['peak_rss_mb']} MB")
     write_results(run_dir, results)

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resid_mlp_decomposition import monosemantic, monosemantic_per_layer, summed_rank
+from resid_mlp_decomposition import ResidMLPConfig, build, monosemantic, monosemantic_per_layer, resid_mlp_metrics, summed_rank
+from spd_config import load_config
 from train_targets.train_resid_mlp import ResidMLPTargetConfig, labels, resid_mlp_batch, train_resid_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +72,37 @@ def test_summed_rank_on_hand_made_components():
     assert summed_rank(U, V, torch.zeros(8, dtype=torch.bool), 1e-2) == 0
 
 
+def test_output_errors_of_exact_and_emptied_components(tmp_path):
+    """Components that sum exactly to each W (from its SVD) reproduce the target with every mask at 1;
+    emptied ones do not. The CI-masked error is measured on the same inputs as that reference."""
+    overrides = [f"target.{k}={v}" for k, v in SMALL.items()] + [
+        "target.steps=50", f"target.path={tmp_path / 't.pt'}", "spd.modules={layers.*.mlp_in: 12, layers.*.mlp_out: 12}",
+        "spd.eval_batch_size=256"]
+    cfg = load_config(ResidMLPConfig, ROOT / "configs/resid_mlp1.yaml", overrides)
+    model = build(cfg).model
+    eval_batch = lambda i: resid_mlp_batch(10, 0.1, 256, seed=7, step=i)
+    with torch.no_grad():
+        for name in model.names:
+            W, comps = model.decomposed[name].target_weight(), model.decomposed[name].components
+            P, S, Qt = torch.linalg.svd(W, full_matrices=False)  # rank 10 <= C = 12
+            comps.U.zero_()[:, :len(S)] = P * S
+            comps.V.zero_()[:len(S)] = Qt
+    exact = resid_mlp_metrics(model, cfg, eval_batch)
+    assert exact["components_mse_over_target_var"] < 1e-10
+    assert exact["ci_masked_mse_over_target_var"] >= 0
+    with torch.no_grad():
+        model.decomposed["layers.0.mlp_out"].components.U.zero_()  # the MLP writes nothing: only x remains
+    emptied = resid_mlp_metrics(model, cfg, eval_batch)
+    err = var = 0.0
+    for x in map(eval_batch, range(cfg.n_eval_batches)):
+        with torch.no_grad():
+            target_out = model.target(x)
+        W_E = model.target.W_E
+        err += (x @ W_E @ W_E.T - target_out).pow(2).mean().item()  # the residual stream alone, unembedded
+        var += target_out.var().item()
+    assert emptied["components_mse_over_target_var"] == pytest.approx(err / var, rel=1e-4)
+
+
 def run_script(args: list[str], cwd: Path, timeout: float = 300) -> dict:
     """Run resid_mlp_decomposition.py (config path relative to the repo root) and return its results.json."""
     proc = subprocess.run([sys.executable, str(ROOT / "resid_mlp_decomposition.py"), str(ROOT / args[0]), *args[1:]],
@@ -86,7 +118,7 @@ def test_script_short_run(tmp_path):
         "spd.faithfulness_warmup_steps=10"]
     results = run_script(["configs/resid_mlp1.yaml", *overrides, "--out", str(tmp_path / "run")], cwd=tmp_path)
     for key in ["n_monosemantic_features", "w_out_alive/layers.0.mlp_out", "w_out_summed_rank/layers.0.mlp_out",
-                "ci_masked_mse_over_target_var", "steps_per_s", "l0/layers.0.mlp_in"]:
+                "ci_masked_mse_over_target_var", "components_mse_over_target_var", "steps_per_s", "l0/layers.0.mlp_in"]:
         assert key in results, key
     assert 0 <= results["n_monosemantic_features"] <= 10
     assert (tmp_path / "run/figures/ci_heatmaps.png").is_file()
