@@ -11,7 +11,7 @@ The story:
      also counts a feature whose computation is split over layers, one own subcomponent in each);
      the W_out subcomponents together should form one dense mechanism of full rank (50 for the
      1-layer model). Also: how
-     well the CI-masked model reproduces the target's output.
+     well the CI-masked model reproduces the target's output, and the components alone (masks 1).
   4. Figures: CI heatmaps (features x subcomponents) and target vs decomposed output on a sweep of
      each feature's value.
 """
