@@ -43,10 +43,13 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
 
     one = torch.load(tmp_path / "one/checkpoints/final.pt", weights_only=True)
     two = torch.load(tmp_path / "two/checkpoints/final.pt", weights_only=True)
+    # The all-reduce sums gradients in another order: float drift grows over the 50 steps, to 1.2e-5 on one
+    # machine's CPU. One step trained differently (other noise, a skipped or doubled step) moves the
+    # parameters by ~lr = 3e-3.
     for part in ("components", "ci_fns"):
         assert one[part].keys() == two[part].keys()
         for k in one[part]:
-            torch.testing.assert_close(two[part][k], one[part][k], atol=1e-5, rtol=0, msg=f"{part}.{k}")
+            torch.testing.assert_close(two[part][k], one[part][k], atol=5e-5, rtol=0, msg=f"{part}.{k}")
     # losses logged are global-batch means, evals on the whole eval batch, each line written once
     lines_one = [json.loads(l) for l in (tmp_path / "one/metrics.jsonl").read_text().splitlines()]
     lines_two = [json.loads(l) for l in (tmp_path / "two/metrics.jsonl").read_text().splitlines()]
