@@ -83,6 +83,11 @@ class SPDConfig:
     pgd_eval_steps: int = option(10, "PGD steps of the recon/pgd evaluation (0 = not evaluated)", ge=0)
     ci_masked_recon_coeff: Optional[float] = option(None, "weight of the recon loss with masks = CI", ge=0)
     importance_minimality_coeff: Optional[float] = option(3e-3, "weight of sum_c |g_c|^p", ge=0)
+    importance_minimality_coeff_initial: Optional[float] = option(
+        None, "start the weight of sum_c |g_c|^p here, linearly reaching importance_minimality_coeff (null = fixed)",
+        ge=0)
+    importance_minimality_anneal_end_frac: float = option(
+        0.5, "fraction of training where that weight reaches importance_minimality_coeff", ge=0, le=1)
     importance_minimality_beta: Optional[float] = option(
         None, "weight, within importance minimality, of sum_modules mean_c log2(1 + sum_batch g_c)", ge=0)
     p: float = option(1.0, "exponent p of the importance-minimality loss", gt=0)
@@ -125,6 +130,9 @@ class SPDConfig:
         if self.p_anneal_start_frac > self.p_anneal_end_frac:
             raise SPDError(f"p_anneal_start_frac = {self.p_anneal_start_frac} must be <= p_anneal_end_frac = "
                            f"{self.p_anneal_end_frac}")
+        if self.importance_minimality_coeff_initial is not None and not self.importance_minimality_coeff:
+            raise SPDError("spd.importance_minimality_coeff_initial anneals towards spd.importance_minimality_coeff, "
+                           "which is off; set it to a positive value or importance_minimality_coeff_initial=null")
         if self.pgd_persistent and self.grad_accum_steps > 1:
             raise SPDError("spd.pgd_persistent keeps one adversary per batch position, which micro-batches would "
                            "share; set spd.grad_accum_steps=1 or spd.pgd_persistent=false")
@@ -623,6 +631,18 @@ def annealed_p(cfg: SPDConfig, frac: float) -> float:
     return cfg.p + t * (cfg.p_anneal_final - cfg.p)
 
 
+def annealed_importance_coeff(cfg: SPDConfig, frac: float) -> float | None:
+    """beta3, linearly annealed from importance_minimality_coeff_initial (at step 0) to
+    importance_minimality_coeff (at importance_minimality_anneal_end_frac, then held). Starting high prices
+    out the cheap subcomponents shared by several inputs before they form; ending low lets the CI values
+    of the remaining ones settle at 1."""
+    final, initial = cfg.importance_minimality_coeff, cfg.importance_minimality_coeff_initial
+    if initial is None:
+        return final
+    t = min(frac / max(cfg.importance_minimality_anneal_end_frac, 1e-12), 1.0)
+    return initial + t * (final - initial)
+
+
 def masked_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, masks: dict[str, Tensor],
                       delta_masks: dict[str, Tensor] | None, kind: str, output_fn: Callable[[Any], Tensor],
                       inner: dict[str, Tensor] | None = None, rows: dict[str, Tensor] | None = None) -> Tensor:
@@ -811,11 +831,12 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
     mean over this rank's examples (x: this rank's shard of the global batch)."""
     target_out, inputs = model.run_target(x)
     target_out = output_fn(target_out)
+    beta3 = annealed_importance_coeff(cfg, frac)
     coeffs = {"faithfulness": cfg.faithfulness_coeff, "stochastic_recon": cfg.stochastic_recon_coeff,
               "stochastic_recon_layerwise": cfg.stochastic_recon_layerwise_coeff,
               "ci_masked_recon": cfg.ci_masked_recon_coeff, "pgd_recon": cfg.pgd_recon_coeff,
-              "importance_minimality": cfg.importance_minimality_coeff,
-              "importance_frequency": (cfg.importance_minimality_coeff or 0) * (cfg.importance_minimality_beta or 0)}
+              "importance_minimality": beta3,
+              "importance_frequency": (beta3 or 0) * (cfg.importance_minimality_beta or 0)}
     on = {k: c for k, c in coeffs.items() if c}
     # Inner acts on the target's inputs, computed once: the CI functions and the layerwise losses (where
     # each module sees the target's input) share them, which saves a (batch, d_in) x (d_in, C) matmul
@@ -1072,6 +1093,9 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
                     means = ddp.mean(torch.stack([v.float() for v in losses.values()])).tolist()
                     state.train_metrics = {f"train/{k}": v for k, v in zip(losses, means)}
                     state.train_metrics["train/lr"] = lr_at(step, cfg)
+                    if cfg.importance_minimality_coeff_initial is not None:
+                        state.train_metrics["train/importance_minimality_coeff"] = annealed_importance_coeff(
+                            cfg, step / cfg.steps)
                     logger.log(step, state.train_metrics)
                     bar.set_postfix(loss=f"{state.train_metrics['train/total']:.3g}")
                 if step % cfg.log_every == 0:

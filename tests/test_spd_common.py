@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from spd_common import (ComponentModel, SPDConfig, ScalarMLPs, SharedMLP, VectorMLPs, annealed_p, faithfulness_loss,
+from spd_common import (ComponentModel, SPDConfig, ScalarMLPs, SharedMLP, VectorMLPs, annealed_importance_coeff, annealed_p,
+                        faithfulness_loss,
                         importance_minimality_loss, layerwise_recon_loss, hard_sigmoids,
-                        lr_at, masked_recon_loss, optimize, output_loss, sample_masks)
+                        lr_at, masked_recon_loss, optimize, output_loss, sample_masks, training_losses)
 from spd_config import SPDError
 
 
@@ -294,6 +295,22 @@ def test_lr_schedules_and_p_annealing():
     cfg = SPDConfig(p=2.0, p_anneal_final=1.0, p_anneal_start_frac=0.5, p_anneal_end_frac=1.0)
     assert annealed_p(cfg, 0.25) == 2.0 and annealed_p(cfg, 0.75) == pytest.approx(1.5)
     assert annealed_p(cfg, 1.0) == pytest.approx(1.0)
+
+
+def test_importance_coeff_anneals_from_initial_and_weights_the_total():
+    cfg = SPDConfig(importance_minimality_coeff=2e-5, importance_minimality_coeff_initial=4e-5,
+                    importance_minimality_anneal_end_frac=0.5)
+    assert annealed_importance_coeff(cfg, 0.0) == pytest.approx(4e-5)
+    assert annealed_importance_coeff(cfg, 0.25) == pytest.approx(3e-5)
+    assert annealed_importance_coeff(cfg, 0.5) == pytest.approx(2e-5)
+    assert annealed_importance_coeff(cfg, 0.9) == pytest.approx(2e-5)  # held after the end fraction
+    assert annealed_importance_coeff(SPDConfig(importance_minimality_coeff=2e-5), 0.0) == 2e-5  # no initial: fixed
+    model, tokens = make_model(), torch.randint(0, 7, (6, 3))
+    cfg = SPDConfig(importance_minimality_coeff=1.0, importance_minimality_coeff_initial=3.0, p=2.0,
+                    stochastic_recon_coeff=None, stochastic_recon_layerwise_coeff=None)
+    for frac, beta3 in [(0.0, 3.0), (0.25, 2.0), (1.0, 1.0)]:
+        losses = training_losses(model, cfg, tokens, frac, lambda out: out)
+        torch.testing.assert_close(losses["total"], beta3 * losses["importance_minimality"])
 
 
 def test_grad_accumulation_matches_one_batch_and_bf16_autocast_runs(tmp_path):
