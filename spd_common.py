@@ -622,13 +622,17 @@ def importance_minimality_loss(ci_upper: dict[str, Tensor], p: float, eps: float
     return sum(((g + eps) ** p).sum() / g.shape[:-1].numel() for g in ci_upper.values())
 
 
+def linear_anneal(start: float, end: float, frac: float, start_frac: float, end_frac: float) -> float:
+    """`start` until start_frac of training, then linearly to `end` at end_frac, then `end`."""
+    t = min(max((frac - start_frac) / max(end_frac - start_frac, 1e-12), 0.0), 1.0)
+    return start + t * (end - start)
+
+
 def annealed_p(cfg: SPDConfig, frac: float) -> float:
     """p, linearly annealed towards p_anneal_final between the start and end fractions of training."""
-    if cfg.p_anneal_final is None or frac <= cfg.p_anneal_start_frac:
+    if cfg.p_anneal_final is None:
         return cfg.p
-    span = max(cfg.p_anneal_end_frac - cfg.p_anneal_start_frac, 1e-12)
-    t = min((frac - cfg.p_anneal_start_frac) / span, 1.0)
-    return cfg.p + t * (cfg.p_anneal_final - cfg.p)
+    return linear_anneal(cfg.p, cfg.p_anneal_final, frac, cfg.p_anneal_start_frac, cfg.p_anneal_end_frac)
 
 
 def annealed_importance_coeff(cfg: SPDConfig, frac: float) -> float | None:
@@ -636,11 +640,10 @@ def annealed_importance_coeff(cfg: SPDConfig, frac: float) -> float | None:
     importance_minimality_coeff (at importance_minimality_anneal_end_frac, then held). Starting high prices
     out the cheap subcomponents shared by several inputs before they form; ending low lets the CI values
     of the remaining ones settle at 1."""
-    final, initial = cfg.importance_minimality_coeff, cfg.importance_minimality_coeff_initial
-    if initial is None:
-        return final
-    t = min(frac / max(cfg.importance_minimality_anneal_end_frac, 1e-12), 1.0)
-    return initial + t * (final - initial)
+    if cfg.importance_minimality_coeff_initial is None:
+        return cfg.importance_minimality_coeff
+    return linear_anneal(cfg.importance_minimality_coeff_initial, cfg.importance_minimality_coeff, frac, 0.0,
+                         cfg.importance_minimality_anneal_end_frac)
 
 
 def masked_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, masks: dict[str, Tensor],
