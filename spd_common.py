@@ -86,6 +86,9 @@ class SPDConfig:
     importance_minimality_coeff_initial: Optional[float] = option(
         None, "start the weight of sum_c |g_c|^p here, linearly reaching importance_minimality_coeff (null = fixed)",
         ge=0)
+    importance_minimality_anneal_start_frac: float = option(
+        0.0, "fraction of training where that weight starts to fall from importance_minimality_coeff_initial",
+        ge=0, le=1)
     importance_minimality_anneal_end_frac: float = option(
         0.5, "fraction of training where that weight reaches importance_minimality_coeff", ge=0, le=1)
     importance_minimality_beta: Optional[float] = option(
@@ -130,6 +133,10 @@ class SPDConfig:
         if self.p_anneal_start_frac > self.p_anneal_end_frac:
             raise SPDError(f"p_anneal_start_frac = {self.p_anneal_start_frac} must be <= p_anneal_end_frac = "
                            f"{self.p_anneal_end_frac}")
+        if self.importance_minimality_anneal_start_frac > self.importance_minimality_anneal_end_frac:
+            raise SPDError(f"importance_minimality_anneal_start_frac = {self.importance_minimality_anneal_start_frac} "
+                           f"must be <= importance_minimality_anneal_end_frac = "
+                           f"{self.importance_minimality_anneal_end_frac}")
         if self.importance_minimality_coeff_initial is not None and not self.importance_minimality_coeff:
             raise SPDError("spd.importance_minimality_coeff_initial anneals towards spd.importance_minimality_coeff, "
                            "which is off; set it to a positive value or importance_minimality_coeff_initial=null")
@@ -636,14 +643,14 @@ def annealed_p(cfg: SPDConfig, frac: float) -> float:
 
 
 def annealed_importance_coeff(cfg: SPDConfig, frac: float) -> float | None:
-    """beta3, linearly annealed from importance_minimality_coeff_initial (at step 0) to
-    importance_minimality_coeff (at importance_minimality_anneal_end_frac, then held). Starting high prices
-    out the cheap subcomponents shared by several inputs before they form; ending low lets the CI values
-    of the remaining ones settle at 1."""
+    """beta3: importance_minimality_coeff_initial until importance_minimality_anneal_start_frac of training,
+    then linearly to importance_minimality_coeff at importance_minimality_anneal_end_frac, then held.
+    Starting high prices out the cheap subcomponents shared by several inputs before they form; ending
+    low lets the CI values of the remaining ones settle at 1."""
     if cfg.importance_minimality_coeff_initial is None:
         return cfg.importance_minimality_coeff
-    return linear_anneal(cfg.importance_minimality_coeff_initial, cfg.importance_minimality_coeff, frac, 0.0,
-                         cfg.importance_minimality_anneal_end_frac)
+    return linear_anneal(cfg.importance_minimality_coeff_initial, cfg.importance_minimality_coeff, frac,
+                         cfg.importance_minimality_anneal_start_frac, cfg.importance_minimality_anneal_end_frac)
 
 
 def masked_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, masks: dict[str, Tensor],

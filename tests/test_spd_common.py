@@ -304,6 +304,10 @@ def test_importance_coeff_anneals_from_initial_and_weights_the_total():
     assert annealed_importance_coeff(cfg, 0.5) == pytest.approx(2e-5)
     assert annealed_importance_coeff(cfg, 0.9) == pytest.approx(2e-5)  # held after the end fraction
     assert annealed_importance_coeff(SPDConfig(importance_minimality_coeff=2e-5), 0.0) == 2e-5  # no initial: fixed
+    late = SPDConfig(importance_minimality_coeff=2e-5, importance_minimality_coeff_initial=4e-5,
+                     importance_minimality_anneal_start_frac=0.5, importance_minimality_anneal_end_frac=0.9)
+    assert annealed_importance_coeff(late, 0.4) == pytest.approx(4e-5)  # held before the start fraction
+    assert annealed_importance_coeff(late, 0.7) == pytest.approx(3e-5)
     model, tokens = make_model(), torch.randint(0, 7, (6, 3))
     cfg = SPDConfig(importance_minimality_coeff=1.0, importance_minimality_coeff_initial=3.0, p=2.0,
                     stochastic_recon_coeff=None, stochastic_recon_layerwise_coeff=None)
