@@ -130,13 +130,10 @@ class SPDConfig:
         for pattern, C in self.modules.items():
             if C < 1:
                 raise SPDError(f"key 'spd.modules.{pattern}' = {C}: C must be >= 1")
-        if self.p_anneal_start_frac > self.p_anneal_end_frac:
-            raise SPDError(f"p_anneal_start_frac = {self.p_anneal_start_frac} must be <= p_anneal_end_frac = "
-                           f"{self.p_anneal_end_frac}")
-        if self.importance_minimality_anneal_start_frac > self.importance_minimality_anneal_end_frac:
-            raise SPDError(f"importance_minimality_anneal_start_frac = {self.importance_minimality_anneal_start_frac} "
-                           f"must be <= importance_minimality_anneal_end_frac = "
-                           f"{self.importance_minimality_anneal_end_frac}")
+        for anneal in ("p_anneal", "importance_minimality_anneal"):
+            start, end = getattr(self, f"{anneal}_start_frac"), getattr(self, f"{anneal}_end_frac")
+            if start > end:
+                raise SPDError(f"{anneal}_start_frac = {start} must be <= {anneal}_end_frac = {end}")
         if self.importance_minimality_coeff_initial is not None and not self.importance_minimality_coeff:
             raise SPDError("spd.importance_minimality_coeff_initial anneals towards spd.importance_minimality_coeff, "
                            "which is off; set it to a positive value or importance_minimality_coeff_initial=null")
