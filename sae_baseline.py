@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparse_activations import JumpReLU, abs_topk, batch_topk_relu, topk_relu
-from spd_common import (Experiment, SPDConfig, importance_minimality_loss, lr_at, make_ci_fn, nonfinite_term,
+from spd_ci import make_ci_fn
+from spd_common import (Experiment, SPDConfig, importance_minimality_loss, lr_at, nonfinite_term,
                         output_loss, run_results, sample_masks)
 from spd_config import SPDError, config_to_dict, load_config, option
 from spd_run import (ROOT, MetricsLogger, Preempted, checkpoint_paths, config_class, figures_dir, import_script,

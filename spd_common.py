@@ -2,13 +2,12 @@
 and the layer types they stand in for are in spd_layers.py; what a run needs around the method (run dirs,
 CLI, torchrun, checkpoints, resume) is in spd_run.py; typed YAML loading in spd_config.py.
 
-Sections, in reading order:
+Sections, in reading order (the causal-importance (CI) functions are in spd_ci.py):
   1. The SPD config: every generic hyperparameter, with one-line docs.
-  2. Causal-importance (CI) functions and leaky hard sigmoids.
-  3. ComponentModel: attaches components to an unmodified target model by module-name pattern.
-  4. Masks and losses.
-  5. Evaluation metrics.
-  6. The `optimize` loop: `train_step` and the loop around it (its checkpoints: spd_run.py).
+  2. ComponentModel: attaches components to an unmodified target model by module-name pattern.
+  3. Masks and losses.
+  4. Evaluation metrics.
+  5. The `optimize` loop: `train_step` and the loop around it (its checkpoints: spd_run.py).
 
 Shapes: `...` is any batch shape (batch, or batch x seq); C is the number of subcomponents of a
 module; a module's weight is seen as a (d_out, d_in) matrix W, approximated by U (d_out, C) @ V (C, d_in).
@@ -35,7 +34,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from spd_config import SPDError, config_to_dict, option
-from spd_kernels import ScalarGeluCI, ScalarGeluMLP, counter_uniform, use_ci_kernel
+from spd_ci import GlobalCI, hard_sigmoids, make_ci_fn
+from spd_kernels import counter_uniform, use_ci_kernel
 from spd_layers import (Components, DecomposedExperts, DecomposedModule, ExpertLinear, check_decomposable,
                         decomposable_modules, runs_own_forward, weight_out_in)
 from spd_run import (Batch, Dist, MetricsLogger, Preempted, TrainState, init_distributed, peak_rss_mb,
@@ -145,200 +145,8 @@ class SPDConfig:
             raise SPDError(f"no loss term is on: set at least one of {', '.join(coeffs)} to a positive value")
 
 
-
 # ================================================================================================
-# 2. Causal-importance functions
-# ================================================================================================
-class HardSigmoids(torch.autograd.Function):
-    """Both CIs from a CI function's pre-activations x: (lower, for the masks; upper, for importance minimality).
-
-    lower, `leaky_forward` (the paper's): slope·x below 0, x on [0, 1], 1 above (no gradient there).
-    lower, `clamp_forward_leaky_backward`: x clamped to [0, 1]; in the backward pass the gradient on
-    [0, 1], and slope times it below 0 only where it pushes x up (a descent step then raises x): a dead
-    subcomponent can revive, but neither CI nor the masks ever go negative.
-    upper: 0 below 0 (no gradient there), x on [0, 1], 1 + slope·(x - 1) above.
-    One function for both, its gradient a product of 0/1 masks: on CPU torch.where costs about 25
-    multiplications, and the two sigmoids' autograd graphs (six of them) took a quarter of a TMS step.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, kind: str, slope: float) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(x)
-        ctx.kind, ctx.slope = kind, slope
-        lower = torch.maximum(x, slope * x) if kind == "leaky_forward" else x.clamp(min=0.0)
-        return lower.clamp_(max=1.0), torch.minimum(x, 1 + slope * (x - 1)).clamp_(min=0.0)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g_lower: Tensor, g_upper: Tensor) -> tuple[Tensor, None, None]:
-        (x,) = ctx.saved_tensors
-        below, above = (x < 0).to(x.dtype), (x > 1).to(x.dtype)
-        leak = below if ctx.kind == "leaky_forward" else below * (g_lower < 0)
-        inside = 1 - below - above
-        return inside * (g_lower + g_upper) + ctx.slope * (leak * g_lower + above * g_upper), None, None
-
-
-LEAK = 0.01  # the slope of the hard sigmoids' leaky parts
-
-
-def hard_sigmoids(x: Tensor, kind: str = "leaky_forward", slope: float = LEAK) -> tuple[Tensor, Tensor]:
-    """(lower, upper) CI of pre-activations x: see HardSigmoids; `kind` is spd.sigmoid."""
-    return HardSigmoids.apply(x, kind, slope)
-
-
-def _init_stack(C: int | None, widths: list[int]) -> nn.ParameterList:
-    """Weights (C, w_in, w_out) and biases (C, 1, w_out) (no C axis when C is None), He-initialised."""
-    params = nn.ParameterList()
-    for i, (w_in, w_out) in enumerate(zip(widths[:-1], widths[1:])):
-        gain = 1.0 if i == len(widths) - 2 else 2.0  # GELU hidden layers, linear output
-        lead = () if C is None else (C,)
-        params.append(nn.Parameter(torch.randn(*lead, w_in, w_out) * math.sqrt(gain / w_in)))
-        params.append(nn.Parameter(torch.zeros(*lead, 1, w_out)))
-    return params
-
-
-def _per_component_mlp(x: Tensor, layers: nn.ParameterList, start: int = 0) -> Tensor:
-    """C independent MLPs as batched matmuls: x (C, N, d) -> (C, N, 1), from layer `start` on.
-
-    baddbmm keeps both passes as single BLAS calls per layer, and its output is contiguous (GELU
-    on a strided (C, N, H) view is ~10x slower); GELU is the only elementwise work.
-    """
-    for i in range(start, len(layers), 2):
-        x = torch.baddbmm(layers[i + 1], x, layers[i])
-        if i < len(layers) - 2:
-            x = F.gelu(x)
-    return x
-
-
-class CIFunction(nn.Module):
-    """A per-module CI function: forward gives the pre-activations (..., C), `ci` the two CIs from them."""
-
-    def ci(self, x: Tensor, sigmoid: str) -> tuple[Tensor, Tensor]:
-        """(lower, upper) CI (..., C) of input x; `sigmoid` is spd.sigmoid (see HardSigmoids)."""
-        return hard_sigmoids(self(x), sigmoid)
-
-
-class ScalarMLPs(CIFunction):
-    """`mlp`: each subcomponent c has its own MLP 1 -> hidden -> 1 reading its own h_c. (..., C) -> (..., C)."""
-
-    def __init__(self, C: int, hidden: list[int]):
-        super().__init__()
-        self.layers = _init_stack(C, [1, *hidden, 1])
-
-    def fused(self, h: Tensor, sigmoid: str) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(pre, lower, upper) from the C kernel, which also applies the sigmoids (the default: one
-        hidden layer, float32 on CPU); None where it does not run."""
-        if len(self.layers) != 4 or not use_ci_kernel(h, *self.layers):
-            return None
-        C, H = h.shape[-1], self.layers[0].shape[-1]
-        w1, b1, w2, b2 = self.layers
-        outs = ScalarGeluCI.apply(h.reshape(-1, C), w1.view(C, H), b1.view(C, H), w2.view(C, H), b2.view(C),
-                                  sigmoid == "clamp_forward_leaky_backward", LEAK)
-        return tuple(o.view(h.shape) for o in outs)
-
-    def forward(self, h: Tensor) -> Tensor:
-        if (fused := self.fused(h, "leaky_forward")) is not None:
-            return fused[0]
-        C = h.shape[-1]
-        if len(self.layers) == 4:  # one hidden layer (the default): fused elementwise
-            w1, b1, w2, b2 = self.layers
-            H = w1.shape[-1]
-            out = ScalarGeluMLP.apply(h.reshape(-1, C), w1.view(C, H), b1.view(C, H), w2.view(C, H), b2.view(C))
-            return out.view(h.shape)
-        x = h.reshape(-1, C).T.unsqueeze(-1)  # (C, N, 1)
-        return _per_component_mlp(x, self.layers)[..., 0].T.reshape(h.shape)
-
-    def ci(self, h: Tensor, sigmoid: str) -> tuple[Tensor, Tensor]:
-        if (fused := self.fused(h, sigmoid)) is not None:
-            return fused[1], fused[2]
-        return super().ci(h, sigmoid)
-
-
-class VectorMLPs(CIFunction):
-    """`vector_mlp`: each subcomponent has its own MLP d_in -> hidden -> 1 reading the whole input."""
-
-    def __init__(self, C: int, d_in: int, hidden: list[int]):
-        super().__init__()
-        self.C = C
-        self.layers = _init_stack(C, [d_in, *hidden, 1])
-
-    def forward(self, a: Tensor) -> Tensor:
-        a2 = a.reshape(-1, a.shape[-1])  # (N, d_in), shared by all C MLPs without a copy
-        x = _per_component_mlp(a2.expand(self.C, *a2.shape), self.layers)  # (C, N, 1)
-        return x[..., 0].T.reshape(*a.shape[:-1], self.C)
-
-
-class SharedMLP(CIFunction):
-    """`shared_mlp`: one MLP per module mapping the input d_in -> hidden -> C."""
-
-    def __init__(self, C: int, d_in: int, hidden: list[int]):
-        super().__init__()
-        self.layers = _init_stack(None, [d_in, *hidden, C])
-
-    def forward(self, a: Tensor) -> Tensor:
-        x = a
-        for i in range(0, len(self.layers), 2):
-            x = x @ self.layers[i] + self.layers[i + 1][0]
-            if i < len(self.layers) - 2:
-                x = F.gelu(x)
-        return x
-
-
-class CausalTransformer(nn.Module):
-    """`layers` pre-norm causal transformer blocks over positions: (batch, seq, d_in) -> (batch, seq, d_out)
-    through width d_model. Causal, as the target is: a position's CI never depends on later tokens."""
-
-    def __init__(self, d_in: int, d_out: int, d_model: int, layers: int, heads: int):
-        super().__init__()
-        self.proj_in = nn.Linear(d_in, d_model)
-        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0,
-                                                               activation="gelu", batch_first=True, norm_first=True)
-                                    for _ in range(layers))
-        self.proj_out = nn.Linear(d_model, d_out)
-
-    def forward(self, a: Tensor) -> Tensor:
-        if a.dim() != 3:
-            raise SPDError(f"spd.ci_fn=global_transformer reads positions: the decomposed modules' inputs must be "
-                           f"(batch, seq, d), not {tuple(a.shape)}; use global_shared_mlp")
-        causal = nn.Transformer.generate_square_subsequent_mask(a.shape[1], device=a.device, dtype=a.dtype)
-        x = self.proj_in(a)
-        for block in self.blocks:
-            x = block(x, src_mask=causal, is_causal=True)
-        return self.proj_out(x)
-
-
-class GlobalCI(nn.Module):
-    """One CI function for all modules (`global_shared_mlp`, `global_transformer`): it reads every module's
-    CI input (its input; an embedding's: its inner acts), RMS-normed and concatenated per position,
-    (..., sum d_in), and outputs every module's CI pre-activations, (..., sum C)."""
-
-    def __init__(self, kind: str, d_ins: dict[str, int], Cs: dict[str, int], hidden: list[int], layers: int,
-                 heads: int):
-        super().__init__()
-        self.kind, self.d_ins, self.Cs = kind, d_ins, Cs
-        d_in, C = sum(d_ins.values()), sum(Cs.values())
-        self.net = (SharedMLP(C, d_in, hidden) if kind == "global_shared_mlp"
-                    else CausalTransformer(d_in, C, hidden[0], layers, heads))
-
-    def forward(self, ci_inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        shapes = {n: tuple(a.shape[:-1]) for n, a in ci_inputs.items()}
-        if len(set(shapes.values())) > 1:
-            raise SPDError(f"spd.ci_fn={self.kind} reads all modules' inputs at each position, but their positions "
-                           f"differ ({shapes}); use a per-module ci_fn (mlp, vector_mlp, shared_mlp)")
-        a = torch.cat([F.rms_norm(ci_inputs[n], (d,)) for n, d in self.d_ins.items()], -1)
-        return dict(zip(self.Cs, self.net(a).split(list(self.Cs.values()), -1)))
-
-
-def make_ci_fn(kind: str, C: int, d_in: int, hidden: list[int]) -> CIFunction:
-    if kind == "mlp":
-        return ScalarMLPs(C, hidden)
-    if kind == "vector_mlp":
-        return VectorMLPs(C, d_in, hidden)
-    return SharedMLP(C, d_in, hidden)
-
-
-# ================================================================================================
-# 3. ComponentModel
+# 2. ComponentModel
 # ================================================================================================
 def _key(name: str) -> str:
     return name.replace(".", "-")  # ModuleDict keys may not contain dots
@@ -579,7 +387,7 @@ class ComponentModel(nn.Module):
 
 
 # ================================================================================================
-# 4. Masks and losses
+# 3. Masks and losses
 # ================================================================================================
 def global_uniform(shape: torch.Size, like: Tensor, ddp: Dist = Dist(), generator: torch.Generator | None = None
                    ) -> Tensor:
@@ -888,7 +696,7 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
 
 
 # ================================================================================================
-# 5. Evaluation
+# 4. Evaluation
 # ================================================================================================
 @torch.no_grad()
 def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callable[[Any], Tensor],
@@ -921,7 +729,7 @@ def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callab
 
 
 # ================================================================================================
-# 6. optimize
+# 5. optimize
 # ================================================================================================
 def lr_at(step: int, cfg: SPDConfig) -> float:
     """Linear warm-up over lr_warmup_frac of training, then constant / cosine / quarter-cosine / linear decay."""

@@ -110,7 +110,7 @@ static void store_tile(const float *tile, long n0, int nb, int C, float *x) {
 }
 
 /* pre, lower, upper (N, C): pre[n,c] = b2[c] + sum_k w2[c,k] gelu(h[n,c] w1[c,k] + b1[c,k]), and the two
-   hard sigmoids of pre (HardSigmoids in spd_common.py): lower = slope x below 0 (clamp_lower: 0), x on
+   hard sigmoids of pre (HardSigmoids in spd_ci.py): lower = slope x below 0 (clamp_lower: 0), x on
    [0, 1], 1 above; upper = 0 below 0, x on [0, 1], 1 + slope (x - 1) above. Returns -1 if out of memory. */
 int ci_forward(const float *h, int N, int C, int H, const float *w1, const float *b1, const float *w2,
                const float *b2, float slope, int clamp_lower, float *pre, float *lower, float *upper) {

@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import spd_ci
 import spd_common
 import spd_kernels
-from spd_common import ScalarMLPs
+from spd_ci import ScalarMLPs
 
 
 def reference(h, layers):
@@ -50,7 +51,7 @@ def test_scalar_mlps_match_reference(monkeypatch, use_kernel, hidden):
     if use_kernel and spd_kernels._ci_kernel() is None:
         pytest.skip("no C compiler: the kernel path is not used here")
     if not use_kernel:
-        monkeypatch.setattr(spd_common, "use_ci_kernel", lambda *t: False)
+        monkeypatch.setattr(spd_ci, "use_ci_kernel", lambda *t: False)
     check(None, hidden, torch.float64, rtol=1e-12)  # float64 never takes the kernel
     check(None, hidden, torch.float32, rtol=1e-6)
 
@@ -80,7 +81,7 @@ def test_kernel_and_torch_paths_agree(monkeypatch):
     h = torch.randn(4096, 20)
     with torch.no_grad():
         fast = fn(h)
-    monkeypatch.setattr(spd_common, "use_ci_kernel", lambda *t: False)
+    monkeypatch.setattr(spd_ci, "use_ci_kernel", lambda *t: False)
     # Each output sums 16 terms: the paths' rounding differs by a few ulps of the largest output (~12
     # here), and by how much depends on the CPU's vector units (1e-6 absolute failed on one machine).
     atol = 8 * torch.finfo(torch.float32).eps * fast.abs().max().item()
@@ -100,7 +101,7 @@ def test_kernel_sigmoids_match_torch(sigmoid):
     h = (torch.randn(1000, 20) * 3).requires_grad_()
     g_lo, g_up, g_pre = torch.randn(3, 1000, 20)
     ref_pre = reference(h.double(), [p.double() for p in fn.layers])
-    ref = [ref_pre, *spd_common.hard_sigmoids(ref_pre, sigmoid)]
+    ref = [ref_pre, *spd_ci.hard_sigmoids(ref_pre, sigmoid)]
     fused = fn.fused(h, sigmoid)
     assert fused is not None
     assert (ref_pre < 0).any() and (ref_pre > 1).any()

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from spd_common import (ComponentModel, SPDConfig, ScalarMLPs, SharedMLP, VectorMLPs, annealed_importance_coeff,
-                        annealed_p, faithfulness_loss, importance_minimality_loss, layerwise_recon_loss, hard_sigmoids,
-                        lr_at, masked_recon_loss, optimize, output_loss, sample_masks, training_losses)
+from spd_ci import ScalarMLPs, SharedMLP, VectorMLPs, hard_sigmoids
+from spd_common import (ComponentModel, SPDConfig, annealed_importance_coeff, annealed_p, faithfulness_loss,
+                        importance_minimality_loss, layerwise_recon_loss, lr_at, masked_recon_loss, optimize,
+                        output_loss, sample_masks, training_losses)
 from spd_config import SPDError
 
 
