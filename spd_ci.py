@@ -156,27 +156,64 @@ class SharedMLP(CIFunction):
         return x
 
 
-class CausalTransformer(nn.Module):
-    """`layers` pre-norm causal transformer blocks over positions: (batch, seq, d_in) -> (batch, seq, d_out)
-    through width d_model. Causal, as the target is: a position's CI never depends on later tokens."""
+def rope(x: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary positions on queries or keys x: (..., seq, d_head), d_head even. Position t rotates the pair
+    (x_i, x_{i + d_head/2}) by the angle t * base^(-2i/d_head) (the "rotate half" pairing, as the reference's),
+    so that q_s . k_t depends on the offset s - t only."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)[:, None] * inv_freq  # (seq, half)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
-    def __init__(self, d_in: int, d_out: int, d_model: int, layers: int, heads: int):
+
+class Block(nn.Module):
+    """Pre-norm transformer block on (..., seq, d_model): x + attn(rms(x)), then x + mlp(rms(x)). The norms
+    have no learnable scale (as the reference's); attention has no biases, the MLP (d -> 4d -> d, GELU) has."""
+
+    def __init__(self, d_model: int, heads: int, causal: bool):
         super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.attn_out = nn.Linear(d_model, d_model, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model))
+
+    def forward(self, x: Tensor) -> Tensor:
+        d = x.shape[-1]
+        qkv = self.qkv(F.rms_norm(x, (d,))).unflatten(-1, (3, self.heads, d // self.heads))  # (..., seq, 3, h, d_h)
+        q, k, v = qkv.movedim(-3, 0).transpose(-3, -2)  # each (..., heads, seq, d_head)
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=self.causal)  # (..., heads, seq, d_head)
+        x = x + self.attn_out(y.transpose(-3, -2).flatten(-2))
+        return x + self.mlp(F.rms_norm(x, (d,)))
+
+
+class CITransformer(nn.Module):
+    """The global transformer CI function (the reference's): proj_in (d_in -> d_model), `layers` pre-norm
+    blocks with RoPE self-attention, proj_out (d_model -> d_out). (..., seq, d_in) -> (..., seq, d_out).
+
+    Bidirectional by default, as the reference's: a position's CI may read later tokens (the CI function only
+    serves to train the decomposition; the target never runs it). `causal=True` limits each position to itself
+    and earlier ones.
+    As in the reference, there is no norm after the last block: proj_out reads the residual stream directly.
+    A 2-D input (N, d_in) -> (N, d_out) is N sequences of length 1: the toys (TMS, resid_mlp), and MoE or
+    conv+fc mixes whose modules' inputs are aligned per row (token, or image) rather than per sequence."""
+
+    def __init__(self, d_in: int, d_out: int, d_model: int, layers: int, heads: int, causal: bool = False):
+        super().__init__()
+        if d_model % heads or (d_model // heads) % 2:
+            raise SPDError(f"spd.ci_transformer_heads={heads} must divide spd.ci_hidden[0]={d_model} into heads of "
+                           f"even width (RoPE rotates pairs)")
         self.proj_in = nn.Linear(d_in, d_model)
-        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0,
-                                                               activation="gelu", batch_first=True, norm_first=True)
-                                    for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d_model, heads, causal) for _ in range(layers))
         self.proj_out = nn.Linear(d_model, d_out)
 
     def forward(self, a: Tensor) -> Tensor:
-        if a.dim() != 3:
-            raise SPDError(f"spd.ci_fn=global_transformer reads positions: the decomposed modules' inputs must be "
-                           f"(batch, seq, d), not {tuple(a.shape)}; use global_shared_mlp")
-        causal = nn.Transformer.generate_square_subsequent_mask(a.shape[1], device=a.device, dtype=a.dtype)
-        x = self.proj_in(a)
+        x = self.proj_in(a if a.dim() > 2 else a.unsqueeze(-2))  # (..., seq, d_model); a 2-D input: seq = 1
         for block in self.blocks:
-            x = block(x, src_mask=causal, is_causal=True)
-        return self.proj_out(x)
+            x = block(x)
+        out = self.proj_out(x)
+        return out if a.dim() > 2 else out.squeeze(-2)
 
 
 class GlobalCI(nn.Module):
@@ -185,12 +222,12 @@ class GlobalCI(nn.Module):
     (..., sum d_in), and outputs every module's CI pre-activations, (..., sum C)."""
 
     def __init__(self, kind: str, d_ins: dict[str, int], Cs: dict[str, int], hidden: list[int], layers: int,
-                 heads: int):
+                 heads: int, causal: bool = False):
         super().__init__()
         self.kind, self.d_ins, self.Cs = kind, d_ins, Cs
         d_in, C = sum(d_ins.values()), sum(Cs.values())
         self.net = (SharedMLP(C, d_in, hidden) if kind == "global_shared_mlp"
-                    else CausalTransformer(d_in, C, hidden[0], layers, heads))
+                    else CITransformer(d_in, C, hidden[0], layers, heads, causal))
 
     def forward(self, ci_inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         shapes = {n: tuple(a.shape[:-1]) for n, a in ci_inputs.items()}

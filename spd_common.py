@@ -59,6 +59,7 @@ class SPDConfig:
     ci_hidden: list[int] = option([16], "hidden widths of the CI MLPs (global_transformer: [d_model])")
     ci_transformer_layers: int = option(2, "global_transformer: transformer blocks", ge=1)
     ci_transformer_heads: int = option(2, "global_transformer: attention heads (must divide d_model)", ge=1)
+    ci_transformer_causal: bool = option(False, "global_transformer: causal attention (the reference's: bidirectional)")
     sigmoid: Literal["leaky_forward", "clamp_forward_leaky_backward"] = option(
         "leaky_forward", "CI for the masks: leaks below 0 (the paper's), or clamped, leaking in backward only")
     sampling: Literal["continuous", "binomial"] = option("continuous", "mask noise r ~ U(0,1) or {0,1}")
@@ -73,14 +74,26 @@ class SPDConfig:
                                                               ge=0)
     layerwise_routed: bool = option(False, "layerwise loss in one forward, each example masking one random module")
     stochastic_recon_routing: Literal["all", "uniform_k_subset", "layerwise"] = option(
-        "all", "modules the stochastic recon loss masks per example: all, a random k ~ U{1..M} of them, or one")
+        "all", "modules the stochastic recon loss masks per position: all, a random k ~ U{1..M} of them, or one")
+    routing_unit: Literal["position", "example"] = option(
+        "position", "routing draws its modules per position (token; the reference's) or per example (sequence)")
     pgd_recon_coeff: Optional[float] = option(None, "weight of the recon loss under adversarial (PGD) masks", ge=0)
-    pgd_steps: int = option(1, "adversary's ascent steps per training step", ge=0)
+    pgd_routing: Literal["all", "uniform_k_subset"] = option(
+        "all", "modules the PGD recon loss masks per position: all, or a random k ~ U{1..M} (PGD recon subset)")
+    pgd_steps: int = option(1, "adversary's ascent steps per training step (persistent: before the loss)", ge=0)
     pgd_step_size: float = option(0.1, "PGD sign step on the mask sources in [0, 1] (persistent: Adam's lr)", gt=0)
     pgd_init: Literal["random", "ci"] = option("random", "adversary's start: uniform sources, or masks = CI")
     pgd_scope: Literal["all", "layerwise"] = option("all", "adversarial masks on all modules jointly, or one at a time")
-    pgd_persistent: bool = option(False, "carry the adversarial masks across steps per batch position (own Adam)")
-    pgd_eval_steps: int = option(10, "PGD steps of the recon/pgd evaluation (0 = not evaluated)", ge=0)
+    pgd_source_scope: Literal["shared_across_batch", "per_example", "per_position"] = option(
+        "per_position", "one adversarial source per component for the whole batch, per example, or per position")
+    pgd_persistent: bool = option(False, "carry the sources across steps (param-decomp's persistent PGD, own Adam)")
+    pgd_lr_warmup_frac: float = option(0.01, "persistent PGD: fraction of training with linear lr warm-up", ge=0, le=1)
+    pgd_lr_final_frac: float = option(0.1, "persistent PGD: the lr falls by cosine to this fraction of pgd_step_size",
+                                      ge=0, le=1)
+    pgd_eval_steps: int = option(20, "PGD steps of the recon/pgd_* evaluation (0 = not evaluated)", ge=0)
+    pgd_eval_step_size: float = option(0.1, "PGD sign step of the evaluation adversary", gt=0)
+    pgd_eval_source_scope: Literal["shared_across_batch", "per_example", "per_position"] = option(
+        "shared_across_batch", "source scope of the evaluation adversary (the reference's: shared)")
     ci_masked_recon_coeff: Optional[float] = option(None, "weight of the recon loss with masks = CI", ge=0)
     importance_minimality_coeff: Optional[float] = option(3e-3, "weight of sum_c |g_c|^p", ge=0)
     importance_minimality_coeff_initial: Optional[float] = option(
@@ -92,7 +105,7 @@ class SPDConfig:
     importance_minimality_anneal_end_frac: float = option(
         0.5, "fraction of training where that weight reaches importance_minimality_coeff", ge=0, le=1)
     importance_minimality_beta: Optional[float] = option(
-        None, "weight, within importance minimality, of sum_modules mean_c log2(1 + sum_batch g_c)", ge=0)
+        None, "beta of the reference's frequency term: + beta sum_c mean_c log2(1 + sum_c) on (g + eps)^p", ge=0)
     p: float = option(1.0, "exponent p of the importance-minimality loss", gt=0)
     p_anneal_final: Optional[float] = option(None, "anneal p linearly to this value (null = no annealing)", gt=0)
     p_anneal_start_frac: float = option(0.0, "fraction of training where p annealing starts", ge=0, le=1)
@@ -102,8 +115,10 @@ class SPDConfig:
     lr: float = option(1e-3, "peak learning rate", gt=0)
     weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
     lr_schedule: Literal["constant", "cosine", "cosine_quarter", "linear"] = option(
-        "cosine", "decay after warm-up: cosine = half period to 0, cosine_quarter = cos(0.5 pi t) (the paper's)")
+        "cosine", "decay after warm-up: cosine = half period, cosine_quarter = cos(0.5 pi t), both to lr_final_frac")
     lr_warmup_frac: float = option(0.0, "fraction of steps with linear lr warm-up", ge=0, le=1)
+    lr_final_frac: float = option(0.0, "cosine / linear decay ends at this fraction of lr (the reference's LM: 0.1)",
+                                  ge=0, le=1)
     grad_clip: Optional[float] = option(None, "clip the global grad norm to this (null = off)", gt=0)
     steps: int = option(10_000, "optimisation steps", ge=1)
     batch_size: int = option(4096, "examples per step", ge=1)
@@ -137,6 +152,8 @@ class SPDConfig:
         if self.importance_minimality_coeff_initial is not None and not self.importance_minimality_coeff:
             raise SPDError("spd.importance_minimality_coeff_initial anneals towards spd.importance_minimality_coeff, "
                            "which is off; set it to a positive value or importance_minimality_coeff_initial=null")
+        if self.pgd_routing != "all" and self.pgd_scope != "all":
+            raise SPDError("spd.pgd_routing picks the modules the adversary masks together; it needs spd.pgd_scope=all")
         if self.pgd_persistent and self.grad_accum_steps > 1:
             raise SPDError("spd.pgd_persistent keeps one adversary per batch position, which micro-batches would "
                            "share; set spd.grad_accum_steps=1 or spd.pgd_persistent=false")
@@ -170,7 +187,7 @@ class ComponentModel(nn.Module):
 
     def __init__(self, target: nn.Module, patterns: dict[str, int], tied: dict[str, str],
                  ci_fn: str, ci_hidden: list[int], ci_layers: int = 2, ci_heads: int = 2,
-                 sigmoid: str = "leaky_forward"):
+                 sigmoid: str = "leaky_forward", ci_causal: bool = False):
         super().__init__()
         target.requires_grad_(False)
         target.eval()
@@ -223,7 +240,7 @@ class ComponentModel(nn.Module):
         self.names = list(self.decomposed)
         if self.global_ci:  # ci_in is in the order of self.names
             self.ci_fns["global"] = GlobalCI(ci_fn, ci_in, {n: self.C[n] for n in self.names}, ci_hidden, ci_layers,
-                                             ci_heads)
+                                             ci_heads, ci_causal)
         self.adversary = PersistentAdversary()  # spd.pgd_persistent's state, checkpointed with the decomposition
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
@@ -247,7 +264,7 @@ class ComponentModel(nn.Module):
     def from_config(cls, target: nn.Module, spd: SPDConfig) -> ComponentModel:
         """Decompose `target` as the config's `spd:` section says (modules, tied, CI function)."""
         return cls(target, spd.modules, spd.tied, spd.ci_fn, spd.ci_hidden, spd.ci_transformer_layers,
-                   spd.ci_transformer_heads, spd.sigmoid)
+                   spd.ci_transformer_heads, spd.sigmoid, spd.ci_transformer_causal)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The target's forward (masks, if any, were set by `masked`). One dict argument is passed as
@@ -470,11 +487,11 @@ def layerwise_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, m
                          inner: dict[str, Tensor] | None = None, route: Tensor | None = None) -> Tensor:
     """Mean over modules of the loss when only that module is masked (the others run the target):
     one forward per module. A module masked alone sees the target's input, so `inner` (its inner acts
-    there) can be reused. With `route` (batch,) of module indices, one forward instead, in which
-    example b masks module route[b] alone: for a loss that is a mean over examples and a route drawn
-    uniformly, an unbiased estimate of the same mean, at a cost that does not grow with the modules."""
+    there) can be reused. With `route` (module indices per example or per position), one forward instead,
+    in which example (position) b masks module route[b] alone: for a loss that is a mean over them and a
+    route drawn uniformly, an unbiased estimate of the same mean, at a cost that does not grow with the
+    modules."""
     if route is not None:
-        check_routable(masks, len(route), "spd.layerwise_routed=false")
         rows = route_rows(route, list(masks))
         return masked_recon_loss(model, x, target_out, masks, delta_masks, kind, output_fn, inner, rows)
     losses = [masked_recon_loss(model, x, target_out, {n: m}, {n: delta_masks[n]} if delta_masks else None,
@@ -482,162 +499,240 @@ def layerwise_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, m
     return sum(losses) / len(losses)
 
 
-def draw_route(ci: dict[str, Tensor], ddp: Dist = Dist()) -> Tensor:
-    """(batch,) a module index per example, uniform; drawn for the global batch on every rank, like
-    the mask noise, so that N processes route as one does."""
-    g = next(iter(ci.values()))
-    return ddp.shard(torch.randint(len(ci), (g.shape[0] * ddp.world_size,), device=g.device))
+def routing_positions(masks: dict[str, Tensor], unit: str) -> tuple[int, ...]:
+    """The shape of what routing draws its modules for on this rank: every position (batch, seq, ... :
+    the masks' leading axes, which every module must share) or every example (batch,)."""
+    shapes = {tuple(m.shape[:-1]) for m in masks.values()}
+    if unit == "example":
+        if len({s[0] for s in shapes}) > 1:
+            raise SPDError("routing modules per example needs masks whose first axis is the batch (MoE expert "
+                           "matrices see tokens); set spd.stochastic_recon_routing=all and spd.pgd_routing=all")
+        return (next(iter(shapes))[0],)
+    if len(shapes) > 1:
+        raise SPDError(f"routing modules per position needs the same positions in every module, not {sorted(shapes)} "
+                       f"(a conv's locations differ from a linear layer's); set spd.routing_unit=example")
+    return next(iter(shapes))
+
+
+def draw_route(masks: dict[str, Tensor], unit: str, ddp: Dist = Dist()) -> Tensor:
+    """A module index per position (or per example), uniform; drawn for the global batch on every rank,
+    like the mask noise, so that N processes route as one does."""
+    n, *rest = routing_positions(masks, unit)
+    g = next(iter(masks.values()))
+    return ddp.shard(torch.randint(len(masks), (n * ddp.world_size, *rest), device=g.device))
 
 
 def route_rows(route: Tensor, names: list[str]) -> dict[str, Tensor]:
-    """(batch,) bool per module from a route of module indices: the examples that mask that module."""
+    """Bool per module from a route of module indices: the positions (or examples) that mask that module."""
     return {n: route == i for i, n in enumerate(names)}
 
 
-def check_routable(masks: dict[str, Tensor], n_rows: int, fix: str) -> None:
-    """Routing picks modules per example: every mask's first axis must be the batch."""
-    if any(m.shape[0] != n_rows for m in masks.values()):
-        raise SPDError(f"routing modules per example needs masks whose first axis is the batch (MoE expert "
-                       f"matrices see tokens); set {fix}")
-
-
-def subset_rows(ci: dict[str, Tensor], k: Tensor, ddp: Dist = Dist()) -> dict[str, Tensor]:
-    """(batch,) bool per module: global example b masks a uniformly random k[b] of the M modules.
-    k: (global batch, 1) in 1..M; the subsets are drawn for the global batch on every rank."""
-    g = next(iter(ci.values()))
-    rank_in_row = torch.rand(len(k), len(ci), device=g.device).argsort(1).argsort(1)  # a random permutation per row
+def subset_rows(masks: dict[str, Tensor], k: Tensor, ddp: Dist = Dist()) -> dict[str, Tensor]:
+    """Bool per module: global position b masks a uniformly random k[b] of the M modules.
+    k: (global positions..., 1) in 1..M; the subsets are drawn for the global batch on every rank."""
+    g = next(iter(masks.values()))
+    rank_in_row = torch.rand(*k.shape[:-1], len(masks), device=g.device).argsort(-1).argsort(-1)  # a permutation each
     chosen = ddp.shard(rank_in_row < k)
-    return {n: chosen[:, i] for i, n in enumerate(ci)}
+    return {n: chosen[..., i] for i, n in enumerate(masks)}
 
 
-def draw_rows(ci: dict[str, Tensor], routing: str, ddp: Dist = Dist()) -> dict[str, Tensor]:
-    """Which modules each example masks in the stochastic loss (the others run the target): one
-    (`layerwise`, as `draw_route`), or a uniformly random k ~ U{1..M} of the M (`uniform_k_subset`)."""
-    g = next(iter(ci.values()))
+def draw_rows(masks: dict[str, Tensor], routing: str, unit: str, ddp: Dist = Dist()) -> dict[str, Tensor] | None:
+    """Which modules each position (`unit` = position) or example masks (the others run the target):
+    all (None), one (`layerwise`), or a uniformly random k ~ U{1..M} of the M (`uniform_k_subset`), so
+    that one sequence mixes masked and unmasked modules across its tokens."""
+    if routing == "all":
+        return None
     if routing == "layerwise":
-        return route_rows(draw_route(ci, ddp), list(ci))
-    k = torch.randint(1, len(ci) + 1, (g.shape[0] * ddp.world_size, 1), device=g.device)
-    return subset_rows(ci, k, ddp)
+        return route_rows(draw_route(masks, unit, ddp), list(masks))
+    n, *rest = routing_positions(masks, unit)
+    k = torch.randint(1, len(masks) + 1, (n * ddp.world_size, *rest, 1), device=next(iter(masks.values())).device)
+    return subset_rows(masks, k, ddp)
 
 
-def importance_frequency_loss(ci_upper: dict[str, Tensor], ddp: Dist = Dist()) -> Tensor:
-    """sum over modules of mean_c log2(1 + sum over the global batch (and positions) of g_c): a
-    description-length term that favours a few frequently used subcomponents over many rare ones.
-    The batch sum is global under torchrun (one all-reduce for all modules)."""
-    local = torch.cat([g.flatten(0, -2).sum(0) for g in ci_upper.values()])
+def importance_frequency_loss(ci_upper: dict[str, Tensor], p: float, ddp: Dist = Dist(), eps: float = 1e-12
+                              ) -> Tensor:
+    """The reference's frequency part of importance minimality: per module, with a = (g + eps)^p summed
+    over the N positions of the global batch, s_c = sum a_c, the sum over c of (s_c / N) log2(1 + s_c).
+    It grows with how widely a subcomponent is used: one on every input costs more than two on half
+    each, so many rarely used subcomponents are cheaper than a few always-on ones. The batch sums are
+    global under torchrun (one all-reduce for all modules)."""
+    local = torch.cat([((g + eps) ** p).flatten(0, -2).sum(0) for g in ci_upper.values()])
+    n_positions = [g.shape[:-1].numel() * ddp.world_size for g in ci_upper.values()]
     sums = ddp.global_sum(local).split([g.shape[-1] for g in ci_upper.values()])
-    return sum(torch.log2(1 + s).mean() for s in sums)
+    return sum((s / n * torch.log2(1 + s)).sum() for s, n in zip(sums, n_positions))
 
 
-# Adversarial (PGD) masks: m = g + (1 - g) s for a source s in [0, 1] per mask entry, and the delta
-# mask is its source itself; any source in [0, 1] keeps m within [CI, 1]. The adversary ascends the
-# recon loss in the sources with the CI and components held fixed; training then descends the loss
-# at the adversary's masks, with gradients into the components and CI functions only. Sources are
-# one dict: "mask/<module>" (..., C) and "delta/<module>" (...).
-def initial_sources(ci: dict[str, Tensor], init: str, use_delta: bool, ddp: Dist = Dist(),
-                    generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """Uniform sources (drawn for the global batch, like the mask noise), or 0: masks = CI, delta off."""
-    def start(shape: torch.Size, like: Tensor) -> Tensor:
-        return like.new_zeros(shape) if init == "ci" else global_uniform(shape, like, ddp, generator)
-    sources = {f"mask/{n}": start(g.shape, g) for n, g in ci.items()}
-    if use_delta:
-        sources |= {f"delta/{n}": start(g.shape[:-1], g) for n, g in ci.items()}
-    return sources
+# Adversarial (PGD) masks: m = g + (1 - g) s for a source s in [0, 1], and the delta mask is its source
+# itself; any source in [0, 1] keeps m within [CI, 1]. A source is per component and, by its scope,
+# shared by the whole batch, one per example or one per position (broadcast over the rest). The
+# adversary ascends the recon loss in the sources with the CI and components held fixed; training then
+# descends the loss at the adversary's masks, with gradients into the components and CI functions only.
+# Sources are one dict: "mask/<module>" (..., C) and "delta/<module>" (...).
+@dataclass(frozen=True)
+class PGD:
+    """One adversary's settings: the training one (`PGD.training(cfg)`) or the evaluation one."""
+    steps: int  # ascent steps
+    step_size: float  # sign step (persistent PGD: Adam's peak lr)
+    init: str = "random"  # "random": uniform sources; "ci": 0, masks = CI and delta off
+    source_scope: str = "per_position"  # "shared_across_batch" | "per_example" | "per_position"
+    module_scope: str = "all"  # all modules masked together, or one at a time ("layerwise")
+
+    @classmethod
+    def training(cls, cfg: SPDConfig) -> PGD:
+        return cls(cfg.pgd_steps, cfg.pgd_step_size, cfg.pgd_init, cfg.pgd_source_scope, cfg.pgd_scope)
+
+    @classmethod
+    def evaluation(cls, cfg: SPDConfig) -> PGD:
+        """The reference's evaluation adversary: uniform start, all modules together, pgd_eval_* settings."""
+        return cls(cfg.pgd_eval_steps, cfg.pgd_eval_step_size, "random", cfg.pgd_eval_source_scope, "all")
+
+    @property
+    def shared(self) -> bool:
+        return self.source_scope == "shared_across_batch"
+
+    def source_shape(self, mask_shape: torch.Size) -> tuple[int, ...]:
+        """A mask source's shape for masks (..., C): (1, 1.., C) shared, (batch, 1.., C) per example."""
+        if self.source_scope == "per_position":
+            return tuple(mask_shape)
+        return (1 if self.shared else mask_shape[0], *[1] * (len(mask_shape) - 2), mask_shape[-1])
+
+    def initial_sources(self, ci: dict[str, Tensor], use_delta: bool, ddp: Dist = Dist(),
+                        generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Uniform sources (per example / position: drawn for the global batch, like the mask noise; shared:
+        the same on every rank), or 0: masks = CI, delta off."""
+        def start(shape: tuple[int, ...], like: Tensor) -> Tensor:
+            if self.init == "ci":
+                return like.new_zeros(shape)
+            return global_uniform(torch.Size(shape), like, Dist() if self.shared else ddp, generator)
+        sources = {f"mask/{n}": start(self.source_shape(g.shape), g) for n, g in ci.items()}
+        if use_delta:
+            sources |= {f"delta/{n}": start(self.source_shape(g.shape)[:-1], g) for n, g in ci.items()}
+        return sources
+
+    def global_mean_gradients(self, grads: list[Tensor], ddp: Dist) -> list[Tensor]:
+        """Gradients of this rank's mean loss -> those of the global-batch mean loss (this rank's rows of
+        them; shared sources: all of it, the same on every rank), so that N processes see what one does."""
+        return [ddp.mean(g) if self.shared else g / ddp.world_size for g in grads]
 
 
 def masks_from_sources(ci: dict[str, Tensor], sources: dict[str, Tensor]
                        ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-    masks = {n: torch.lerp(g, g.new_ones(()), sources[f"mask/{n}"]) for n, g in ci.items()}
-    deltas = {n: sources[f"delta/{n}"] for n in ci} if f"delta/{next(iter(ci))}" in sources else None
-    return masks, deltas
+    masks = {n: torch.lerp(g, g.new_ones(()), sources[f"mask/{n}"]) for n, g in ci.items()}  # broadcasts a source
+    if f"delta/{next(iter(ci))}" not in sources:
+        return masks, None
+    return masks, {n: sources[f"delta/{n}"].expand(g.shape[:-1]) for n, g in ci.items()}
 
 
 def scoped_recon_loss(model: ComponentModel, x: Any, target_out: Tensor, masks: dict[str, Tensor],
-                      deltas: dict[str, Tensor] | None, cfg: SPDConfig, output_fn: Callable[[Any], Tensor],
-                      inner: dict[str, Tensor] | None = None) -> Tensor:
-    """The recon loss with all modules masked together, or (pgd_scope = layerwise) one at a time."""
-    if cfg.pgd_scope == "layerwise":
+                      deltas: dict[str, Tensor] | None, pgd: PGD, cfg: SPDConfig, output_fn: Callable[[Any], Tensor],
+                      inner: dict[str, Tensor] | None = None, rows: dict[str, Tensor] | None = None) -> Tensor:
+    """The recon loss with all (routed) modules masked together, or (module_scope layerwise) one at a time."""
+    if pgd.module_scope == "layerwise":
         return layerwise_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn, inner)
-    return masked_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn)
+    return masked_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn, rows=rows)
 
 
 def adversary_gradient(model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor],
-                       sources: dict[str, Tensor], cfg: SPDConfig, output_fn: Callable[[Any], Tensor],
-                       ddp: Dist = Dist(), inner: dict[str, Tensor] | None = None) -> list[Tensor]:
-    """d(recon loss)/d(source) for each source, the CI and components held fixed; scaled to the
-    gradient of the global-batch mean loss, so that N processes see what one does."""
+                       sources: dict[str, Tensor], pgd: PGD, cfg: SPDConfig, output_fn: Callable[[Any], Tensor],
+                       ddp: Dist = Dist(), inner: dict[str, Tensor] | None = None,
+                       rows: dict[str, Tensor] | None = None) -> list[Tensor]:
+    """d(global-batch mean recon loss)/d(source) for each source, the CI and components held fixed."""
     leaves = {k: s.detach().requires_grad_() for k, s in sources.items()}
     masks, deltas = masks_from_sources({n: g.detach() for n, g in ci.items()}, leaves)
     inner = None if inner is None else {n: h.detach() for n, h in inner.items()}
-    loss = scoped_recon_loss(model, x, target_out, masks, deltas, cfg, output_fn, inner)
-    return list(torch.autograd.grad(loss / ddp.world_size, list(leaves.values())))
+    loss = scoped_recon_loss(model, x, target_out, masks, deltas, pgd, cfg, output_fn, inner, rows)
+    return pgd.global_mean_gradients(list(torch.autograd.grad(loss, list(leaves.values()))), ddp)
 
 
-def pgd_sources(model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor], cfg: SPDConfig,
-                output_fn: Callable[[Any], Tensor], steps: int, ddp: Dist = Dist(),
-                generator: torch.Generator | None = None, inner: dict[str, Tensor] | None = None
-                ) -> dict[str, Tensor]:
-    """`steps` of projected sign-gradient ascent from cfg.pgd_init, each source kept in [0, 1]."""
-    sources = initial_sources(ci, cfg.pgd_init, cfg.use_delta_component, ddp, generator)
-    for _ in range(steps):
-        grads = adversary_gradient(model, x, target_out, ci, sources, cfg, output_fn, ddp, inner)
-        sources = {k: (s + cfg.pgd_step_size * g.sign()).clamp(0, 1) for (k, s), g in zip(sources.items(), grads)}
+def pgd_sources(model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor], pgd: PGD,
+                cfg: SPDConfig, output_fn: Callable[[Any], Tensor], ddp: Dist = Dist(),
+                generator: torch.Generator | None = None, inner: dict[str, Tensor] | None = None,
+                rows: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """`pgd.steps` of projected sign-gradient ascent from pgd.init, each source kept in [0, 1]."""
+    sources = pgd.initial_sources(ci, cfg.use_delta_component, ddp, generator)
+    for _ in range(pgd.steps):
+        grads = adversary_gradient(model, x, target_out, ci, sources, pgd, cfg, output_fn, ddp, inner, rows)
+        sources = {k: (s + pgd.step_size * g.sign()).clamp(0, 1) for (k, s), g in zip(sources.items(), grads)}
     return sources
 
 
 class PersistentAdversary:
-    """Persistent PGD: one source per global batch position, carried from step to step and ascended by
-    its own Adam (lr = pgd_step_size), pgd_steps times per training step. Every rank holds the whole
-    global batch's state and applies the same update from the gathered gradient, so that the state
-    rank 0 checkpoints is complete and a resumed run continues bit for bit."""
+    """param-decomp's persistent PGD: sources carried from step to step, ascended by their own Adam
+    (betas (0.5, 0.99)) at a warm-up-then-cosine lr (peak pgd_step_size): pgd_steps warm-up ascents on
+    all modules before the loss, then one more after the backward pass, from the training loss's own
+    gradient (no extra forward). Per-example and per-position sources of the whole global batch live on
+    every rank, which applies the same update from the gathered gradient, so that the state rank 0
+    checkpoints is complete and a resumed run continues bit for bit."""
 
-    betas, eps = (0.9, 0.999), 1e-8
+    betas, eps = (0.5, 0.99), 1e-8
 
     def __init__(self) -> None:
         self.state: dict[str, Tensor] = {}  # "source/<k>", "adam_m/<k>", "adam_v/<k>" (global batch), "t"
+        self.in_loss: dict[str, Tensor] = {}  # this step's sources as the training loss read them (their .grad)
 
-    def ascend(self, model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor], cfg: SPDConfig,
-               output_fn: Callable[[Any], Tensor], ddp: Dist = Dist(), inner: dict[str, Tensor] | None = None
-               ) -> dict[str, Tensor]:
-        """This rank's sources after this step's ascent."""
+    def local_sources(self, ci: dict[str, Tensor], pgd: PGD, use_delta: bool, ddp: Dist) -> dict[str, Tensor]:
+        """This rank's sources, started on the first step (or for a new batch shape)."""
         g = next(iter(ci.values()))
-        n_rows = g.shape[0] * ddp.world_size
+        shape = pgd.source_shape(torch.Size((g.shape[0] * (1 if pgd.shared else ddp.world_size), *g.shape[1:])))
         source = self.state.get(f"source/mask/{next(iter(ci))}")
-        if source is None or source.shape != (n_rows, *g.shape[1:]):  # the first step (or a new batch shape)
-            start = initial_sources(ci, cfg.pgd_init, cfg.use_delta_component, ddp)
+        if source is None or source.shape != shape:
             self.state = {"t": torch.zeros((), device=g.device)}
-            for k, s in start.items():
-                self.state[f"source/{k}"] = ddp.gather(s)
+            for k, s in pgd.initial_sources(ci, use_delta, ddp).items():
+                self.state[f"source/{k}"] = s if pgd.shared else ddp.gather(s)
                 self.state[f"adam_m/{k}"] = torch.zeros_like(self.state[f"source/{k}"])
                 self.state[f"adam_v/{k}"] = torch.zeros_like(self.state[f"source/{k}"])
         keys = [k.removeprefix("source/") for k in self.state if k.startswith("source/")]
-        (b1, b2), t = self.betas, self.state["t"]
-        for _ in range(cfg.pgd_steps):
-            grads = adversary_gradient(model, x, target_out, ci, self.local(keys, ddp), cfg, output_fn, ddp, inner)
-            t += 1
-            for k, g in zip(keys, grads):
-                g = ddp.gather(g)
-                m = self.state[f"adam_m/{k}"].lerp_(g, 1 - b1)
-                v = self.state[f"adam_v/{k}"].mul_(b2).addcmul_(g, g, value=1 - b2)
-                step = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + self.eps)
-                self.state[f"source/{k}"].add_(cfg.pgd_step_size * step).clamp_(0, 1)  # ascent: + the step
-        return self.local(keys, ddp)
+        return {k: self.state[f"source/{k}"] if pgd.shared else ddp.shard(self.state[f"source/{k}"]) for k in keys}
 
-    def local(self, keys: list[str], ddp: Dist) -> dict[str, Tensor]:
-        return {k: ddp.shard(self.state[f"source/{k}"]) for k in keys}
+    def ascend(self, grads: dict[str, Tensor], pgd: PGD, lr: float, ddp: Dist) -> None:
+        """One Adam ascent step from this rank's part of the global-mean-loss gradients, clamped to [0, 1]."""
+        (b1, b2), t = self.betas, self.state["t"].add_(1)
+        for k, g in grads.items():
+            g = g if pgd.shared else ddp.gather(g)
+            m = self.state[f"adam_m/{k}"].lerp_(g, 1 - b1)
+            v = self.state[f"adam_v/{k}"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            step = (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + self.eps)
+            self.state[f"source/{k}"].add_(lr * step).clamp_(0, 1)  # ascent: + the step
+
+    def ascend_from_training_gradient(self, cfg: SPDConfig, step: int, ddp: Dist) -> None:
+        """After the backward pass: the ascent step from the gradient the training loss left on the sources
+        (pgd_recon_coeff times that of this rank's mean loss)."""
+        pgd = PGD.training(cfg)
+        grads = pgd.global_mean_gradients([s.grad / cfg.pgd_recon_coeff for s in self.in_loss.values()], ddp)
+        self.ascend(dict(zip(self.in_loss, grads)), pgd, persistent_pgd_lr(cfg, step), ddp)
+        self.in_loss = {}
+
+    def snapshot(self) -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in self.state.items()}
+
+
+def persistent_pgd_lr(cfg: SPDConfig, step: int) -> float:
+    """The persistent adversary's Adam lr: linear warm-up, then cosine from pgd_step_size to pgd_lr_final_frac of it."""
+    return scheduled(cfg.pgd_step_size, step, cfg.steps, cfg.pgd_lr_warmup_frac, "cosine", cfg.pgd_lr_final_frac)
 
 
 def pgd_recon_loss(model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor], cfg: SPDConfig,
-                   output_fn: Callable[[Any], Tensor], ddp: Dist = Dist(), inner: dict[str, Tensor] | None = None
-                   ) -> Tensor:
-    """The recon loss at the adversary's masks (persistent or fresh PGD), differentiable in the CI and
-    components but not through the adversary's ascent."""
+                   output_fn: Callable[[Any], Tensor], ddp: Dist = Dist(), inner: dict[str, Tensor] | None = None,
+                   step: int = 0) -> Tensor:
+    """The recon loss at the adversary's masks (persistent or fresh PGD), over a random subset of the
+    modules per position with pgd_routing = uniform_k_subset (the reference's "PGD recon subset": the
+    same subsets for the ascent and the loss), differentiable in the CI and components but not through
+    the adversary's ascent."""
+    pgd = PGD.training(cfg)
+    rows = draw_rows(ci, cfg.pgd_routing, cfg.routing_unit, ddp)
     if cfg.pgd_persistent:
-        sources = model.adversary.ascend(model, x, target_out, ci, cfg, output_fn, ddp, inner)
+        adversary = model.adversary
+        for _ in range(pgd.steps):  # warm-up ascents, on all modules as in param-decomp
+            sources = adversary.local_sources(ci, pgd, cfg.use_delta_component, ddp)
+            grads = adversary_gradient(model, x, target_out, ci, sources, pgd, cfg, output_fn, ddp, inner)
+            adversary.ascend(dict(zip(sources, grads)), pgd, persistent_pgd_lr(cfg, step), ddp)
+        sources = adversary.local_sources(ci, pgd, cfg.use_delta_component, ddp)
+        adversary.in_loss = sources = {k: s.detach().requires_grad_() for k, s in sources.items()}
     else:
-        sources = pgd_sources(model, x, target_out, ci, cfg, output_fn, cfg.pgd_steps, ddp, inner=inner)
-    masks, deltas = masks_from_sources(ci, {k: s.detach() for k, s in sources.items()})
-    return scoped_recon_loss(model, x, target_out, masks, deltas, cfg, output_fn, inner)
+        sources = pgd_sources(model, x, target_out, ci, pgd, cfg, output_fn, ddp, inner=inner, rows=rows)
+        sources = {k: s.detach() for k, s in sources.items()}
+    masks, deltas = masks_from_sources(ci, sources)
+    return scoped_recon_loss(model, x, target_out, masks, deltas, pgd, cfg, output_fn, inner, rows)
 
 
 def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: float,
@@ -668,29 +763,25 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
                    for _ in range(cfg.n_mask_samples))
         return sum(samples) / cfg.n_mask_samples
 
-    def stochastic_rows() -> dict[str, Tensor] | None:
-        if cfg.stochastic_recon_routing == "all":
-            return None
-        check_routable(ci, next(iter(ci.values())).shape[0], "spd.stochastic_recon_routing=all")
-        return draw_rows(ci, cfg.stochastic_recon_routing, ddp)
-
     if "stochastic_recon" in on:
         losses["stochastic_recon"] = mean_over_mask_samples(
             lambda masks, deltas: masked_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn,
-                                                    rows=stochastic_rows()))
+                                                    rows=draw_rows(ci, cfg.stochastic_recon_routing,
+                                                                   cfg.routing_unit, ddp)))
     if "stochastic_recon_layerwise" in on:
         losses["stochastic_recon_layerwise"] = mean_over_mask_samples(
             lambda masks, deltas: layerwise_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn,
-                                                       inner, draw_route(ci, ddp) if cfg.layerwise_routed else None))
+                                                       inner, draw_route(ci, cfg.routing_unit, ddp)
+                                                       if cfg.layerwise_routed else None))
     if "ci_masked_recon" in on:
         losses["ci_masked_recon"] = masked_recon_loss(model, x, target_out, ci, None, cfg.output_loss, output_fn)
     if "pgd_recon" in on:
         losses["pgd_recon"] = pgd_recon_loss(model, x, target_out, ci, cfg, output_fn, ddp,
-                                             inner if cfg.pgd_scope == "layerwise" else None)
+                                             inner if cfg.pgd_scope == "layerwise" else None, round(frac * cfg.steps))
     if "importance_minimality" in on:
         losses["importance_minimality"] = importance_minimality_loss(ci_upper, annealed_p(cfg, frac))
     if "importance_frequency" in on:
-        losses["importance_frequency"] = importance_frequency_loss(ci_upper, ddp)
+        losses["importance_frequency"] = importance_frequency_loss(ci_upper, annealed_p(cfg, frac), ddp)
     losses["total"] = sum(on[k] * v for k, v in losses.items())
     return losses
 
@@ -698,12 +789,18 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
 # ================================================================================================
 # 4. Evaluation
 # ================================================================================================
+def pgd_eval_key(cfg: SPDConfig) -> str:
+    """The evaluation adversary's metric, named by its scope and steps (only comparable at both): recon/pgd_shared_20."""
+    scope = {"shared_across_batch": "shared"}.get(cfg.pgd_eval_source_scope, cfg.pgd_eval_source_scope)
+    return f"recon/pgd_{scope}_{cfg.pgd_eval_steps}"
+
+
 @torch.no_grad()
 def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callable[[Any], Tensor],
              generator: torch.Generator | None = None) -> dict[str, float]:
     """Generic metrics on one batch: per-module L0, fraction of CI >= 0.99, alive count, minimum CI; and the
     output loss against the target with masks = CI, masks = 1, stochastic masks (no delta) and
-    adversarial masks (`recon/pgd`, pgd_eval_steps of PGD); noise from `generator`, so that
+    adversarial masks (`recon/pgd_<scope>_<steps>`, a fresh adversary: `PGD.evaluation`); noise from `generator`, so that
     evaluating leaves the training's random stream untouched."""
     target_out, inputs = model.run_target(x)
     target_out = output_fn(target_out)
@@ -719,11 +816,12 @@ def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callab
     stoch, _ = sample_masks(ci, cfg.sampling, use_delta=False, generator=generator)
     for key, masks in (("ci_masked", ci), ("masks_one", ones), ("stochastic", stoch)):
         out[f"recon/{key}"] = masked_recon_loss(model, x, target_out, masks, None, cfg.output_loss, output_fn).item()
-    if cfg.pgd_eval_steps:  # the worst case the adversary finds, from cfg.pgd_init, in pgd_scope
+    if cfg.pgd_eval_steps:  # the worst case a fresh adversary finds (the reference's: 20 steps of 0.1, shared)
+        pgd = PGD.evaluation(cfg)
         with torch.enable_grad():
-            sources = pgd_sources(model, x, target_out, ci, cfg, output_fn, cfg.pgd_eval_steps, generator=generator)
-        out["recon/pgd"] = scoped_recon_loss(model, x, target_out, *masks_from_sources(ci, sources), cfg,
-                                             output_fn).item()
+            sources = pgd_sources(model, x, target_out, ci, pgd, cfg, output_fn, generator=generator)
+        out[pgd_eval_key(cfg)] = scoped_recon_loss(model, x, target_out, *masks_from_sources(ci, sources), pgd, cfg,
+                                                   output_fn).item()
     out["faithfulness"] = faithfulness_loss(model).item()
     return out
 
@@ -731,19 +829,22 @@ def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callab
 # ================================================================================================
 # 5. optimize
 # ================================================================================================
-def lr_at(step: int, cfg: SPDConfig) -> float:
-    """Linear warm-up over lr_warmup_frac of training, then constant / cosine / quarter-cosine / linear decay."""
-    warmup = int(cfg.lr_warmup_frac * cfg.steps)
+def scheduled(peak: float, step: int, steps: int, warmup_frac: float, schedule: str, final_frac: float) -> float:
+    """Linear warm-up to `peak` over warmup_frac of the steps, then constant / cosine / quarter-cosine / linear
+    decay from `peak` to final_frac * peak."""
+    warmup = int(warmup_frac * steps)
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    t = (step - warmup) / max(cfg.steps - warmup, 1)
-    if cfg.lr_schedule == "cosine":
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
-    if cfg.lr_schedule == "cosine_quarter":  # the paper's code: above `cosine` throughout, steepest at the end
-        return cfg.lr * math.cos(0.5 * math.pi * t)
-    if cfg.lr_schedule == "linear":
-        return cfg.lr * (1 - t)
-    return cfg.lr
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(steps - warmup, 1)
+    decay = {"cosine": lambda: 0.5 * (1 + math.cos(math.pi * t)),
+             "cosine_quarter": lambda: math.cos(0.5 * math.pi * t),  # the paper's TMS code: above `cosine` throughout
+             "linear": lambda: 1 - t}.get(schedule)
+    return peak if decay is None else peak * (final_frac + (1 - final_frac) * decay())
+
+
+def lr_at(step: int, cfg: SPDConfig) -> float:
+    """The components' and CI functions' learning rate at `step` (spd.lr, lr_schedule, lr_warmup_frac, lr_final_frac)."""
+    return scheduled(cfg.lr, step, cfg.steps, cfg.lr_warmup_frac, cfg.lr_schedule, cfg.lr_final_frac)
 
 
 def autocast(cfg: SPDConfig, device: torch.device):
@@ -829,6 +930,8 @@ def train_step(model: ComponentModel, cfg: SPDConfig, opt: torch.optim.Optimizer
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
     opt.zero_grad(set_to_none=True)
+    # A skipped step leaves everything as it was, the persistent adversary included.
+    adversary_before = model.adversary.snapshot() if cfg.pgd_persistent and cfg.on_nan == "skip" else None
     losses = accumulate_gradients(model, cfg, x, step / cfg.steps, output_fn, ddp, device)
     average_gradients(params, ddp)
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip is not None
@@ -838,6 +941,10 @@ def train_step(model: ComponentModel, cfg: SPDConfig, opt: torch.optim.Optimizer
         bad = ("total (on another rank)", float("nan"))
     if bad is None:
         opt.step()
+        if cfg.pgd_persistent and cfg.pgd_recon_coeff:
+            model.adversary.ascend_from_training_gradient(cfg, step, ddp)
+    elif adversary_before is not None:
+        model.adversary.state = adversary_before
     return losses, bad
 
 

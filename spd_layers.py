@@ -213,7 +213,7 @@ class DecomposedModule(nn.Module):
         self.mask: Tensor | None = None
         self.delta_mask: Tensor | None = None
         self.inner: Tensor | None = None  # inner acts of the target's input here, when the caller has them
-        self.rows: Tensor | None = None  # (batch,) bool: only these examples run the components (routing)
+        self.rows: Tensor | None = None  # bool, (batch,) or the mask's (batch, positions..): routing's choice
         self.cache_input = False
         self.last_input: Tensor | None = None
 
@@ -288,11 +288,13 @@ class DecomposedModule(nn.Module):
             return self.base.forward(self.original, x)
         if self.rows is None:
             return self._masked_forward(x, self.mask, self.delta_mask, self.inner)
-        # Routed: the target on every example, the components on this module's examples only.
-        r = self.rows
+        # Routed: the target everywhere, the components on this module's examples or positions only.
+        r, target = self.rows, self.base.forward(self.original, x)
+        if self.is_conv and r.dim() > 1:  # per output location: its patch is not a row of x, so mask everywhere
+            return torch.where(r.unsqueeze(1), self._masked_forward(x, self.mask, self.delta_mask, self.inner), target)
         rows_of = lambda t: None if t is None else t[r]  # noqa: E731
-        return self.base.forward(self.original, x).index_put(
-            (r,), self._masked_forward(x[r], self.mask[r], rows_of(self.delta_mask), rows_of(self.inner)))
+        return target.index_put((r,), self._masked_forward(x[r], self.mask[r], rows_of(self.delta_mask),
+                                                           rows_of(self.inner)))
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         if not self.own_forward:

@@ -5,9 +5,9 @@
 
 Each row is the experiment's own script run on CONFIG with the shared overrides plus the option's:
 adversarial masks (PGD, fresh or persistent), subset routing of the stochastic loss, the
-importance-frequency term, the two global CI functions (the transformer only for sequence
-models), and the hard sigmoid clamped in the forward pass. Columns: the recon loss under CI masks and
-under adversarial masks (`recon/pgd`, evaluated for every row alike), mean L0 per module, the
+importance-frequency term, the two global CI functions, and the hard sigmoid clamped in the forward
+pass. Columns: the recon loss under CI masks and under adversarial masks (`recon/pgd_<scope>_<steps>`,
+the evaluation adversary, the same for every row), mean L0 per module, the
 experiment's headline metric, and seconds per step (wall time of training alone, so only comparable
 between rows run on an equally loaded machine).
 """
@@ -47,10 +47,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/loss_options"))
     args = ap.parse_args()
     script = script_for(args.config)
-    names = args.only.split(",") if args.only else [n for n in OPTIONS
-                                                    if n != "global_transformer" or script == "lm_decomposition.py"]
+    names = args.only.split(",") if args.only else list(OPTIONS)
     headline = HEADLINE.get(script, "recon/ci_masked")
-    print(f"| option | recon/ci_masked | recon/pgd | mean L0 | {headline} | alive per module | s/step |\n"
+    print(f"| option | recon/ci_masked | recon/pgd_* | mean L0 | {headline} | alive per module | s/step |\n"
           "|---|---|---|---|---|---|---|")
     for name in names:
         out = args.out / name
@@ -61,9 +60,10 @@ def main() -> None:
             print(f"| {name} | failed: {proc.stderr.strip().splitlines()[-1][:120]} ||||||")
             continue
         r = json.loads((out / "results.json").read_text())
+        pgd = next((v for k, v in r.items() if k.startswith("recon/pgd_")), float("nan"))
         l0 = [v for k, v in r.items() if k.startswith("l0/")]
         alive = "/".join(str(v) for k, v in r.items() if k.startswith("n_alive/"))
-        print(f"| {name} | {r['recon/ci_masked']:.4g} | {r['recon/pgd']:.4g} | {sum(l0) / len(l0):.2f} | "
+        print(f"| {name} | {r['recon/ci_masked']:.4g} | {pgd:.4g} | {sum(l0) / len(l0):.2f} | "
               f"{r[headline]:.4g} | {alive} | {1 / r['steps_per_s']:.3f} |", flush=True)
 
 
