@@ -4,8 +4,8 @@ at a time at one thread each, and one table of mean +- std over the seeds.
     python benchmarks/lm_recipes.py [--seeds 0 1 2] [--jobs 2] [--out runs/lm_recipes] [--only classic,recipe]
 
 Rows (ROWS below): our classic default (configs/tiny_llama.yaml), the reference's current LM recipe
-(configs/lm_recipe.yaml), and that recipe with the reference's global transformer CI function. Each row
-sets its step count so that the rows take about the same wall time (measured s/step in the comments).
+(configs/lm_recipe.yaml), and that recipe with the reference's global transformer CI function. The
+configs' step counts (700 and 465) give the rows about the same wall time here.
 Columns: CE unrecovered (CI masks), KL of the CI-masked model to the target, adversarial KL under the
 reference's evaluation adversary (a fresh 20-step PGD of step 0.1, sources shared across the batch:
 recon/pgd_shared_20), mean L0 per module (active subcomponents per token), subcomponents alive (all

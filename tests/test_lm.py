@@ -140,7 +140,7 @@ def test_local_json_dataset_and_missing_file(tmp_path):
         load_tokens(missing, "train", tokenizer)
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "ss_llama", "gpt2", "smollm2_135m"])
+@pytest.mark.parametrize("name", ["tiny_llama", "lm_recipe", "ss_llama", "gpt2", "smollm2_135m"])
 def test_lm_configs_load(name):
     cfg = load_config(LMConfig, ROOT / "configs" / f"{name}.yaml")
     assert cfg.spd.output_loss == "kl" and cfg.spd.modules
@@ -179,7 +179,9 @@ def test_module_patterns_are_checked_before_the_data_is_read(monkeypatch):
         lm_decomposition.build(cfg)
 
 
-def test_script_builds_tiny_target_and_decomposes(tmp_path):
+@pytest.mark.parametrize("config", ["tiny_llama", "lm_recipe"])
+def test_script_builds_tiny_target_and_decomposes(tmp_path, config):
+    """Our offline default and the reference's LM recipe, end to end on a smaller tiny Llama built on the way."""
     t = tmp_path / "tl"
     overrides = [f"model={t}", f"target.path={t}", "target.n_train_stories=300", "target.n_test_stories=40",
                  "target.d_model=16", "target.d_mlp=32", "target.n_heads=2", "target.seq_len=32", "target.steps=3",
@@ -189,14 +191,15 @@ def test_script_builds_tiny_target_and_decomposes(tmp_path):
                  "spd.grad_accum_steps=2", "spd.faithfulness_warmup_steps=2", "spd.modules={model.layers.*.mlp.*: 8}",
                  "n_eval_batches=1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "lm_decomposition.py"), str(ROOT / "configs/tiny_llama.yaml"),
+    proc = subprocess.run([sys.executable, str(ROOT / "lm_decomposition.py"), str(ROOT / f"configs/{config}.yaml"),
                            *overrides, "--out", str(tmp_path / "run")], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "building the offline tiny Llama" in proc.stdout
     results = json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text())
     for key in ["ce/target", "ce/ci_masked", "ce/stochastic", "ce/ablated", "kl/ci_masked", "kl/stochastic",
-                "kl/ablated", "ce_unrecovered", "tokens_per_s", "peak_rss_mb", "l0/model.layers.0.mlp.up_proj"]:
+                "kl/ablated", "ce_unrecovered", "tokens_per_s", "peak_rss_mb", "l0/model.layers.0.mlp.up_proj",
+                "recon/pgd_shared_20"]:  # the reference's evaluation adversary: 20 steps of 0.1, shared
         assert key in results, key
     assert results["C"] == {f"model.layers.{i}.mlp.{p}_proj": 8 for i in range(2) for p in ("gate", "up", "down")}
     for fig in ["l0_over_training", "ci_histograms", "firing_density"]:
