@@ -181,6 +181,8 @@ def main() -> None:
     results = optimize(model, cfg.spd, exp.train_batch, exp.eval_batch, run_dir, output_fn=final_logits,
                        eval_fn=lambda m: ih_metrics(m, cfg, tokens, labels, ablate_each=False),
                        full_config=config_to_dict(cfg))
+    if results is None:  # a torchrun rank > 0: rank 0 alone evaluates, plots and writes the results
+        return
     results |= ih_metrics(model, cfg, tokens, labels, ablate_each=True)
 
     figures = figures_dir(run_dir)

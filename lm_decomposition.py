@@ -229,6 +229,8 @@ def main() -> None:
     results = optimize(model, cfg.spd, exp.train_batch, eval_batch, run_dir,
                        eval_fn=lambda m: lm_metrics(m, cfg, eval_batches), output_fn=exp.output_fn,
                        full_config=config_to_dict(cfg))
+    if results is None:  # a torchrun rank > 0: rank 0 alone evaluates, plots and writes the results
+        return
     results["tokens_per_s"] = round(results["steps"] * cfg.spd.batch_size * cfg.data.seq_len / results["wall_s"], 1)
     results["C"] = model.C
 

@@ -19,7 +19,7 @@ The story:
   5. Figures: mean CI per digit class, the first layer's top components' V rows as images (fc1's read
      pixels, conv1's are 3x3 filters), the causal analysis.
 A conv module's CI is one per output location; per image it counts as its max over locations
-(`analysis.common.per_input`).
+(`ComponentModel.per_input`).
 
 Copying this for a new experiment: change the target and data (`train_targets/train_mnist.py` and
 `build`), the metrics (section "Metrics") and the figures (section "Figures"); keep the config's
@@ -38,7 +38,6 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from analysis.common import per_input
 from spd_common import ComponentModel, Experiment, SPDConfig, optimize
 from spd_config import config_to_dict, option
 from spd_run import figures_dir, get_device, parse_cli, run_main, set_seed, write_results
@@ -196,7 +195,7 @@ def plot_causal(effect: Tensor, path_w: Tensor, n80: Tensor, alive1: Tensor, ali
 def analyse(model: ComponentModel, cfg: MNISTConfig, x: Tensor, y: Tensor, figures) -> dict:
     """The causal analysis fc1 -> fc2 between the alive components of both, on held-out images x (N, d_in)
     with labels y (N,), and every figure; returns the analysis' results."""
-    ci = per_input(model, model.ci_of(x))  # (N, C) per module
+    ci = model.per_input(model.ci_of(x))  # (N, C) per module
     alive_idx = {n: alive(g, cfg.spd.ci_threshold) for n, g in ci.items()}
     a1, a2 = alive_idx["fc1"], alive_idx["fc2"]
     effect = fc1_to_fc2_effects(model, x, a1, cfg.effect_ci_threshold)[:, a2]
@@ -251,6 +250,8 @@ def main() -> None:
     x, y = data.x_test.to(get_device(cfg.spd.device)), data.y_test.to(get_device(cfg.spd.device))
     results = optimize(model, cfg.spd, exp.train_batch, exp.eval_batch, run_dir,
                        eval_fn=lambda m: mnist_metrics(m, x, y), full_config=config_to_dict(cfg))
+    if results is None:  # a torchrun rank > 0: rank 0 alone evaluates, plots and writes the results
+        return
     results["mean_l0"] = sum(results[f"l0/{n}"] for n in model.names) / len(model.names)
 
     results |= analyse(model, cfg, x, y, figures_dir(run_dir))

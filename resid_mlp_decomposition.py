@@ -171,6 +171,8 @@ def main() -> None:
     model, n = exp.model, cfg.target.n_features
     results = optimize(model, cfg.spd, exp.train_batch, exp.eval_batch, run_dir,
                        eval_fn=lambda m: resid_mlp_metrics(m, cfg, exp.eval_batch), full_config=config_to_dict(cfg))
+    if results is None:  # a torchrun rank > 0: rank 0 alone evaluates, plots and writes the results
+        return
 
     figures = figures_dir(run_dir)
     plot_ci_heatmaps(model, cfg, figures / "ci_heatmaps.png")

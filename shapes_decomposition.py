@@ -38,7 +38,6 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
-from analysis.common import per_input
 from spd_common import ComponentModel, Experiment, SPDConfig, optimize
 from spd_config import config_to_dict, option
 from spd_run import figures_dir, get_device, parse_cli, run_main, step_generator, write_results
@@ -138,7 +137,7 @@ def attribute_analysis(model: ComponentModel, cfg: ShapesConfig, x: Tensor, y: T
     """Per alive subcomponent: its best product set, F1, kind and mutual information with each attribute;
     the counts per kind. Returns (results entries, what the figures need)."""
     full = model.ci_of(x)
-    ci = {n: g.clamp(0, 1) for n, g in per_input(model, full).items()}  # (N, C) per image
+    ci = {n: g.clamp(0, 1) for n, g in model.per_input(full).items()}  # (N, C) per image
     # how much of an image needs c (a conv's mean over locations): ranks the top images, whose max often ties at 1
     share = {n: g.clamp(0, 1).mean((1, 2)) if g.dim() == 4 else ci[n] for n, g in full.items()}
     sets = product_sets()
@@ -241,6 +240,8 @@ def main() -> None:
     x, y = (t.to(device) for t in heldout(cfg.n_images, cfg.target.noise))
     results = optimize(model, cfg.spd, exp.train_batch, exp.eval_batch, run_dir,
                        eval_fn=lambda m: accuracy_metrics(m, x, y), full_config=config_to_dict(cfg))
+    if results is None:  # a torchrun rank > 0: rank 0 alone evaluates, plots and writes the results
+        return
     analysis, fig_data = attribute_analysis(model, cfg, x, y)
     results |= analysis
     results["l0_per_image"] = {n: round((g > cfg.spd.ci_threshold).sum(-1).float().mean().item(), 2)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from spd_config import SPDError, config_to_dict, option
 from spd_ci import GlobalCI, hard_sigmoids, make_ci_fn
-from spd_kernels import counter_uniform, use_ci_kernel
+from spd_kernels import counter_uniform
 from spd_layers import (Components, DecomposedExperts, DecomposedModule, ExpertLinear, check_decomposable,
                         decomposable_modules, runs_own_forward, weight_out_in)
 from spd_run import (Batch, Dist, MetricsLogger, Preempted, TrainState, init_distributed, peak_rss_mb,
@@ -73,8 +72,8 @@ class SPDConfig:
     stochastic_recon_layerwise_coeff: Optional[float] = option(1.0, "weight of the one-module-at-a-time recon loss",
                                                               ge=0)
     layerwise_routed: bool = option(False, "layerwise loss in one forward, each example masking one random module")
-    stochastic_recon_routing: Literal["all", "uniform_k_subset", "layerwise"] = option(
-        "all", "modules the stochastic recon loss masks per position: all, a random k ~ U{1..M} of them, or one")
+    stochastic_recon_routing: Literal["all", "uniform_k_subset"] = option(
+        "all", "modules the stochastic recon loss masks per position: all, or a random k ~ U{1..M} of them")
     routing_unit: Literal["position", "example"] = option(
         "position", "routing draws its modules per position (token; the reference's) or per example (sequence)")
     pgd_recon_coeff: Optional[float] = option(None, "weight of the recon loss under adversarial (PGD) masks", ge=0)
@@ -113,7 +112,8 @@ class SPDConfig:
     output_loss: Literal["mse", "kl"] = option("mse", "output distance: MSE (toys) or KL of next-token dists (LMs)")
     optimizer: Literal["adam", "adamw"] = option("adam", "optimizer")
     lr: float = option(1e-3, "peak learning rate", gt=0)
-    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    weight_decay: float = option(0.0, "weight decay: decoupled under adamw, an L2 term in the gradient under adam",
+                                 ge=0)
     lr_schedule: Literal["constant", "cosine", "cosine_quarter", "linear"] = option(
         "cosine", "decay after warm-up: cosine = half period, cosine_quarter = cos(0.5 pi t), both to lr_final_frac")
     lr_warmup_frac: float = option(0.0, "fraction of steps with linear lr warm-up", ge=0, le=1)
@@ -241,7 +241,6 @@ class ComponentModel(nn.Module):
         if self.global_ci:  # ci_in is in the order of self.names
             self.ci_fns["global"] = GlobalCI(ci_fn, ci_in, {n: self.C[n] for n in self.names}, ci_hidden, ci_layers,
                                              ci_heads, ci_causal)
-        self.adversary = PersistentAdversary()  # spd.pgd_persistent's state, checkpointed with the decomposition
 
     def factors(self, name: str) -> tuple[Tensor, Tensor]:
         """Module `name`'s subcomponents: U (d_out, C) and V (C, d_in); the c-th is U[:, c] V[c]."""
@@ -376,6 +375,13 @@ class ComponentModel(nn.Module):
             raise SPDError("a global CI function reads every module's input at once: use causal_importances")
         return self.ci_fns[_key(name)].ci(self.ci_input(name, x, inner), self.sigmoid)
 
+    def per_input(self, ci: dict[str, Tensor]) -> dict[str, Tensor]:
+        """CI with a conv module's locations reduced: (batch, H_out, W_out, C) -> (batch, C) by the max over
+        locations, so that a subcomponent fires on an image when it fires at some location, and every
+        module of a CNN has one row per image. Other modules' CI (tokens of a sequence model included) is
+        returned unchanged."""
+        return {n: g.amax(dim=(1, 2)) if self.decomposed[n].is_conv else g for n, g in ci.items()}
+
     @torch.no_grad()
     def ci_of(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """CI (lower-leaky, the one masks use) of every decomposed module on one input batch."""
@@ -391,16 +397,12 @@ class ComponentModel(nn.Module):
                 for n in self.untied_names()}
 
     def decomposition_state(self) -> dict[str, Any]:
-        """What a checkpoint holds: components and CI functions (and a persistent adversary's state), not
-        the (frozen) target."""
-        state = {"components": self.components.state_dict(), "ci_fns": self.ci_fns.state_dict()}
-        return state | ({"adversary": dict(self.adversary.state)} if self.adversary.state else {})
+        """What a checkpoint holds of the model: components and CI functions, not the (frozen) target."""
+        return {"components": self.components.state_dict(), "ci_fns": self.ci_fns.state_dict()}
 
     def load_decomposition_state(self, state: dict[str, Any]) -> None:
         self.components.load_state_dict(state["components"])
         self.ci_fns.load_state_dict(state["ci_fns"])
-        device = next(self.components.parameters()).device
-        self.adversary.state = {k: v.to(device, copy=True) for k, v in state.get("adversary", {}).items()}
 
 
 # ================================================================================================
@@ -408,14 +410,10 @@ class ComponentModel(nn.Module):
 # ================================================================================================
 def global_uniform(shape: torch.Size, like: Tensor, ddp: Dist = Dist(), generator: torch.Generator | None = None
                    ) -> Tensor:
-    """U(0, 1) noise of this rank's `shape` (rows first): every rank draws the noise of the whole global
-    batch and keeps its own rows, so N processes sample exactly what one process with the same global
-    batch does. On CPU in float32 the kernel's counter-based noise draws only this rank's rows, the same
-    values (and several times faster than torch.rand)."""
-    if use_ci_kernel(like):
-        return counter_uniform(shape, ddp.rank * math.prod(shape), generator)
-    r = torch.rand((shape[0] * ddp.world_size, *shape[1:]), device=like.device, dtype=like.dtype, generator=generator)
-    return ddp.shard(r)
+    """U(0, 1) noise of this rank's `shape` (rows first), of like's dtype and device: this rank's rows of
+    one counter-based draw for the global batch (spd_kernels.counter_uniform), so N processes sample
+    exactly what one process with the same global batch does, and every machine the same numbers."""
+    return counter_uniform(shape, ddp.rank * math.prod(shape), generator, like.device).to(like.dtype)
 
 
 def sample_masks(ci: dict[str, Tensor], sampling: str, use_delta: bool, generator: torch.Generator | None = None,
@@ -482,8 +480,36 @@ def masked_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, mask
         return output_loss(output_fn(model(x)), target_out, kind)
 
 
-def layerwise_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, masks: dict[str, Tensor],
-                         delta_masks: dict[str, Tensor] | None, kind: str, output_fn: Callable[[Any], Tensor],
+@dataclass
+class StepBatch:
+    """One (micro-)batch as every loss of a step reads it, built once by `StepBatch.of`: the model and its
+    input, the target's output and the decomposed modules' inputs, how outputs are compared, the
+    process group, and (where computed once for several losses) the modules' inner acts."""
+    model: ComponentModel
+    x: Any  # the model's input
+    target_out: Tensor  # output_fn of the target's output
+    inputs: dict[str, Tensor]  # each decomposed module's input in the target pass
+    output_fn: Callable[[Any], Tensor]  # model output -> what the output loss compares
+    output_loss: str = "mse"  # spd.output_loss
+    ddp: Dist = dataclasses.field(default_factory=Dist)
+    inner: dict[str, Tensor] | None = None  # inner acts (..., C) on `inputs`, with gradients to V
+
+    @classmethod
+    def of(cls, model: ComponentModel, x: Any, output_fn: Callable[[Any], Tensor], output_loss: str,
+           ddp: Dist = Dist(), with_inner: bool = False) -> StepBatch:
+        target_out, inputs = model.run_target(x)
+        inner = model.inner_acts(inputs) if with_inner else None
+        return cls(model, x, output_fn(target_out), inputs, output_fn, output_loss, ddp, inner)
+
+    def recon(self, masks: dict[str, Tensor], deltas: dict[str, Tensor] | None = None,
+              rows: dict[str, Tensor] | None = None, inner: dict[str, Tensor] | None = None) -> Tensor:
+        """The output loss against the target when module n runs its components masked by masks[n]
+        (on rows[n] only, if routed) and every other module the target."""
+        return masked_recon_loss(self.model, self.x, self.target_out, masks, deltas, self.output_loss, self.output_fn,
+                                 inner, rows)
+
+
+def layerwise_recon_loss(b: StepBatch, masks: dict[str, Tensor], deltas: dict[str, Tensor] | None,
                          inner: dict[str, Tensor] | None = None, route: Tensor | None = None) -> Tensor:
     """Mean over modules of the loss when only that module is masked (the others run the target):
     one forward per module. A module masked alone sees the target's input, so `inner` (its inner acts
@@ -492,11 +518,30 @@ def layerwise_recon_loss(model: ComponentModel, x: Tensor, target_out: Tensor, m
     route drawn uniformly, an unbiased estimate of the same mean, at a cost that does not grow with the
     modules."""
     if route is not None:
-        rows = route_rows(route, list(masks))
-        return masked_recon_loss(model, x, target_out, masks, delta_masks, kind, output_fn, inner, rows)
-    losses = [masked_recon_loss(model, x, target_out, {n: m}, {n: delta_masks[n]} if delta_masks else None,
-                                kind, output_fn, inner) for n, m in masks.items()]
+        return b.recon(masks, deltas, route_rows(route, list(masks)), inner)
+    losses = [b.recon({n: m}, {n: deltas[n]} if deltas else None, inner=inner) for n, m in masks.items()]
     return sum(losses) / len(losses)
+
+
+def mask_samples(ci: dict[str, Tensor], cfg: SPDConfig, ddp: Dist) -> list[tuple[dict[str, Tensor], dict | None]]:
+    """spd.n_mask_samples draws of (masks, delta masks) from the CI (see sample_masks)."""
+    return [sample_masks(ci, cfg.sampling, cfg.use_delta_component, ddp=ddp) for _ in range(cfg.n_mask_samples)]
+
+
+def stochastic_recon_loss(b: StepBatch, samples: list[tuple[dict[str, Tensor], dict | None]], routing: str,
+                          unit: str) -> Tensor:
+    """The paper's stochastic recon loss, its mean over the mask samples; with `routing`, each sample masks
+    a random subset of the modules at each position (or example: `unit`), the others running the target."""
+    losses = [b.recon(masks, deltas, draw_rows(masks, routing, unit, b.ddp)) for masks, deltas in samples]
+    return sum(losses) / len(losses)
+
+
+def stochastic_recon_layerwise_loss(b: StepBatch, samples: list[tuple[dict[str, Tensor], dict | None]], routed: bool,
+                                    unit: str) -> Tensor:
+    """The paper's layerwise stochastic recon loss (one module masked at a time), its mean over the mask
+    samples; `routed`: each position (or example) masks one random module, in one forward."""
+    return sum(layerwise_recon_loss(b, masks, deltas, b.inner, draw_route(masks, unit, b.ddp) if routed else None)
+               for masks, deltas in samples) / len(samples)
 
 
 def routing_positions(masks: dict[str, Tensor], unit: str) -> tuple[int, ...]:
@@ -538,12 +583,10 @@ def subset_rows(masks: dict[str, Tensor], k: Tensor, ddp: Dist = Dist()) -> dict
 
 def draw_rows(masks: dict[str, Tensor], routing: str, unit: str, ddp: Dist = Dist()) -> dict[str, Tensor] | None:
     """Which modules each position (`unit` = position) or example masks (the others run the target):
-    all (None), one (`layerwise`), or a uniformly random k ~ U{1..M} of the M (`uniform_k_subset`), so
-    that one sequence mixes masked and unmasked modules across its tokens."""
+    all (None), or a uniformly random k ~ U{1..M} of the M (`uniform_k_subset`), so that one sequence
+    mixes masked and unmasked modules across its tokens."""
     if routing == "all":
         return None
-    if routing == "layerwise":
-        return route_rows(draw_route(masks, unit, ddp), list(masks))
     n, *rest = routing_positions(masks, unit)
     k = torch.randint(1, len(masks) + 1, (n * ddp.world_size, *rest, 1), device=next(iter(masks.values())).device)
     return subset_rows(masks, k, ddp)
@@ -623,35 +666,30 @@ def masks_from_sources(ci: dict[str, Tensor], sources: dict[str, Tensor]
     return masks, {n: sources[f"delta/{n}"].expand(g.shape[:-1]) for n, g in ci.items()}
 
 
-def scoped_recon_loss(model: ComponentModel, x: Any, target_out: Tensor, masks: dict[str, Tensor],
-                      deltas: dict[str, Tensor] | None, pgd: PGD, cfg: SPDConfig, output_fn: Callable[[Any], Tensor],
-                      inner: dict[str, Tensor] | None = None, rows: dict[str, Tensor] | None = None) -> Tensor:
+def scoped_recon_loss(b: StepBatch, masks: dict[str, Tensor], deltas: dict[str, Tensor] | None, pgd: PGD,
+                      rows: dict[str, Tensor] | None = None, inner: dict[str, Tensor] | None = None) -> Tensor:
     """The recon loss with all (routed) modules masked together, or (module_scope layerwise) one at a time."""
     if pgd.module_scope == "layerwise":
-        return layerwise_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn, inner)
-    return masked_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn, rows=rows)
+        return layerwise_recon_loss(b, masks, deltas, inner)
+    return b.recon(masks, deltas, rows)
 
 
-def adversary_gradient(model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor],
-                       sources: dict[str, Tensor], pgd: PGD, cfg: SPDConfig, output_fn: Callable[[Any], Tensor],
-                       ddp: Dist = Dist(), inner: dict[str, Tensor] | None = None,
+def adversary_gradient(b: StepBatch, ci: dict[str, Tensor], sources: dict[str, Tensor], pgd: PGD,
                        rows: dict[str, Tensor] | None = None) -> list[Tensor]:
     """d(global-batch mean recon loss)/d(source) for each source, the CI and components held fixed."""
     leaves = {k: s.detach().requires_grad_() for k, s in sources.items()}
     masks, deltas = masks_from_sources({n: g.detach() for n, g in ci.items()}, leaves)
-    inner = None if inner is None else {n: h.detach() for n, h in inner.items()}
-    loss = scoped_recon_loss(model, x, target_out, masks, deltas, pgd, cfg, output_fn, inner, rows)
-    return pgd.global_mean_gradients(list(torch.autograd.grad(loss, list(leaves.values()))), ddp)
+    inner = None if b.inner is None else {n: h.detach() for n, h in b.inner.items()}
+    loss = scoped_recon_loss(b, masks, deltas, pgd, rows, inner)
+    return pgd.global_mean_gradients(list(torch.autograd.grad(loss, list(leaves.values()))), b.ddp)
 
 
-def pgd_sources(model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor], pgd: PGD,
-                cfg: SPDConfig, output_fn: Callable[[Any], Tensor], ddp: Dist = Dist(),
-                generator: torch.Generator | None = None, inner: dict[str, Tensor] | None = None,
-                rows: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+def pgd_sources(b: StepBatch, ci: dict[str, Tensor], pgd: PGD, use_delta: bool,
+                generator: torch.Generator | None = None, rows: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """`pgd.steps` of projected sign-gradient ascent from pgd.init, each source kept in [0, 1]."""
-    sources = pgd.initial_sources(ci, cfg.use_delta_component, ddp, generator)
+    sources = pgd.initial_sources(ci, use_delta, b.ddp, generator)
     for _ in range(pgd.steps):
-        grads = adversary_gradient(model, x, target_out, ci, sources, pgd, cfg, output_fn, ddp, inner, rows)
+        grads = adversary_gradient(b, ci, sources, pgd, rows)
         sources = {k: (s + pgd.step_size * g.sign()).clamp(0, 1) for (k, s), g in zip(sources.items(), grads)}
     return sources
 
@@ -666,8 +704,10 @@ class PersistentAdversary:
 
     betas, eps = (0.5, 0.99), 1e-8
 
-    def __init__(self) -> None:
-        self.state: dict[str, Tensor] = {}  # "source/<k>", "adam_m/<k>", "adam_v/<k>" (global batch), "t"
+    def __init__(self, state: dict[str, Tensor]) -> None:
+        # "source/<k>", "adam_m/<k>", "adam_v/<k>" (global batch), "t": updated in place, so that `state`
+        # (TrainState.adversary) is what every checkpoint saves
+        self.state = state
         self.in_loss: dict[str, Tensor] = {}  # this step's sources as the training loss read them (their .grad)
 
     def local_sources(self, ci: dict[str, Tensor], pgd: PGD, use_delta: bool, ddp: Dist) -> dict[str, Tensor]:
@@ -676,7 +716,8 @@ class PersistentAdversary:
         shape = pgd.source_shape(torch.Size((g.shape[0] * (1 if pgd.shared else ddp.world_size), *g.shape[1:])))
         source = self.state.get(f"source/mask/{next(iter(ci))}")
         if source is None or source.shape != shape:
-            self.state = {"t": torch.zeros((), device=g.device)}
+            self.state.clear()
+            self.state["t"] = torch.zeros((), device=g.device)
             for k, s in pgd.initial_sources(ci, use_delta, ddp).items():
                 self.state[f"source/{k}"] = s if pgd.shared else ddp.gather(s)
                 self.state[f"adam_m/{k}"] = torch.zeros_like(self.state[f"source/{k}"])
@@ -705,84 +746,84 @@ class PersistentAdversary:
     def snapshot(self) -> dict[str, Tensor]:
         return {k: v.clone() for k, v in self.state.items()}
 
+    def restore(self, snapshot: dict[str, Tensor]) -> None:
+        self.state.clear()
+        self.state.update(snapshot)
+
 
 def persistent_pgd_lr(cfg: SPDConfig, step: int) -> float:
     """The persistent adversary's Adam lr: linear warm-up, then cosine from pgd_step_size to pgd_lr_final_frac of it."""
     return scheduled(cfg.pgd_step_size, step, cfg.steps, cfg.pgd_lr_warmup_frac, "cosine", cfg.pgd_lr_final_frac)
 
 
-def pgd_recon_loss(model: ComponentModel, x: Any, target_out: Tensor, ci: dict[str, Tensor], cfg: SPDConfig,
-                   output_fn: Callable[[Any], Tensor], ddp: Dist = Dist(), inner: dict[str, Tensor] | None = None,
+def pgd_recon_loss(b: StepBatch, ci: dict[str, Tensor], cfg: SPDConfig, adversary: PersistentAdversary | None = None,
                    step: int = 0) -> Tensor:
-    """The recon loss at the adversary's masks (persistent or fresh PGD), over a random subset of the
-    modules per position with pgd_routing = uniform_k_subset (the reference's "PGD recon subset": the
-    same subsets for the ascent and the loss), differentiable in the CI and components but not through
-    the adversary's ascent."""
+    """The recon loss at the adversary's masks (spd.pgd_persistent: `adversary`'s; else a fresh one), over a random
+    subset of the modules per position with pgd_routing = uniform_k_subset (the reference's "PGD recon
+    subset": the same subsets for the ascent and the loss), differentiable in the CI and components but
+    not through the adversary's ascent."""
     pgd = PGD.training(cfg)
-    rows = draw_rows(ci, cfg.pgd_routing, cfg.routing_unit, ddp)
+    rows = draw_rows(ci, cfg.pgd_routing, cfg.routing_unit, b.ddp)
     if cfg.pgd_persistent:
-        adversary = model.adversary
         for _ in range(pgd.steps):  # warm-up ascents, on all modules as in param-decomp
-            sources = adversary.local_sources(ci, pgd, cfg.use_delta_component, ddp)
-            grads = adversary_gradient(model, x, target_out, ci, sources, pgd, cfg, output_fn, ddp, inner)
-            adversary.ascend(dict(zip(sources, grads)), pgd, persistent_pgd_lr(cfg, step), ddp)
-        sources = adversary.local_sources(ci, pgd, cfg.use_delta_component, ddp)
+            sources = adversary.local_sources(ci, pgd, cfg.use_delta_component, b.ddp)
+            grads = adversary_gradient(b, ci, sources, pgd)
+            adversary.ascend(dict(zip(sources, grads)), pgd, persistent_pgd_lr(cfg, step), b.ddp)
+        sources = adversary.local_sources(ci, pgd, cfg.use_delta_component, b.ddp)
         adversary.in_loss = sources = {k: s.detach().requires_grad_() for k, s in sources.items()}
     else:
-        sources = pgd_sources(model, x, target_out, ci, pgd, cfg, output_fn, ddp, inner=inner, rows=rows)
+        sources = pgd_sources(b, ci, pgd, cfg.use_delta_component, rows=rows)
         sources = {k: s.detach() for k, s in sources.items()}
     masks, deltas = masks_from_sources(ci, sources)
-    return scoped_recon_loss(model, x, target_out, masks, deltas, pgd, cfg, output_fn, inner, rows)
+    return scoped_recon_loss(b, masks, deltas, pgd, rows, b.inner)
 
 
-def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: float,
-                    output_fn: Callable[[Any], Tensor], ddp: Dist = Dist()) -> dict[str, Tensor]:
-    """Every loss term whose coefficient is set, unweighted, plus `total` (weighted sum), each a
-    mean over this rank's examples (x: this rank's shard of the global batch)."""
-    target_out, inputs = model.run_target(x)
-    target_out = output_fn(target_out)
+def loss_coefficients(cfg: SPDConfig, frac: float) -> dict[str, float]:
+    """The weight of each loss term that is on at this fraction of training (the others are not computed)."""
     beta3 = annealed_importance_coeff(cfg, frac)
     coeffs = {"faithfulness": cfg.faithfulness_coeff, "stochastic_recon": cfg.stochastic_recon_coeff,
               "stochastic_recon_layerwise": cfg.stochastic_recon_layerwise_coeff,
               "ci_masked_recon": cfg.ci_masked_recon_coeff, "pgd_recon": cfg.pgd_recon_coeff,
               "importance_minimality": beta3,
               "importance_frequency": (beta3 or 0) * (cfg.importance_minimality_beta or 0)}
-    on = {k: c for k, c in coeffs.items() if c}
+    return {k: c for k, c in coeffs.items() if c}
+
+
+def training_losses(model: ComponentModel, cfg: SPDConfig, x: Any, frac: float, output_fn: Callable[[Any], Tensor],
+                    ddp: Dist = Dist(), adversary: PersistentAdversary | None = None) -> dict[str, Tensor]:
+    """The loss of one step on this rank's (micro-)batch x, at `frac` of training: every term whose
+    coefficient is on, unweighted, and `total`, their weighted sum; each a mean over this rank's
+    examples. `adversary`: persistent PGD's state (spd.pgd_persistent)."""
+    coeffs = loss_coefficients(cfg, frac)
     # Inner acts on the target's inputs, computed once: the CI functions and the layerwise losses (where
     # each module sees the target's input) share them, which saves a (batch, d_in) x (d_in, C) matmul
     # and its backward per module and mask sample.
-    reuse_inner = "stochastic_recon_layerwise" in on or ("pgd_recon" in on and cfg.pgd_scope == "layerwise")
-    inner = model.inner_acts(inputs) if model.ci_reads_inner_acts or reuse_inner else None
-    ci, ci_upper = model.causal_importances(inputs, inner)
+    reuse_inner = "stochastic_recon_layerwise" in coeffs or ("pgd_recon" in coeffs and cfg.pgd_scope == "layerwise")
+    b = StepBatch.of(model, x, output_fn, cfg.output_loss, ddp, with_inner=model.ci_reads_inner_acts or reuse_inner)
+    ci, ci_upper = model.causal_importances(b.inputs, b.inner)
+    p = annealed_p(cfg, frac)
+    # The masks, m = g + (1 - g) r: n_mask_samples draws for each stochastic loss
+    stochastic = mask_samples(ci, cfg, ddp) if "stochastic_recon" in coeffs else []
+    layerwise = mask_samples(ci, cfg, ddp) if "stochastic_recon_layerwise" in coeffs else []
+
     losses: dict[str, Tensor] = {}
-    if "faithfulness" in on:
+    if "faithfulness" in coeffs:
         losses["faithfulness"] = faithfulness_loss(model)
-
-    def mean_over_mask_samples(loss: Callable[[dict[str, Tensor], dict[str, Tensor] | None], Tensor]) -> Tensor:
-        samples = (loss(*sample_masks(ci, cfg.sampling, cfg.use_delta_component, ddp=ddp))
-                   for _ in range(cfg.n_mask_samples))
-        return sum(samples) / cfg.n_mask_samples
-
-    if "stochastic_recon" in on:
-        losses["stochastic_recon"] = mean_over_mask_samples(
-            lambda masks, deltas: masked_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn,
-                                                    rows=draw_rows(ci, cfg.stochastic_recon_routing,
-                                                                   cfg.routing_unit, ddp)))
-    if "stochastic_recon_layerwise" in on:
-        losses["stochastic_recon_layerwise"] = mean_over_mask_samples(
-            lambda masks, deltas: layerwise_recon_loss(model, x, target_out, masks, deltas, cfg.output_loss, output_fn,
-                                                       inner, draw_route(ci, cfg.routing_unit, ddp)
-                                                       if cfg.layerwise_routed else None))
-    if "ci_masked_recon" in on:
-        losses["ci_masked_recon"] = masked_recon_loss(model, x, target_out, ci, None, cfg.output_loss, output_fn)
-    if "pgd_recon" in on:
-        losses["pgd_recon"] = pgd_recon_loss(model, x, target_out, ci, cfg, output_fn, ddp,
-                                             inner if cfg.pgd_scope == "layerwise" else None, round(frac * cfg.steps))
-    if "importance_minimality" in on:
-        losses["importance_minimality"] = importance_minimality_loss(ci_upper, annealed_p(cfg, frac))
-    if "importance_frequency" in on:
-        losses["importance_frequency"] = importance_frequency_loss(ci_upper, annealed_p(cfg, frac), ddp)
-    losses["total"] = sum(on[k] * v for k, v in losses.items())
+    if "stochastic_recon" in coeffs:
+        losses["stochastic_recon"] = stochastic_recon_loss(b, stochastic, cfg.stochastic_recon_routing,
+                                                           cfg.routing_unit)
+    if "stochastic_recon_layerwise" in coeffs:
+        losses["stochastic_recon_layerwise"] = stochastic_recon_layerwise_loss(b, layerwise, cfg.layerwise_routed,
+                                                                               cfg.routing_unit)
+    if "ci_masked_recon" in coeffs:
+        losses["ci_masked_recon"] = b.recon(ci)
+    if "pgd_recon" in coeffs:
+        losses["pgd_recon"] = pgd_recon_loss(b, ci, cfg, adversary, round(frac * cfg.steps))
+    if "importance_minimality" in coeffs:
+        losses["importance_minimality"] = importance_minimality_loss(ci_upper, p)
+    if "importance_frequency" in coeffs:
+        losses["importance_frequency"] = importance_frequency_loss(ci_upper, p, ddp)
+    losses["total"] = sum(coeffs[k] * v for k, v in losses.items())  # the paper's weighted sum
     return losses
 
 
@@ -790,7 +831,8 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Tensor, frac: floa
 # 4. Evaluation
 # ================================================================================================
 def pgd_eval_key(cfg: SPDConfig) -> str:
-    """The evaluation adversary's metric, named by its scope and steps (only comparable at both): recon/pgd_shared_20."""
+    """The evaluation adversary's metric, named by its scope and steps (comparable only at both), e.g.
+    recon/pgd_shared_20."""
     scope = {"shared_across_batch": "shared"}.get(cfg.pgd_eval_source_scope, cfg.pgd_eval_source_scope)
     return f"recon/pgd_{scope}_{cfg.pgd_eval_steps}"
 
@@ -800,11 +842,10 @@ def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callab
              generator: torch.Generator | None = None) -> dict[str, float]:
     """Generic metrics on one batch: per-module L0, fraction of CI >= 0.99, alive count, minimum CI; and the
     output loss against the target with masks = CI, masks = 1, stochastic masks (no delta) and
-    adversarial masks (`recon/pgd_<scope>_<steps>`, a fresh adversary: `PGD.evaluation`); noise from `generator`, so that
-    evaluating leaves the training's random stream untouched."""
-    target_out, inputs = model.run_target(x)
-    target_out = output_fn(target_out)
-    ci, _ = model.causal_importances(inputs)
+    adversarial masks (`recon/pgd_<scope>_<steps>`, a fresh adversary: `PGD.evaluation`); noise from
+    `generator`, so that evaluating leaves the training's random stream untouched."""
+    b = StepBatch.of(model, x, output_fn, cfg.output_loss)
+    ci, _ = model.causal_importances(b.inputs)
     out: dict[str, float] = {}
     for n, g in ci.items():
         active = g > cfg.ci_threshold
@@ -815,13 +856,12 @@ def evaluate(model: ComponentModel, cfg: SPDConfig, x: Tensor, output_fn: Callab
     ones = {n: torch.ones_like(g) for n, g in ci.items()}
     stoch, _ = sample_masks(ci, cfg.sampling, use_delta=False, generator=generator)
     for key, masks in (("ci_masked", ci), ("masks_one", ones), ("stochastic", stoch)):
-        out[f"recon/{key}"] = masked_recon_loss(model, x, target_out, masks, None, cfg.output_loss, output_fn).item()
+        out[f"recon/{key}"] = b.recon(masks).item()
     if cfg.pgd_eval_steps:  # the worst case a fresh adversary finds (the reference's: 20 steps of 0.1, shared)
         pgd = PGD.evaluation(cfg)
         with torch.enable_grad():
-            sources = pgd_sources(model, x, target_out, ci, pgd, cfg, output_fn, generator=generator)
-        out[pgd_eval_key(cfg)] = scoped_recon_loss(model, x, target_out, *masks_from_sources(ci, sources), pgd, cfg,
-                                                   output_fn).item()
+            sources = pgd_sources(b, ci, pgd, cfg.use_delta_component, generator=generator)
+        out[pgd_eval_key(cfg)] = b.recon(*masks_from_sources(ci, sources)).item()
     out["faithfulness"] = faithfulness_loss(model).item()
     return out
 
@@ -843,7 +883,7 @@ def scheduled(peak: float, step: int, steps: int, warmup_frac: float, schedule: 
 
 
 def lr_at(step: int, cfg: SPDConfig) -> float:
-    """The components' and CI functions' learning rate at `step` (spd.lr, lr_schedule, lr_warmup_frac, lr_final_frac)."""
+    """The components' and CI functions' learning rate at `step` (lr, lr_schedule, lr_warmup_frac, lr_final_frac)."""
     return scheduled(cfg.lr, step, cfg.steps, cfg.lr_warmup_frac, cfg.lr_schedule, cfg.lr_final_frac)
 
 
@@ -896,19 +936,6 @@ def nonfinite_term(losses: dict[str, Tensor], grad_norm: Tensor) -> tuple[str, f
     return [*losses, "gradient"][i], values[i].item()
 
 
-def accumulate_gradients(model: ComponentModel, cfg: SPDConfig, x: Any, frac: float,
-                         output_fn: Callable[[Any], Tensor], ddp: Dist, device: torch.device) -> dict[str, Tensor]:
-    """Backward of this rank's batch `x` in `grad_accum_steps` micro-batches; the batch's mean losses."""
-    losses: dict[str, Tensor] = {}
-    for micro_batch in split_batch(x, cfg.grad_accum_steps):
-        with autocast(cfg, device):
-            micro = training_losses(model, cfg, micro_batch, frac, output_fn, ddp)
-        (micro["total"] / cfg.grad_accum_steps).backward()
-        for k, v in micro.items():  # the mean over micro-batches is the batch's loss
-            losses[k] = losses.get(k, 0) + v.detach() / cfg.grad_accum_steps
-    return losses
-
-
 def average_gradients(params: list[Tensor], ddp: Dist) -> None:
     """Replace each rank's gradients by their mean over ranks (= the gradient of the global-batch mean
     loss), in one all-reduce."""
@@ -921,39 +948,126 @@ def average_gradients(params: list[Tensor], ddp: Dist) -> None:
 
 
 def train_step(model: ComponentModel, cfg: SPDConfig, opt: torch.optim.Optimizer, x: Any, step: int,
-               output_fn: Callable[[Any], Tensor], ddp: Dist) -> tuple[dict[str, Tensor], tuple[str, float] | None]:
-    """One optimisation step on this rank's batch `x`: the step's lr, gradients averaged over ranks, and
-    the optimizer step, unless a loss term or the gradient is nan/inf on some rank. Returns the
-    batch's mean losses and (name, value) of what was not finite (None: the step was taken)."""
+               output_fn: Callable[[Any], Tensor], ddp: Dist, adversary: PersistentAdversary | None = None
+               ) -> tuple[dict[str, Tensor], tuple[str, float] | None]:
+    """One optimisation step on this rank's batch `x`: the loss and its backward (in grad_accum_steps
+    micro-batches), the gradients averaged over ranks, clipped, and the optimizer step, unless a loss term
+    or the gradient is nan/inf on some rank, in which case nothing changes. Returns the batch's mean losses
+    and (name, value) of what was not finite (None: the step was taken)."""
     params = [p for group in opt.param_groups for p in group["params"]]
-    device = params[0].device
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
     opt.zero_grad(set_to_none=True)
-    # A skipped step leaves everything as it was, the persistent adversary included.
-    adversary_before = model.adversary.snapshot() if cfg.pgd_persistent and cfg.on_nan == "skip" else None
-    losses = accumulate_gradients(model, cfg, x, step / cfg.steps, output_fn, ddp, device)
-    average_gradients(params, ddp)
+    adversary_before = adversary.snapshot() if adversary is not None and cfg.on_nan == "skip" else None
+    losses: dict[str, Tensor] = {}
+    for micro_batch in split_batch(x, cfg.grad_accum_steps):
+        with autocast(cfg, params[0].device):
+            micro = training_losses(model, cfg, micro_batch, step / cfg.steps, output_fn, ddp, adversary)
+        (micro["total"] / cfg.grad_accum_steps).backward()
+        for k, v in micro.items():  # the mean over micro-batches is the batch's loss
+            losses[k] = losses.get(k, 0) + v.detach() / cfg.grad_accum_steps
+    average_gradients(params, ddp)  # every rank now holds the gradient of the global batch's loss
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip is not None
                  else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
     bad = nonfinite_term(losses, grad_norm)
-    if ddp.any(bad is not None, device) and bad is None:  # every rank must take the same branch
+    if ddp.any(bad is not None, params[0].device) and bad is None:  # every rank must take the same branch
         bad = ("total (on another rank)", float("nan"))
     if bad is None:
         opt.step()
-        if cfg.pgd_persistent and cfg.pgd_recon_coeff:
-            model.adversary.ascend_from_training_gradient(cfg, step, ddp)
+        if adversary is not None:
+            adversary.ascend_from_training_gradient(cfg, step, ddp)
     elif adversary_before is not None:
-        model.adversary.state = adversary_before
+        adversary.restore(adversary_before)
     return losses, bad
+
+
+@dataclass
+class TrainingRun:
+    """What `optimize` keeps around its loop: the optimizer, where training stands (resumed or fresh), the
+    metrics log, and how to evaluate, log, checkpoint and stop."""
+    model: ComponentModel
+    cfg: SPDConfig
+    run_dir: Path
+    opt: torch.optim.Optimizer
+    state: TrainState
+    logger: MetricsLogger
+    ddp: Dist
+    digest: str  # the target's: a checkpoint resumes against this target only
+    evaluate: Callable[[int], dict[str, float]]  # step -> metrics (rank 0)
+
+    @classmethod
+    def start(cls, model: ComponentModel, cfg: SPDConfig, run_dir: Path, full_config: dict | None,
+              evaluate: Callable[[int], dict[str, float]]) -> TrainingRun:
+        """Set up the model (activation checkpointing, compile), the optimizer, and the state to start from:
+        fresh, or (`--resume`) the newest readable checkpoint in run_dir."""
+        ddp = init_distributed()
+        device = next(model.components.parameters()).device
+        if cfg.checkpoint_blocks:
+            model.checkpoint_blocks(cfg.checkpoint_blocks)
+        if cfg.compile:
+            model.target.compile()  # in place: every (masked or not) forward goes through the compiled target
+        params = [*model.components.parameters(), *model.ci_fns.parameters()]
+        # fused: one kernel for all parameters; the default loops over them (1.5 ms of a 20 ms TMS step on CPU)
+        opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+        digest = target_digest(model)
+        state = resume_training(run_dir, model, opt, digest, ddp.is_main, cfg.steps)
+        logger = MetricsLogger(run_dir, cfg.wandb_project, full_config or {"spd": config_to_dict(cfg)}, ddp.is_main)
+        return cls(model, cfg, run_dir, opt, state, logger, ddp, digest, evaluate)
+
+    def evaluate_and_log(self, step: int) -> dict[str, float]:
+        metrics = self.evaluate(step)
+        self.logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
+        return metrics
+
+    def log_step(self, step: int, losses: dict[str, Tensor], bad: tuple[str, float] | None, bar: tqdm) -> None:
+        """Stop on a nan/inf (on_nan=stop) or count the skipped step; every log_every steps, log the losses."""
+        cfg, state = self.cfg, self.state
+        if bad is not None and cfg.on_nan == "stop":
+            what = "the gradient norm" if bad[0] == "gradient" else f"loss term '{bad[0]}'"
+            raise SPDError(f"{what} is {bad[1]} at step {step}; stopped, keeping the last good checkpoint "
+                           f"({state.last_ckpt}); lower spd.lr, set spd.grad_clip, or set spd.on_nan=skip")
+        if bad is not None:  # on_nan=skip: no optimizer step, counted
+            state.skipped += 1
+            self.logger.log(step, {"train/skipped_steps": state.skipped})
+        elif step % cfg.log_every == 0 or step == cfg.steps - 1:
+            means = self.ddp.mean(torch.stack([v.float() for v in losses.values()])).tolist()
+            state.train_metrics = {f"train/{k}": v for k, v in zip(losses, means)} | {"train/lr": lr_at(step, cfg)}
+            if cfg.importance_minimality_coeff_initial is not None:
+                state.train_metrics["train/importance_minimality_coeff"] = annealed_importance_coeff(
+                    cfg, step / cfg.steps)
+            self.logger.log(step, state.train_metrics)
+            bar.set_postfix(loss=f"{state.train_metrics['train/total']:.3g}")
+        if step % cfg.log_every == 0:
+            rebalance_threads()  # other runs here may have started or finished
+
+    def save(self, name: str) -> None:
+        save_training_checkpoint(self.run_dir / "checkpoints" / name, self.model, self.opt, self.state, self.digest,
+                                 self.ddp.is_main, self.cfg.keep_checkpoints)
+
+    def checkpoint(self, caught: list[str]) -> None:
+        """After state.step steps: the periodic checkpoint, and on a signal to any rank, one to resume from
+        and `Preempted`."""
+        steps, done = self.cfg.steps, self.state.step
+        periodic = bool(self.cfg.checkpoint_every) and done % self.cfg.checkpoint_every == 0 and done < steps
+        if periodic:
+            self.save(f"step_{done}.pt")
+        device = next(self.model.components.parameters()).device
+        if self.ddp.any(bool(caught), device) and not caught:  # a signal to any rank stops them all
+            caught.append("a signal to another rank")
+        if caught and done < steps:
+            if not periodic:
+                self.save(f"step_{done}.pt")
+            raise Preempted(f"{caught[0]} at step {done} of {steps}: saved {self.state.last_ckpt}; "
+                            f"continue with python {sys.argv[0]} --resume {self.run_dir}")
 
 
 def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int], Batch],
              eval_batch: Callable[[int], Batch],
              run_dir: Path, eval_fn: Callable[[ComponentModel], dict[str, float]] | None = None,
              output_fn: Callable[[Any], Tensor] = lambda out: out, full_config: dict | None = None,
-             input_fn: Callable[[Batch], Any] = lambda batch: batch) -> dict:
-    """Train the components and CI functions of `model`; return the final results.
+             input_fn: Callable[[Batch], Any] = lambda batch: batch) -> dict | None:
+    """Train the components and CI functions of `model`; return the final results (None on ranks > 0).
 
     `train_batch(step)` / `eval_batch(step)` give the data of each step (indexed, not streamed, so
     that a run is reproducible from its step alone) and `input_fn(batch)` the model's input. Every
@@ -967,85 +1081,43 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     A nan/inf loss term or gradient raises SPDError (on_nan=stop) or skips that step (on_nan=skip).
     Under torchrun each rank trains on its shard of the global batch and gradients are averaged, so
     the result equals a one-process run's; rank 0 alone evaluates (on the whole eval batch), logs
-    and writes, and the other ranks leave the process when training ends.
+    and writes results, and the other ranks return None when training ends.
     """
-    ddp = init_distributed()
     device = next(model.components.parameters()).device
-    if cfg.checkpoint_blocks:
-        model.checkpoint_blocks(cfg.checkpoint_blocks)
-    if cfg.compile:
-        model.target.compile()  # in place: every (masked or not) forward goes through the compiled target
-    params = [*model.components.parameters(), *model.ci_fns.parameters()]
-    # fused: one kernel for all parameters; the default loops over them (1.5 ms of a 20 ms TMS step on CPU)
-    opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
-    digest = target_digest(model)
-    state = resume_training(run_dir, model, opt, digest, ddp.is_main, cfg.steps)
-    logger = MetricsLogger(run_dir, cfg.wandb_project, full_config or {"spd": config_to_dict(cfg)}, ddp.is_main)
 
-    def evaluate_and_log(step: int) -> dict[str, float]:
+    def evaluate_at(step: int) -> dict[str, float]:
         noise = step_generator(cfg.seed, step, device)  # its own noise: the training stream stays put
         with autocast(cfg, device):
             metrics = evaluate(model, cfg, input_fn(eval_batch(step)), output_fn, noise)
-            metrics |= eval_fn(model) if eval_fn is not None else {}
-        logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
-        return metrics
+            return metrics | (eval_fn(model) if eval_fn is not None else {})
 
-    def save(name: str) -> None:
-        save_training_checkpoint(run_dir / "checkpoints" / name, model, opt, state, digest, ddp.is_main,
-                                 cfg.keep_checkpoints)
-
+    run = TrainingRun.start(model, cfg, run_dir, full_config, evaluate_at)
+    state, ddp = run.state, run.ddp
+    adversary = PersistentAdversary(state.adversary) if cfg.pgd_persistent else None
     try:
         if state.resumed_from is None and cfg.faithfulness_warmup_steps:
-            logger.log(0, {"warmup/faithfulness": faithfulness_warmup(model, cfg)})
+            run.logger.log(0, {"warmup/faithfulness": faithfulness_warmup(model, cfg)})
         t0 = time.time()
         bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc="spd", mininterval=2.0,
                    disable=None if ddp.is_main else True)
         with preemption_signals() as caught:
             for step in bar:
-                losses, bad = train_step(model, cfg, opt, input_fn(ddp.shard(train_batch(step))), step, output_fn, ddp)
-                if bad is not None and cfg.on_nan == "stop":
-                    what = "the gradient norm" if bad[0] == "gradient" else f"loss term '{bad[0]}'"
-                    raise SPDError(f"{what} is {bad[1]} at step {step}; stopped, keeping the last good checkpoint "
-                                   f"({state.last_ckpt}); lower spd.lr, set spd.grad_clip, or set spd.on_nan=skip")
-                if bad is not None:  # on_nan=skip: no optimizer step, counted
-                    state.skipped += 1
-                    logger.log(step, {"train/skipped_steps": state.skipped})
-                elif step % cfg.log_every == 0 or step == cfg.steps - 1:
-                    means = ddp.mean(torch.stack([v.float() for v in losses.values()])).tolist()
-                    state.train_metrics = {f"train/{k}": v for k, v in zip(losses, means)}
-                    state.train_metrics["train/lr"] = lr_at(step, cfg)
-                    if cfg.importance_minimality_coeff_initial is not None:
-                        state.train_metrics["train/importance_minimality_coeff"] = annealed_importance_coeff(
-                            cfg, step / cfg.steps)
-                    logger.log(step, state.train_metrics)
-                    bar.set_postfix(loss=f"{state.train_metrics['train/total']:.3g}")
-                if step % cfg.log_every == 0:
-                    rebalance_threads()  # other runs here may have started or finished
+                x = input_fn(ddp.shard(train_batch(step)))
+                losses, bad = train_step(model, cfg, run.opt, x, step, output_fn, ddp, adversary)
+                run.log_step(step, losses, bad, bar)
                 if step > 0 and step % cfg.eval_every == 0 and ddp.is_main:
-                    evaluate_and_log(step)
+                    run.evaluate_and_log(step)
                 state.step = step + 1  # a checkpoint now resumes at the next step
-                periodic = (bool(cfg.checkpoint_every) and state.step % cfg.checkpoint_every == 0
-                            and state.step < cfg.steps)
-                if periodic:
-                    save(f"step_{state.step}.pt")
-                if ddp.any(bool(caught), device) and not caught:  # a signal to any rank stops them all
-                    caught.append("a signal to another rank")
-                if caught and state.step < cfg.steps:
-                    if not periodic:
-                        save(f"step_{state.step}.pt")
-                    raise Preempted(f"{caught[0]} at step {state.step} of {cfg.steps}: saved {state.last_ckpt}; "
-                                    f"continue with python {sys.argv[0]} --resume {run_dir}")
+                run.checkpoint(caught)
         wall = time.time() - t0
-        if not ddp.is_main:
-            dist.destroy_process_group()
-            sys.exit(0)  # rank 0 alone evaluates, makes the figures and writes results
-        save("final.pt")  # before the final evaluation: a run killed after it resumes to the same results
-        final = evaluate_and_log(cfg.steps)
-        if ddp.world_size > 1:
-            dist.destroy_process_group()
+        if ddp.is_main:  # rank 0 alone evaluates, and (in the experiment script) makes figures and writes results
+            run.save("final.pt")  # before the final evaluation: a run killed after it resumes to the same results
+            final = run.evaluate_and_log(cfg.steps)
+        ddp.close()
     finally:
-        logger.close()
+        run.logger.close()
+    if not ddp.is_main:
+        return None
     return run_results(cfg, state, wall, device) | state.train_metrics | final
 
 

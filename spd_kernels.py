@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -253,13 +254,33 @@ def use_ci_kernel(*tensors: Tensor) -> bool:
             and tensors[0].numel() < 2 ** 31 and _ci_kernel() is not None)
 
 
-def counter_uniform(shape: torch.Size, offset: int = 0, generator: torch.Generator | None = None) -> Tensor:
-    """U[0, 1) float32 noise of `shape` on CPU from the kernel: element i hashes (a seed drawn from
-    `generator`, offset + i), so the rows of a larger draw are this call with their offset (needs the kernel)."""
-    seed = int(torch.randint(0, 2 ** 62, (), generator=generator, device="cpu"))
-    out = torch.empty(shape, dtype=torch.float32, device="cpu")
-    _ci_kernel().uniform_fill(out.data_ptr(), out.numel(), offset, seed)
-    return out
+def _mul32(x: Any, c: int) -> Any:
+    """(x * c) mod 2^32 for x in [0, 2^32) (an int, or an int64 tensor), without overflowing int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _mix32(x: Any) -> Any:
+    """The kernel's lowbias32 hash (mix32) on uint32 values held in ints or int64 tensors."""
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(shape: torch.Size, offset: int = 0, generator: torch.Generator | None = None,
+                    device: torch.device | str = "cpu") -> Tensor:
+    """U[0, 1) float32 noise of `shape`: element i hashes (a seed drawn from `generator`, offset + i), so the
+    rows of a larger draw are this call with their offset. The same numbers on every machine: the C
+    kernel's uniform_fill where it runs (CPU), the same hash in torch ops elsewhere (no compiler, GPU)."""
+    seed = int(torch.randint(0, 2 ** 62, (), generator=generator, device=generator.device if generator else "cpu"))
+    if torch.device(device).type == "cpu" and _ci_kernel() is not None and math.prod(shape) < 2 ** 31:
+        out = torch.empty(shape, dtype=torch.float32, device="cpu")
+        _ci_kernel().uniform_fill(out.data_ptr(), out.numel(), offset, seed)
+        return out
+    k1 = _mix32((seed & 0xFFFFFFFF) ^ 0x9E3779B9)
+    k2 = _mix32(((seed >> 32) + k1) & 0xFFFFFFFF)
+    counter = (torch.arange(math.prod(shape), dtype=torch.int64, device=device) + offset) & 0xFFFFFFFF
+    x = _mix32(_mix32((_mul32(counter, 0x9E3779B9) + k1) & 0xFFFFFFFF) ^ k2)
+    return ((x >> 8).to(torch.float32) * 2.0 ** -24).view(shape)
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -42,8 +42,14 @@ from torch import Tensor
 
 from spd_config import SPDError, config_to_dict, load_config
 
-if TYPE_CHECKING:
-    from spd_common import ComponentModel, Experiment
+class Decomposition(Protocol):
+    """What runs, checkpoints and resume need of spd_common.ComponentModel (typed here, so that this file,
+    below the method, never imports it)."""
+    target: nn.Module
+
+    def decomposition_state(self) -> dict[str, Any]: ...
+
+    def load_decomposition_state(self, state: dict[str, Any]) -> None: ...
 
 
 # ================================================================================================
@@ -378,6 +384,11 @@ class Dist:
             return flag
         return self.mean(torch.tensor(float(flag), device=device)).item() > 0
 
+    def close(self) -> None:
+        """Leave the torchrun job (a no-op on one process)."""
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
 
 def init_distributed() -> Dist:
     """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK.
@@ -563,7 +574,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def target_digest(model: ComponentModel) -> str:
+def target_digest(model: Decomposition) -> str:
     """sha256 of the frozen target's weights: resuming against a different target is refused."""
     h = hashlib.sha256()
     for name, t in sorted(model.target.state_dict().items()):
@@ -674,9 +685,10 @@ class TrainState:
     train_metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the losses logged last
     last_ckpt: Path | None = None  # the newest checkpoint written, or resumed from
     resumed_from: int | None = None  # the step this process resumed at (None: a fresh run)
+    adversary: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # persistent PGD's state (its Adam's)
 
 
-def save_training_checkpoint(path: Path, model: ComponentModel, opt: torch.optim.Optimizer, state: TrainState,
+def save_training_checkpoint(path: Path, model: Decomposition, opt: torch.optim.Optimizer, state: TrainState,
                              digest: str, is_main: bool, keep: int) -> None:
     """Checkpoint the state after `state.step` steps (rank 0 writes) and keep the newest `keep`
     periodic ones; parameters that went nan/inf are never saved."""
@@ -687,12 +699,12 @@ def save_training_checkpoint(path: Path, model: ComponentModel, opt: torch.optim
         save_checkpoint(path, {"step": state.step, **model.decomposition_state(), "optimizer": opt.state_dict(),
                                "rng": rng_state(), "skipped_steps": state.skipped,
                                "train_metrics": state.train_metrics, "target_digest": digest,
-                               "threads": torch.get_num_threads()})
+                               "threads": torch.get_num_threads(), "adversary": state.adversary})
         prune_checkpoints(path.parent, keep)
     state.last_ckpt = path
 
 
-def resume_training(run_dir: Path, model: ComponentModel, opt: torch.optim.Optimizer, digest: str,
+def resume_training(run_dir: Path, model: Decomposition, opt: torch.optim.Optimizer, digest: str,
                     is_main: bool, steps: int) -> TrainState:
     """A fresh TrainState, or (`--resume`) the one of the newest readable checkpoint in run_dir, whose
     components, CI functions, optimizer and RNG states are loaded; metrics.jsonl is cut back to it."""
@@ -717,15 +729,17 @@ def resume_training(run_dir: Path, model: ComponentModel, opt: torch.optim.Optim
     if is_main:
         truncate_metrics(run_dir / "metrics.jsonl", ckpt["step"])
         print(f"resuming from {path} (step {ckpt['step']} of {steps})")
-    return TrainState(ckpt["step"], ckpt["skipped_steps"], ckpt["train_metrics"], path, ckpt["step"])
+    device = opt.param_groups[0]["params"][0].device
+    adversary = {k: v.to(device) for k, v in ckpt.get("adversary", {}).items()}
+    return TrainState(ckpt["step"], ckpt["skipped_steps"], ckpt["train_metrics"], path, ckpt["step"], adversary)
 
 
 # ================================================================================================
 # 6. Loading a run for analysis
 # ================================================================================================
-def load_run(run_dir: str | Path) -> tuple[Any, Experiment]:
-    """A run dir's config and the Experiment its script (recorded in run.json) builds, with the newest
-    checkpoint's components and CI functions loaded."""
+def load_run(run_dir: str | Path) -> tuple[Any, Any]:
+    """A run dir's config and the spd_common.Experiment its script (recorded in run.json) builds, with the
+    newest checkpoint's components and CI functions loaded."""
     run_dir = Path(run_dir)
     config = run_dir / "config.yaml"
     if not config.is_file():

@@ -158,6 +158,8 @@ def main() -> None:
     model = exp.model
     results = optimize(model, cfg.spd, exp.train_batch, exp.eval_batch, run_dir, eval_fn=lambda m: tms_metrics(m, cfg),
                        full_config=config_to_dict(cfg))
+    if results is None:  # a torchrun rank > 0: rank 0 alone evaluates, plots and writes the results
+        return
 
     figures = figures_dir(run_dir)
     plot_ci_per_feature(model, cfg, figures / "ci_per_feature.png")

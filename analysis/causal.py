@@ -40,7 +40,7 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis.common import alive, out_dir, per_input, parser  # noqa: E402 (needs ROOT on the path)
+from analysis.common import alive, out_dir, parser  # noqa: E402 (needs ROOT on the path)
 from spd_common import ComponentModel  # noqa: E402
 from spd_config import SPDError  # noqa: E402
 from spd_run import load_run, run_main  # noqa: E402
@@ -107,7 +107,7 @@ def ablate_pair(model: ComponentModel, output_fn, x: Tensor, a: str, b: str, thr
     """Ablate each alive subcomponent of module `a` on x (its firing inputs only); effects on module `b`.
     When either is a conv, both CIs are compared per image, a conv's as its max over locations (`per_input`)."""
     per_image = model.decomposed[a].is_conv or model.decomposed[b].is_conv
-    reduce = (lambda cis: per_input(model, cis)) if per_image else (lambda cis: cis)  # noqa: E731
+    reduce = model.per_input if per_image else (lambda cis: cis)  # noqa: E731
     with self_consistent_masks(model) as cis:
         base_out = output_fn(model(x))
         base = reduce({a: cis[a], b: cis[b]})

@@ -41,21 +41,14 @@ def out_dir(out: str | None, run_dir: str) -> Path:
     return path
 
 
-def per_input(model: ComponentModel, ci: dict[str, Tensor]) -> dict[str, Tensor]:
-    """CI with a conv module's locations reduced: (batch, H_out, W_out, C) -> (batch, C) by the max over
-    locations, so that a subcomponent fires on an image when it fires at some location ("fires on this
-    image"), and every module of a CNN has one row per image. Other modules' CI (tokens of a sequence
-    model included) is returned unchanged."""
-    return {n: g.amax(dim=(1, 2)) if model.decomposed[n].is_conv else g for n, g in ci.items()}
-
-
 @torch.no_grad()
 def collect_ci(exp: Experiment, n_batches: int, model: ComponentModel | None = None) -> dict[str, Tensor]:
     """CI of every decomposed module on held-out batches 0..n_batches-1 of `exp`, run through `model`
     (default exp.model; another decomposition of the same target reads the same inputs):
-    {name: (N, C)}, N = inputs (batch x seq positions for sequence models; images for a conv, see `per_input`)."""
+    {name: (N, C)}, N = inputs (batch x seq positions for sequence models; images for a conv: see
+    `ComponentModel.per_input`)."""
     model = model or exp.model
-    cis = [per_input(model, model.ci_of(exp.input_fn(exp.eval_batch(i)))) for i in range(n_batches)]
+    cis = [model.per_input(model.ci_of(exp.input_fn(exp.eval_batch(i)))) for i in range(n_batches)]
     return {n: torch.cat([ci[n].flatten(0, -2) for ci in cis]).cpu() for n in model.names}
 
 

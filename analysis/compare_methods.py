@@ -52,7 +52,6 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from analysis.common import per_input  # noqa: E402 (needs ROOT on the path)
 from analysis.compare_models import match  # noqa: E402
 from spd_common import ComponentModel, Experiment  # noqa: E402
 from spd_config import SPDError, load_config  # noqa: E402
@@ -249,7 +248,7 @@ def classifier_pair(spd_dir: Path, dict_dir: Path, min_cosine: float, out: Path)
         raise SPDError(f"{spd_dir} and {dict_dir} were trained on different targets")
     data, device = load_images(cfg.target), get_device(cfg.spd.device)
     x, y = data.x_test.to(device), data.y_test.to(device)
-    ci = per_input(model, model.ci_of(x))[name]
+    ci = model.per_input(model.ci_of(x))[name]
     comps = mnist.alive(ci, cfg.spd.ci_threshold)
     _, a, _ = module_io(dexp, dcfg.dictionary, x)
     z, terms = dic.encode(a * dic.in_scale)

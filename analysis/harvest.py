@@ -5,7 +5,7 @@
 Streams N held-out batches (`exp.eval_batch(i)`, i < N) through the run's decomposed model and, per
 module and subcomponent c, records how often it fires (CI > spd.ci_threshold), its mean CI and its
 weight norm ||U[:, c]|| ||V[c]||. A conv module's CI, one per output location, counts per image as its max
-over locations (`analysis.common.per_input`): c fires on an image when it fires somewhere in it. For
+over locations (`ComponentModel.per_input`): c fires on an image when it fires somewhere in it. For
 language models (the experiment has a tokenizer) it also records, per alive subcomponent, the top-k
 activating contexts and its next-token effects:
 
@@ -51,7 +51,6 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from analysis.common import per_input  # noqa: E402
 from spd_common import ComponentModel, Experiment  # noqa: E402
 from spd_config import SPDError  # noqa: E402
 from spd_run import checkpoint_paths, load_run, run_main  # noqa: E402
@@ -145,7 +144,7 @@ def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8, loaded
     n_rows = 0
     for b, x in enumerate(batches):
         ci = model.ci_of(x)
-        for n, g in per_input(model, ci).items():
+        for n, g in model.per_input(ci).items():
             rows = g.flatten(0, -2).float().cpu()  # (examples or tokens, C); a conv's max over locations
             fired[n] += (rows > threshold).sum(0)
             ci_sum[n] += rows.clamp(0, 1).sum(0)  # masks use a lower-leaky CI that dips below 0

@@ -9,10 +9,10 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from spd_common import (PGD, ComponentModel, PersistentAdversary, SPDConfig, average_gradients, draw_rows, evaluate,
-                        importance_frequency_loss, importance_minimality_loss, masked_recon_loss, masks_from_sources,
-                        optimize, persistent_pgd_lr, pgd_recon_loss, pgd_sources, subset_rows, train_step,
-                        training_losses)
+from spd_common import (PGD, ComponentModel, PersistentAdversary, SPDConfig, StepBatch, average_gradients, draw_rows,
+                        evaluate, importance_frequency_loss, importance_minimality_loss, masked_recon_loss,
+                        masks_from_sources, optimize, persistent_pgd_lr, pgd_recon_loss, pgd_sources, subset_rows,
+                        train_step, training_losses)
 from spd_ci import CITransformer
 from spd_config import SPDError
 from spd_run import Dist
@@ -21,9 +21,10 @@ from test_spd_common import TinyNet, make_model
 IDENTITY = lambda out: out  # noqa: E731
 
 
-def ci_of(model, tokens):
-    target_out, inputs = model.run_target(tokens)
-    return target_out, model.causal_importances(inputs)[0]
+def batch_and_ci(model, x):
+    """The step context of input x (MSE against the target's output) and the CI on it."""
+    b = StepBatch.of(model, x, IDENTITY, "mse")
+    return b, model.causal_importances(b.inputs)[0]
 
 
 def scalar_model():
@@ -40,8 +41,8 @@ def scalar_model():
 def test_pgd_masks_stay_within_ci_and_one():
     model = make_model()
     tokens = torch.randint(0, 7, (6, 3))
-    target_out, ci = ci_of(model, tokens)
-    sources = pgd_sources(model, tokens, target_out, ci, PGD(5, 0.7), SPDConfig(), IDENTITY)
+    b, ci = batch_and_ci(model, tokens)
+    sources = pgd_sources(b, ci, PGD(5, 0.7), use_delta=True)
     masks, deltas = masks_from_sources(ci, sources)
     for n, g in ci.items():
         assert torch.all(masks[n] >= g - 1e-7) and torch.all(masks[n] <= 1)
@@ -57,9 +58,8 @@ def test_pgd_source_scopes(scope, mask_source, delta_source):
     position, broadcast over the rest; m = g + (1 - g) s everywhere, and the delta mask is s itself."""
     model = make_model()
     tokens = torch.randint(0, 7, (6, 3))
-    target_out, ci = ci_of(model, tokens)
-    pgd = PGD(3, 0.1, source_scope=scope)
-    sources = pgd_sources(model, tokens, target_out, ci, pgd, SPDConfig(), IDENTITY)
+    b, ci = batch_and_ci(model, tokens)
+    sources = pgd_sources(b, ci, PGD(3, 0.1, source_scope=scope), use_delta=True)
     assert sources["mask/fc1"].shape == mask_source and sources["delta/fc1"].shape == delta_source
     masks, deltas = masks_from_sources(ci, sources)
     s = sources["mask/fc1"].expand(6, 3, 5)
@@ -74,23 +74,23 @@ def test_shared_source_ascends_the_batch_mean_gradient():
     model = scalar_model()
     x = torch.ones(2, 1)
     ci = {"0": torch.tensor([[0.8], [0.1]])}
-    cfg = SPDConfig(use_delta_component=True)
-    shared = pgd_sources(model, x, x, ci, PGD(1, 0.1, "ci", "shared_across_batch"), cfg, IDENTITY)
+    b = StepBatch.of(model, x, IDENTITY, "mse")
+    shared = pgd_sources(b, ci, PGD(1, 0.1, "ci", "shared_across_batch"), use_delta=True)
     # dL/ds = mean_b 2 r_b * 2 (1 - g_b) = (2 * 0.6 * 2 * 0.2 + 2 * -0.8 * 2 * 0.9) / 2 < 0: s stays at 0
     assert shared["mask/0"].item() == 0.0
     # dL/dd = mean_b 2 r_b * -1 = -(0.6 - 0.8) > 0: d rises by the step
     assert shared["delta/0"].item() == pytest.approx(0.1)
-    per_example = pgd_sources(model, x, x, ci, PGD(1, 0.1, "ci", "per_position"), cfg, IDENTITY)
+    per_example = pgd_sources(b, ci, PGD(1, 0.1, "ci", "per_position"), use_delta=True)
     assert per_example["mask/0"].flatten().tolist() == pytest.approx([0.1, 0.0])
 
 
 def test_pgd_with_no_steps_from_ci_is_the_ci_masked_loss():
     model = make_model()
     tokens = torch.randint(0, 7, (6, 3))
-    target_out, ci = ci_of(model, tokens)
+    b, ci = batch_and_ci(model, tokens)
     cfg = SPDConfig(pgd_steps=0, pgd_init="ci", use_delta_component=True)
-    ci_masked = masked_recon_loss(model, tokens, target_out, ci, None, "mse", IDENTITY)
-    torch.testing.assert_close(pgd_recon_loss(model, tokens, target_out, ci, cfg, IDENTITY), ci_masked)
+    ci_masked = masked_recon_loss(model, tokens, b.target_out, ci, None, "mse", IDENTITY)
+    torch.testing.assert_close(pgd_recon_loss(b, ci, cfg), ci_masked)
 
 
 def test_one_pgd_step_by_hand():
@@ -103,20 +103,21 @@ def test_one_pgd_step_by_hand():
     x = torch.ones(1, 1)
     cfg = SPDConfig(pgd_step_size=0.1, pgd_init="ci", use_delta_component=True, pgd_steps=1)
     ci = {"0": torch.tensor([[0.8]])}
-    sources = pgd_sources(model, x, x, ci, PGD.training(cfg), cfg, IDENTITY)
+    b = StepBatch.of(model, x, IDENTITY, "mse")  # the target's output is x
+    sources = pgd_sources(b, ci, PGD.training(cfg), use_delta=True)
     assert sources["mask/0"].item() == pytest.approx(0.1) and sources["delta/0"].item() == 0.0
-    assert pgd_recon_loss(model, x, x, ci, cfg, IDENTITY).item() == pytest.approx(0.64 ** 2)
-    sources = pgd_sources(model, x, x, {"0": torch.tensor([[0.5]])}, PGD.training(cfg), cfg, IDENTITY)
+    assert pgd_recon_loss(b, ci, cfg).item() == pytest.approx(0.64 ** 2)
+    sources = pgd_sources(b, {"0": torch.tensor([[0.5]])}, PGD.training(cfg), use_delta=True)
     assert sources["mask/0"].item() == 0.0
 
 
 def test_pgd_trains_components_and_ci_but_not_through_the_ascent():
     model = make_model()
     tokens = torch.randint(0, 7, (6, 3))
-    target_out, ci = ci_of(model, tokens)
+    b, ci = batch_and_ci(model, tokens)
     for cfg in (SPDConfig(pgd_steps=2), SPDConfig(pgd_steps=2, pgd_routing="uniform_k_subset",
                                                   pgd_source_scope="shared_across_batch")):
-        loss = pgd_recon_loss(model, tokens, target_out, ci, cfg, IDENTITY)
+        loss = pgd_recon_loss(b, ci, cfg)
         grads = torch.autograd.grad(loss, [*model.components.parameters(), *model.ci_fns.parameters()],
                                     allow_unused=True, retain_graph=True)
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -147,7 +148,7 @@ def test_subset_routing_is_drawn_per_position():
     torch.manual_seed(0)
     model = make_model()
     tokens = torch.randint(0, 7, (8, 16))
-    target_out, ci = ci_of(model, tokens)
+    _, ci = batch_and_ci(model, tokens)
     rows = draw_rows(ci, "uniform_k_subset", "position")
     chosen = torch.stack([rows[n] for n in model.names], -1)  # (8, 16, M)
     assert chosen.shape == (8, 16, 3) and chosen.sum(-1).min() >= 1
@@ -202,7 +203,7 @@ def test_importance_frequency_is_the_references():
 
 def test_persistent_adam_is_param_decomps():
     """Adam with betas (0.5, 0.99), bias-corrected, ascending and clamped to [0, 1], by hand over two steps."""
-    adversary = PersistentAdversary()
+    adversary = PersistentAdversary({})
     pgd = PGD(1, 0.1, source_scope="shared_across_batch")
     ci = {"m": torch.zeros(4, 2)}
     torch.manual_seed(0)
@@ -237,13 +238,14 @@ def test_persistent_pgd_ascends_after_backward_and_not_on_a_skipped_step():
     params = [*model.components.parameters(), *model.ci_fns.parameters()]
     opt = torch.optim.Adam(params, lr=1e-3)
     tokens = torch.randint(0, 7, (6, 3))
-    _, bad = train_step(model, cfg, opt, tokens, 0, IDENTITY, Dist())
-    assert bad is None and model.adversary.state["t"].item() == 3
-    after_first = {k: v.clone() for k, v in model.adversary.state.items()}
-    _, bad = train_step(model, cfg, opt, tokens, 1, lambda out: out * float("nan"), Dist())
+    adversary = PersistentAdversary({})
+    _, bad = train_step(model, cfg, opt, tokens, 0, IDENTITY, Dist(), adversary)
+    assert bad is None and adversary.state["t"].item() == 3
+    after_first = {k: v.clone() for k, v in adversary.state.items()}
+    _, bad = train_step(model, cfg, opt, tokens, 1, lambda out: out * float("nan"), Dist(), adversary)
     assert bad is not None
     for k, v in after_first.items():
-        assert torch.equal(model.adversary.state[k], v), k
+        assert torch.equal(adversary.state[k], v), k
 
 
 def test_evaluation_adversary_is_the_references():
@@ -280,20 +282,21 @@ def gradients(rank, world_size, port, out):
     for name, options in CONFIGS.items():
         model = make_model()
         cfg = SPDConfig(**options)
+        adversary = PersistentAdversary({}) if cfg.pgd_persistent else None
         tokens = torch.randint(0, 7, (8, 3), generator=torch.Generator().manual_seed(1))
         torch.manual_seed(2)
         for step in range(2):  # the second step starts from the persistent adversary's state
             model.zero_grad()
-            losses = training_losses(model, cfg, ddp.shard(tokens), 0.5, IDENTITY, ddp)
+            losses = training_losses(model, cfg, ddp.shard(tokens), 0.5, IDENTITY, ddp, adversary)
             losses["total"].backward()
             params = [*model.components.parameters(), *model.ci_fns.parameters()]
             average_gradients(params, ddp)
-            if cfg.pgd_persistent:
-                model.adversary.ascend_from_training_gradient(cfg, step, ddp)
+            if adversary is not None:
+                adversary.ascend_from_training_gradient(cfg, step, ddp)
         results[name] = [p.grad.clone() for p in params]
         results[f"{name}/losses"] = [ddp.mean(v.detach()) for v in losses.values()]
-        if cfg.pgd_persistent:
-            results[f"{name}/adversary"] = list(model.adversary.state.values())
+        if adversary is not None:
+            results[f"{name}/adversary"] = list(adversary.state.values())
     if rank == 0:
         torch.save(results, out)
     if world_size > 1:
@@ -341,6 +344,11 @@ def test_persistent_pgd_resumes_bit_identical(tmp_path, scope):
     for a, b in zip(whole.decomposition_state().items(), resumed.decomposition_state().items()):
         for k in a[1]:
             assert torch.equal(a[1][k], b[1][k]), (a[0], k)
+    adversaries = [torch.load(tmp_path / f"{r}/checkpoints/final.pt", weights_only=True)["adversary"]
+                   for r in ("whole", "resumed")]
+    assert adversaries[0]["t"].item() == 6 * (cfg.pgd_steps + 1)
+    for k, v in adversaries[0].items():
+        assert torch.equal(adversaries[1][k], v), k
 
 
 @pytest.mark.parametrize("kind", ["global_shared_mlp", "global_transformer"])

@@ -1,5 +1,7 @@
 """The fast scalar CI MLPs (C kernel on CPU, broadcast torch ops elsewhere) against a plain reference."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,3 +158,42 @@ def test_counter_noise_is_uniform_and_shards_like_one_draw():
     assert stats.kstest(x.numpy(), "uniform").pvalue > 1e-3
     for a, b in ((x[:-1], x[1:]), (full[:, :10].flatten(), full[:, 10:].flatten())):
         assert abs(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1]) < 0.01
+
+
+@pytest.mark.skipif(not spd_kernels.use_ci_kernel(torch.zeros(1)), reason="no C compiler here")
+def test_torch_noise_is_the_kernels_bit_for_bit(monkeypatch):
+    """Without the kernel (no C compiler, or a GPU) the noise is the same hash in torch ops: the same
+    numbers, offsets (a rank's rows) included."""
+    def draw(offset):
+        return spd_kernels.counter_uniform(torch.Size((333, 7)), offset, torch.Generator().manual_seed(5))
+
+    kernel = [draw(0), draw(2 ** 32 - 100)]  # the second wraps the 32-bit counter, as the kernel's does
+    monkeypatch.setattr(spd_kernels, "_ci_kernel", lambda: None)
+    for want, got in zip(kernel, [draw(0), draw(2 ** 32 - 100)]):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not spd_kernels.use_ci_kernel(torch.zeros(1)), reason="no C compiler here")
+def test_tms_trains_the_same_with_and_without_the_kernel(tmp_path):
+    """20 TMS steps with the C kernel and 20 with it disabled (SPD_CI_KERNEL=0, as on a machine without
+    gcc): the same mask noise, so the same losses, to the float rounding of the CI function's two paths."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    losses = []
+    for kernel in ("1", "0"):
+        out = tmp_path / f"kernel{kernel}"
+        args = ["spd.steps=20", "spd.log_every=1", "spd.eval_every=100", "spd.faithfulness_warmup_steps=5",
+                "target.steps=200", f"target.path={tmp_path / 'target.pt'}", "target.min_column_norm=0",
+                "spd.threads=1", "--out", str(out)]
+        proc = subprocess.run([sys.executable, str(root / "tms_decomposition.py"), str(root / "configs/tms_5-2.yaml"),
+                               *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env=os.environ | {"SPD_CI_KERNEL": kernel})
+        assert proc.returncode == 0, proc.stderr
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses.append(torch.tensor([r["train/total"] for r in rows if "train/total" in r]))
+    assert len(losses[0]) == 20
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=0)

@@ -13,10 +13,9 @@ import torch
 import torch.nn as nn
 
 from analysis.causal import ablate_pair
-from analysis.common import per_input
 from shapes_decomposition import (ShapesConfig, attribute_analysis, best_product_set, describe, kind, mean_ci_per_value,
                                   mutual_information, plot_ci_per_value, plot_filters, plot_top_images, product_sets)
-from spd_common import ComponentModel, SPDConfig, evaluate, importance_minimality_loss, layerwise_recon_loss
+from spd_common import ComponentModel, SPDConfig, StepBatch, evaluate, importance_minimality_loss, layerwise_recon_loss
 from spd_config import SPDError
 from train_targets.train_shapes import ShapesCNN, ShapesTargetConfig, shapes_batch
 
@@ -121,11 +120,10 @@ def test_conv_generic_metrics_and_routed_layerwise_loss():
     # L0 of a conv: mean active subcomponents per output location, like per token in an LM
     assert metrics["l0/conv1"] == pytest.approx((ci["conv1"] > 0).sum(-1).float().mean().item())
     assert metrics["n_alive/conv1"] == int((ci["conv1"] > 0).flatten(0, 2).any(0).sum())
-    target_out, inputs = model.run_target(x)
     masks = {n: torch.ones_like(g) for n, g in ci.items()}
     deltas = {n: torch.ones(g.shape[:-1]) for n, g in ci.items()}
     route = torch.tensor([0, 1, 2, 0])  # one module per image: the masks' first axis is the batch for a conv too
-    loss = layerwise_recon_loss(model, x, target_out, masks, deltas, "mse", lambda out: out, route=route)
+    loss = layerwise_recon_loss(StepBatch.of(model, x, lambda out: out, "mse"), masks, deltas, route=route)
     assert loss.item() < 1e-10  # masks 1 + delta on each image's module: the target
 
 
@@ -211,7 +209,7 @@ def test_causal_ablation_from_a_conv_to_a_linear_layer_compares_images():
     model = ComponentModel(ShapesCNN(4, 8, 8), {"conv3": 4, "fc1": 4}, {}, "mlp", [4])
     x, _ = shapes_batch(12, torch.Generator().manual_seed(1))
     results = ablate_pair(model, lambda out: out, x, "conv3", "fc1", threshold=0.0, min_density=0.0, min_effect=0.0)
-    ci = per_input(model, model.ci_of(x))["conv3"]  # (12, 4): the max over conv3's 4 x 4 locations
+    ci = model.per_input(model.ci_of(x))["conv3"]  # (12, 4): the max over conv3's 4 x 4 locations
     fired = {f"conv3:{c}": int((ci[:, c] > 0).sum()) for c in range(4) if (ci[:, c] > 0).any()}
     assert {r["component"]: r["n_inputs"] for r in results} == fired  # counted in images, not locations
     assert all(len(r["edges"]) == 4 for r in results)  # min_effect 0: an edge to every fc1 subcomponent

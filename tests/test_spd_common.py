@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from spd_ci import ScalarMLPs, SharedMLP, VectorMLPs, hard_sigmoids
-from spd_common import (ComponentModel, SPDConfig, annealed_importance_coeff, annealed_p, faithfulness_loss,
+from spd_common import (ComponentModel, SPDConfig, StepBatch, annealed_importance_coeff, annealed_p, faithfulness_loss,
                         importance_minimality_loss, layerwise_recon_loss, lr_at, masked_recon_loss, optimize,
                         output_loss, sample_masks, training_losses)
 from spd_config import SPDError
@@ -226,11 +226,11 @@ def test_layerwise_masks_one_module_at_a_time():
     loss is the mean of 0 (emb alone) and the loss of ablating fc2 alone, unaffected by fc1's mask."""
     model = make_model()
     tokens = torch.randint(0, 7, (6, 3))
-    target_out, _ = model.run_target(tokens)
+    b = StepBatch.of(model, tokens, lambda o: o, "mse")
     masks = {"emb": torch.ones(6, 3, 5), "fc2": torch.zeros(6, 3, 5)}
     deltas = {"emb": torch.ones(6, 3), "fc2": torch.zeros(6, 3)}
-    loss = layerwise_recon_loss(model, tokens, target_out, masks, deltas, "mse", lambda o: o)
-    fc2_alone = masked_recon_loss(model, tokens, target_out, {"fc2": masks["fc2"]}, None, "mse", lambda o: o)
+    loss = layerwise_recon_loss(b, masks, deltas)
+    fc2_alone = masked_recon_loss(model, tokens, b.target_out, {"fc2": masks["fc2"]}, None, "mse", lambda o: o)
     with model.masked({"fc2": masks["fc2"]}):
         assert torch.all(model(tokens) == 0)  # fc2 has no bias: all components off leaves nothing
     assert fc2_alone > 0.01
@@ -242,13 +242,12 @@ def test_layerwise_reuses_inner_acts_exactly():
     computed once (as training does) has the same value and gradients as recomputing them."""
     model = make_model()
     tokens = torch.randint(0, 7, (6, 3))
-    target_out, inputs = model.run_target(tokens)
+    b = StepBatch.of(model, tokens, lambda o: o, "mse")
     masks = {n: torch.rand(6, 3, 5) for n in model.names}
     params = list(model.components.parameters())
-    plain = layerwise_recon_loss(model, tokens, target_out, masks, None, "mse", lambda o: o)
+    plain = layerwise_recon_loss(b, masks, None)
     grads = torch.autograd.grad(plain, params)
-    reused = layerwise_recon_loss(model, tokens, target_out, masks, None, "mse", lambda o: o,
-                                  model.inner_acts(inputs))
+    reused = layerwise_recon_loss(b, masks, None, model.inner_acts(b.inputs))
     torch.testing.assert_close(reused, plain)
     for g, h in zip(grads, torch.autograd.grad(reused, params)):
         torch.testing.assert_close(h, g)
@@ -259,20 +258,20 @@ def test_routed_layerwise_masks_one_module_per_example_and_averages_to_the_exact
     masked. Over the M cyclic shifts of a route, the routed loss averages to the exact layerwise loss."""
     model = make_model()
     tokens = torch.randint(0, 7, (6, 3))
-    target_out, inputs = model.run_target(tokens)
+    b = StepBatch.of(model, tokens, lambda o: o, "mse")
     masks = {n: torch.rand(6, 3, 5) for n in model.names}
     deltas = {n: torch.rand(6, 3) for n in model.names}
     route = torch.tensor([0, 1, 2, 2, 1, 0])
     rows = {n: route == i for i, n in enumerate(model.names)}
     with torch.no_grad(), model.masked(masks, deltas, rows=rows):
         routed = model(tokens)
-    for b, i in enumerate(route.tolist()):
+    for row, i in enumerate(route.tolist()):
         n = model.names[i]
         with torch.no_grad(), model.masked({n: masks[n]}, {n: deltas[n]}):
-            torch.testing.assert_close(routed[b], model(tokens)[b])
-    exact = layerwise_recon_loss(model, tokens, target_out, masks, deltas, "mse", lambda o: o)
-    shifts = [layerwise_recon_loss(model, tokens, target_out, masks, deltas, "mse", lambda o: o,
-                                   model.inner_acts(inputs), (torch.arange(6) + s) % 3) for s in range(3)]
+            torch.testing.assert_close(routed[row], model(tokens)[row])
+    exact = layerwise_recon_loss(b, masks, deltas)
+    shifts = [layerwise_recon_loss(b, masks, deltas, model.inner_acts(b.inputs), (torch.arange(6) + s) % 3)
+              for s in range(3)]
     torch.testing.assert_close(sum(shifts) / 3, exact)
     grads = torch.autograd.grad(shifts[0], list(model.components.parameters()), allow_unused=True)
     assert all(g is not None and g.abs().sum() > 0 for g in grads)  # every module's components learn
