@@ -20,7 +20,7 @@ The story:
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -36,12 +36,11 @@ from torch import Tensor
 
 from sparse_activations import JumpReLU, abs_topk, batch_topk_relu, topk_relu
 from spd_ci import make_ci_fn
-from spd_common import (Experiment, SPDConfig, importance_minimality_loss, lr_at, nonfinite_term,
+from spd_common import (Experiment, SPDConfig, TrainingRun, importance_minimality_loss, lr_at, nonfinite_term,
                         output_loss, run_results, sample_masks)
 from spd_config import SPDError, config_to_dict, load_config, option
-from spd_run import (ROOT, MetricsLogger, Preempted, checkpoint_paths, config_class, figures_dir, import_script,
-                     load_checkpoint, parse_cli, preemption_signals, resume_training, run_main, save_training_checkpoint,
-                     script_for, target_digest, write_results)
+from spd_run import (ROOT, checkpoint_paths, config_class, figures_dir, import_script, load_checkpoint, parse_cli,
+                     run_main, script_for, target_digest, write_results)
 
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "abstopk", "stochastic"]
 
@@ -272,6 +271,7 @@ def experiment_config(cfg: SAEConfig) -> tuple[Any, Any]:
 def build(cfg: SAEConfig) -> tuple[Experiment, Dictionary]:
     """The experiment and a fresh dictionary sized to its module, with the normalisation scales set."""
     d = cfg.dictionary
+    check_sae_fields(cfg.spd)
     if d.activation in ("topk", "abstopk") and (d.k != int(d.k) or d.k > d.n_latents):
         raise SPDError(f"dictionary.k = {d.k}: {d.activation} keeps a whole number of latents per example, "
                        f"1 to n_latents = {d.n_latents}; set k to one")
@@ -305,53 +305,58 @@ def load_sae_run(run_dir: str | Path) -> tuple[SAEConfig, Experiment, Dictionary
     return cfg, exp, dic.eval()
 
 
+# The spd: fields a dictionary's training reads (the rest are SPD's own): any other one set away from its
+# default is refused, not silently ignored.
+SAE_SPD_FIELDS = {"steps", "batch_size", "eval_batch_size", "eval_every", "log_every", "lr", "lr_schedule",
+                  "lr_warmup_frac", "lr_final_frac", "optimizer", "weight_decay", "grad_clip", "on_nan", "seed",
+                  "device", "threads", "checkpoint_every", "keep_checkpoints", "wandb_project", "output_loss",
+                  # the `stochastic` activation's CI function, masks and importance minimality
+                  "ci_fn", "ci_hidden", "sigmoid", "sampling", "importance_minimality_coeff", "p", "ci_threshold"}
+
+
+def check_sae_fields(spd: SPDConfig) -> None:
+    default = SPDConfig()
+    ignored = [f.name for f in dataclasses.fields(spd)
+               if f.name not in SAE_SPD_FIELDS and getattr(spd, f.name) != getattr(default, f.name)]
+    if ignored:
+        raise SPDError(f"sae_baseline.py does not use spd.{', spd.'.join(ignored)} (SPD's own settings); remove "
+                       f"{'it' if len(ignored) == 1 else 'them'} from the config")
+
+
 def train(exp: Experiment, cfg: SAEConfig, dic: Dictionary, run_dir: Path) -> dict[str, Any]:
-    """Adam on the dictionary; checkpoints, resume and preemption as in spd_common.optimize."""
+    """The dictionary trained in the shell every trainer shares (spd_common.TrainingRun): its optimizer,
+    lr schedule, gradient clipping, on_nan, checkpoints, resume and preemption."""
     spd, d = cfg.spd, cfg.dictionary
-    opt = torch.optim.Adam(dic.parameters(), lr=spd.lr)
-    digest = target_digest(exp.model)
-    state = resume_training(run_dir, dic, opt, digest, True, spd.steps)
-    logger = MetricsLogger(run_dir, spd.wandb_project, config_to_dict(cfg))
+    run = TrainingRun.start(dic, list(dic.parameters()), target_digest(exp.model), spd, run_dir, config_to_dict(cfg),
+                            lambda step: evaluate_dictionary(exp, cfg, dic)[0])
 
-    def save(name: str) -> None:
-        save_training_checkpoint(run_dir / "checkpoints" / name, dic, opt, state, digest, True, spd.keep_checkpoints)
+    def train_step(step: int) -> tuple[dict[str, Tensor], tuple[str, float] | None]:
+        """Adam (or spd.optimizer) on the dictionary's losses, decoder rows kept at norm 1; nothing on nan."""
+        run.opt.param_groups[0]["lr"] = lr_at(step, spd)
+        _, x, y = module_io(exp, d, exp.train_batch(step))
+        losses = dic.losses(x * dic.in_scale, y * dic.out_scale)
+        run.opt.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        dic.project_decoder_grad()
+        params = list(dic.parameters())
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, spd.grad_clip) if spd.grad_clip is not None
+                     else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        bad = nonfinite_term(losses, grad_norm)
+        if bad is None:
+            run.opt.step()
+            dic.normalize_decoder()
+        return losses | {"n_dead": (dic.steps_since_fired >= d.dead_steps).sum().float()}, bad
 
-    t0 = time.time()
     try:
-        with preemption_signals() as caught:
-            for step in range(state.step, spd.steps):
-                opt.param_groups[0]["lr"] = lr_at(step, spd)
-                _, x, y = module_io(exp, d, exp.train_batch(step))
-                losses = dic.losses(x * dic.in_scale, y * dic.out_scale)
-                opt.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                dic.project_decoder_grad()
-                bad = nonfinite_term(losses, torch.nn.utils.get_total_norm([p.grad for p in dic.parameters()
-                                                                            if p.grad is not None]))
-                if bad is not None:
-                    raise SPDError(f"loss term '{bad[0]}' is {bad[1]} at step {step}; lower spd.lr")
-                opt.step()
-                dic.normalize_decoder()
-                if step % spd.log_every == 0 or step == spd.steps - 1:
-                    state.train_metrics = {f"train/{k}": v.item() for k, v in losses.items()}
-                    state.train_metrics["train/n_dead"] = int((dic.steps_since_fired >= d.dead_steps).sum())
-                    logger.log(step, state.train_metrics)
-                if step > 0 and step % spd.eval_every == 0:
-                    logger.log(step, {f"eval/{k}": v for k, v in evaluate_dictionary(exp, cfg, dic)[0].items()})
-                state.step = step + 1  # a checkpoint now resumes at the next step
-                periodic = bool(spd.checkpoint_every) and state.step % spd.checkpoint_every == 0
-                if state.step < spd.steps and (periodic or caught):  # a preempted run saves where it stops
-                    save(f"step_{state.step}.pt")
-                if caught and state.step < spd.steps:
-                    raise Preempted(f"{caught[0]} at step {state.step} of {spd.steps}: saved {state.last_ckpt}; "
-                                    f"continue with python sae_baseline.py --resume {run_dir}")
-        wall = time.time() - t0
-        save("final.pt")
-        final, density = evaluate_dictionary(exp, cfg, dic)
-        logger.log(spd.steps, {f"eval/{k}": v for k, v in final.items()})
+        with run.loop() as steps:
+            for step in steps:
+                run.end_step(step, *train_step(step))
+        final = run.finish()
     finally:
-        logger.close()
-    return run_results(spd, state, wall, dic.W_dec.device) | state.train_metrics | final | {"density": density.tolist()}
+        run.logger.close()
+    density = evaluate_dictionary(exp, cfg, dic)[1]
+    return run_results(spd, run.state, run.wall, dic.W_dec.device) | run.state.train_metrics | final | {
+        "density": density.tolist()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -37,7 +37,7 @@ from spd_ci import GlobalCI, hard_sigmoids, make_ci_fn
 from spd_kernels import counter_uniform
 from spd_layers import (Components, DecomposedExperts, DecomposedModule, ExpertLinear, check_decomposable,
                         decomposable_modules, runs_own_forward, weight_out_in)
-from spd_run import (Batch, Dist, MetricsLogger, Preempted, TrainState, init_distributed, peak_rss_mb,
+from spd_run import (Batch, Decomposition, Dist, MetricsLogger, Preempted, TrainState, init_distributed, peak_rss_mb,
                      preemption_signals, rebalance_threads, resume_training, save_training_checkpoint, set_seed,
                      split_batch, step_batches, step_generator, target_digest)
 
@@ -983,9 +983,10 @@ def train_step(model: ComponentModel, cfg: SPDConfig, opt: torch.optim.Optimizer
 
 @dataclass
 class TrainingRun:
-    """What `optimize` keeps around its loop: the optimizer, where training stands (resumed or fresh), the
-    metrics log, and how to evaluate, log, checkpoint and stop."""
-    model: ComponentModel
+    """The training shell every trainer shares (`optimize`, sae_baseline.py): the optimizer, where training
+    stands (resumed or fresh), the metrics log, and around each trainer's own step (`loop`, `end_step`,
+    `finish`) its logging, evaluation, checkpoints, preemption and nan handling."""
+    model: Decomposition  # what checkpoints hold (its decomposition_state)
     cfg: SPDConfig
     run_dir: Path
     opt: torch.optim.Optimizer
@@ -994,33 +995,57 @@ class TrainingRun:
     ddp: Dist
     digest: str  # the target's: a checkpoint resumes against this target only
     evaluate: Callable[[int], dict[str, float]]  # step -> metrics (rank 0)
+    caught: list[str] = dataclasses.field(default_factory=list)  # signals caught inside `loop`
+    bar: Any = None  # `loop`'s progress bar
+    wall: float = 0.0  # seconds `loop` ran
 
     @classmethod
-    def start(cls, model: ComponentModel, cfg: SPDConfig, run_dir: Path, full_config: dict | None,
-              evaluate: Callable[[int], dict[str, float]]) -> TrainingRun:
-        """Set up the model (activation checkpointing, compile), the optimizer, and the state to start from:
-        fresh, or (`--resume`) the newest readable checkpoint in run_dir."""
+    def start(cls, model: Decomposition, params: list[Tensor], digest: str, cfg: SPDConfig, run_dir: Path,
+              full_config: dict | None, evaluate: Callable[[int], dict[str, float]]) -> TrainingRun:
+        """The optimizer of `params` (spd.optimizer, lr, weight_decay) and the state to start from: fresh, or
+        (`--resume`) the newest readable checkpoint in run_dir, loaded into `model` and the optimizer."""
         ddp = init_distributed()
-        device = next(model.components.parameters()).device
-        if cfg.checkpoint_blocks:
-            model.checkpoint_blocks(cfg.checkpoint_blocks)
-        if cfg.compile:
-            model.target.compile()  # in place: every (masked or not) forward goes through the compiled target
-        params = [*model.components.parameters(), *model.ci_fns.parameters()]
         # fused: one kernel for all parameters; the default loops over them (1.5 ms of a 20 ms TMS step on CPU)
         opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
-            params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
-        digest = target_digest(model)
+            params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=params[0].device.type in ("cpu", "cuda"))
         state = resume_training(run_dir, model, opt, digest, ddp.is_main, cfg.steps)
         logger = MetricsLogger(run_dir, cfg.wandb_project, full_config or {"spd": config_to_dict(cfg)}, ddp.is_main)
         return cls(model, cfg, run_dir, opt, state, logger, ddp, digest, evaluate)
+
+    @contextmanager
+    def loop(self) -> Iterator[tqdm]:
+        """The steps still to train, as a progress bar, with SIGTERM / SIGUSR1 caught for `end_step`."""
+        with preemption_signals() as self.caught:
+            t0 = time.time()
+            self.bar = tqdm(range(self.state.step, self.cfg.steps), initial=self.state.step, total=self.cfg.steps,
+                            desc="spd", mininterval=2.0, disable=None if self.ddp.is_main else True)
+            yield self.bar
+            self.wall = time.time() - t0  # the training loop's own time, for results.json
+
+    def end_step(self, step: int, losses: dict[str, Tensor], bad: tuple[str, float] | None) -> None:
+        """After training step `step`: log it (or stop or count it if not finite), evaluate every eval_every
+        steps, checkpoint every checkpoint_every, and on a signal save and stop (`Preempted`)."""
+        self.log_step(step, losses, bad)
+        if step > 0 and step % self.cfg.eval_every == 0 and self.ddp.is_main:
+            self.evaluate_and_log(step)
+        self.state.step = step + 1  # a checkpoint now resumes at the next step
+        self.checkpoint(self.caught)
+
+    def finish(self) -> dict[str, float]:
+        """final.pt and the final evaluation on rank 0 (its metrics; {} on the others), and leave torchrun."""
+        final = {}
+        if self.ddp.is_main:  # rank 0 alone evaluates, and (in the experiment script) makes figures and writes results
+            self.save("final.pt")  # before the final evaluation: a run killed after it resumes to the same results
+            final = self.evaluate_and_log(self.cfg.steps)
+        self.ddp.close()
+        return final
 
     def evaluate_and_log(self, step: int) -> dict[str, float]:
         metrics = self.evaluate(step)
         self.logger.log(step, {f"eval/{k}": v for k, v in metrics.items()})
         return metrics
 
-    def log_step(self, step: int, losses: dict[str, Tensor], bad: tuple[str, float] | None, bar: tqdm) -> None:
+    def log_step(self, step: int, losses: dict[str, Tensor], bad: tuple[str, float] | None) -> None:
         """Stop on a nan/inf (on_nan=stop) or count the skipped step; every log_every steps, log the losses."""
         cfg, state = self.cfg, self.state
         if bad is not None and cfg.on_nan == "stop":
@@ -1037,7 +1062,7 @@ class TrainingRun:
                 state.train_metrics["train/importance_minimality_coeff"] = annealed_importance_coeff(
                     cfg, step / cfg.steps)
             self.logger.log(step, state.train_metrics)
-            bar.set_postfix(loss=f"{state.train_metrics['train/total']:.3g}")
+            self.bar.set_postfix(loss=f"{state.train_metrics['train/total']:.3g}")
         if step % cfg.log_every == 0:
             rebalance_threads()  # other runs here may have started or finished
 
@@ -1052,7 +1077,7 @@ class TrainingRun:
         periodic = bool(self.cfg.checkpoint_every) and done % self.cfg.checkpoint_every == 0 and done < steps
         if periodic:
             self.save(f"step_{done}.pt")
-        device = next(self.model.components.parameters()).device
+        device = self.opt.param_groups[0]["params"][0].device
         if self.ddp.any(bool(caught), device) and not caught:  # a signal to any rank stops them all
             caught.append("a signal to another rank")
         if caught and done < steps:
@@ -1084,6 +1109,10 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     and writes results, and the other ranks return None when training ends.
     """
     device = next(model.components.parameters()).device
+    if cfg.checkpoint_blocks:
+        model.checkpoint_blocks(cfg.checkpoint_blocks)
+    if cfg.compile:
+        model.target.compile()  # in place: every (masked or not) forward goes through the compiled target
 
     def evaluate_at(step: int) -> dict[str, float]:
         noise = step_generator(cfg.seed, step, device)  # its own noise: the training stream stays put
@@ -1091,34 +1120,25 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
             metrics = evaluate(model, cfg, input_fn(eval_batch(step)), output_fn, noise)
             return metrics | (eval_fn(model) if eval_fn is not None else {})
 
-    run = TrainingRun.start(model, cfg, run_dir, full_config, evaluate_at)
+    params = [*model.components.parameters(), *model.ci_fns.parameters()]
+    run = TrainingRun.start(model, params, target_digest(model), cfg, run_dir, full_config, evaluate_at)
     state, ddp = run.state, run.ddp
     adversary = PersistentAdversary(state.adversary) if cfg.pgd_persistent else None
+
     try:
         if state.resumed_from is None and cfg.faithfulness_warmup_steps:
             run.logger.log(0, {"warmup/faithfulness": faithfulness_warmup(model, cfg)})
-        t0 = time.time()
-        bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps, desc="spd", mininterval=2.0,
-                   disable=None if ddp.is_main else True)
-        with preemption_signals() as caught:
-            for step in bar:
+        with run.loop() as steps:
+            for step in steps:
                 x = input_fn(ddp.shard(train_batch(step)))
                 losses, bad = train_step(model, cfg, run.opt, x, step, output_fn, ddp, adversary)
-                run.log_step(step, losses, bad, bar)
-                if step > 0 and step % cfg.eval_every == 0 and ddp.is_main:
-                    run.evaluate_and_log(step)
-                state.step = step + 1  # a checkpoint now resumes at the next step
-                run.checkpoint(caught)
-        wall = time.time() - t0
-        if ddp.is_main:  # rank 0 alone evaluates, and (in the experiment script) makes figures and writes results
-            run.save("final.pt")  # before the final evaluation: a run killed after it resumes to the same results
-            final = run.evaluate_and_log(cfg.steps)
-        ddp.close()
+                run.end_step(step, losses, bad)
+        final = run.finish()
     finally:
         run.logger.close()
     if not ddp.is_main:
         return None
-    return run_results(cfg, state, wall, device) | state.train_metrics | final
+    return run_results(cfg, state, run.wall, device) | state.train_metrics | final
 
 
 def run_results(cfg: SPDConfig, state: TrainState, wall: float, device: torch.device) -> dict[str, Any]:

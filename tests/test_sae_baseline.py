@@ -228,3 +228,31 @@ def test_stochastic_transcoder_on_a_residual_mlp_end_to_end(tmp_path, monkeypatc
     res = run(monkeypatch, capsys, cfg, "--out", str(tmp_path / "tc"))
     assert res["steps"] == 60 and 0 < res["l0"] < 20
     assert res["fvu"] < 1.0 and res["spliced_mse_over_target_var"] < 1.0
+
+
+def test_spd_fields_a_dictionary_does_not_use_are_refused_and_on_nan_skip_is_honoured(tmp_path, monkeypatch, capsys):
+    """The SAE trains in the shell `optimize` uses: a field of SPD's own (PGD, micro-batches, compile) is a
+    one-line error, not silently ignored; on_nan=skip skips a nan step and counts it, as SPD runs do."""
+    import sae_baseline
+    from spd_run import run_main
+
+    cfg = write_config(tmp_path, "sae_tms", "configs/tms_5-2.yaml", "tms_decomposition.py",
+                       [f"target.path={tmp_path}/tms.pt", "target.steps=500", "target.batch_size=256"],
+                       {"module": "linear1", "mode": "sae", "n_latents": 5, "activation": "topk", "k": 1})
+    for override in ("spd.pgd_recon_coeff=1.0", "spd.grad_accum_steps=2", "spd.compile=true"):
+        monkeypatch.setattr(sys, "argv", ["sae_baseline.py", cfg, override, "--out", str(tmp_path / "bad")])
+        with pytest.raises(SystemExit):
+            run_main(main)
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"does not use {override.split('=')[0]}" in err, err
+    losses = sae_baseline.Dictionary.losses
+
+    def nan_at_step_5(self, x, y):
+        out = losses(self, x, y)
+        nan_at_step_5.calls += 1
+        return out | {"total": out["total"] * float("nan")} if nan_at_step_5.calls == 6 else out
+
+    nan_at_step_5.calls = 0
+    monkeypatch.setattr(sae_baseline.Dictionary, "losses", nan_at_step_5)
+    res = run(monkeypatch, capsys, cfg, "spd.on_nan=skip", "--out", str(tmp_path / "skip"))
+    assert res["skipped_steps"] == 1 and res["steps"] == 60
