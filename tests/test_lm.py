@@ -130,17 +130,28 @@ def test_local_json_dataset_and_missing_file(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"story": s}) + "\n" for s in ["a b", "b b a", "a"]))
     cfg = DataConfig(name="json", data_files={"train": str(tmp_path / "train.jsonl")}, column="story", seq_len=3)
     assert load_tokens(cfg, "train", tokenizer).tolist() == [[1, 2, 0], [2, 2, 1], [0, 1, 0]]
-    (tmp_path / "train.txt").write_text("a b\nb b a\na\n")  # the 'text' builder: one text per line
+    (tmp_path / "train.txt").write_text("a b\nb b a\n\na\n")
+    # the 'text' builder keeps a paragraph (blank-line separated) as one document by default ...
     text = DataConfig(name="text", data_files={"train": str(tmp_path / "train.txt")}, seq_len=3)
-    assert load_tokens(text, "train", tokenizer).tolist() == [[1, 2, 0], [2, 2, 1], [0, 1, 0]]
+    assert load_tokens(text, "train", tokenizer).tolist() == [[1, 2, 2], [2, 1, 0]]  # a b b b a <eos> | a <eos>
+    # ... and cuts at every line only when asked (an end-of-text token after each)
+    lines = DataConfig(name="text", data_files={"train": str(tmp_path / "train.txt")}, seq_len=3, sample_by="line")
+    assert load_tokens(lines, "train", tokenizer).tolist() == [[1, 2, 0], [2, 2, 1], [0, 0, 1]]
     with pytest.raises(SPDError, match="no column 'text'"):
         load_tokens(DataConfig(name="json", data_files=cfg.data_files, seq_len=3), "train", tokenizer)
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(SPDError, match=r"data file .*empty.jsonl is empty"):
+        load_tokens(DataConfig(name="json", data_files={"train": str(tmp_path / "empty.jsonl")}), "train", tokenizer)
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{bad json\n')
+    with pytest.raises(SPDError, match=r"bad.jsonl.*could not be read .*JSON parse error.*fix the file") as bad:
+        load_tokens(DataConfig(name="json", data_files={"train": str(tmp_path / "bad.jsonl")}), "train", tokenizer)
+    assert "\n" not in str(bad.value)
     missing = DataConfig(name="json", data_files={"train": str(tmp_path / "nope.jsonl")})
     with pytest.raises(SPDError, match=r"could not be loaded .*configs/tiny_llama.yaml"):
         load_tokens(missing, "train", tokenizer)
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "lm_recipe", "ss_llama", "gpt2", "smollm2_135m"])
+@pytest.mark.parametrize("name", ["tiny_llama", "lm_recipe", "smollm2", "ss_llama", "gpt2", "smollm2_135m"])
 def test_lm_configs_load(name):
     cfg = load_config(LMConfig, ROOT / "configs" / f"{name}.yaml")
     assert cfg.spd.output_loss == "kl" and cfg.spd.modules

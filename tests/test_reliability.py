@@ -146,6 +146,22 @@ def test_sigusr1_also_preempts(shared, tmp_path):
     assert not (run_dir / "results.json").exists()
 
 
+def test_ctrl_c_checkpoints_like_sigterm_and_resumes_exactly(shared, tmp_path):
+    """A first Ctrl-C (SIGINT) saves a checkpoint at the step boundary and exits 75 with the resume line,
+    instead of a traceback that loses the steps since the last periodic checkpoint."""
+    run_dir = tmp_path / "run"
+    proc = start_slow([CONFIG, *shared["overrides"], "--out", str(run_dir)], cwd=tmp_path)
+    wait_until(lambda: (run_dir / "checkpoints/step_10.pt").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, stderr
+    assert "Ctrl-C: saving a checkpoint" in stderr and "Traceback" not in stderr
+    assert re.search(r"preempted: SIGINT at step \d+ of 40: saved \S+; continue with", stderr), stderr
+    done = run_script(["--resume", str(run_dir)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_same_state(final_state(run_dir), final_state(shared["ref"]))
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(shared, tmp_path):
     run_dir = interrupted_copy(shared["ref"], tmp_path / "run")
     newest = run_dir / "checkpoints/step_30.pt"
