@@ -149,7 +149,8 @@ def check_c(model: ComponentModel, enough: float = 0.9) -> None:
                   f"singular directions); C = {need} would hold {enough:.0%}", file=sys.stderr)
     lowest = min(held, key=held.get)
     print(f"C rule: the top-C singular directions hold {held[lowest]:.1%} to {max(held.values()):.1%} of each "
-          f"decomposed weight's energy (lowest: {lowest})")
+          f"decomposed weight's energy (lowest: {lowest}, whose components alone are at best "
+          f"{(1 - held[lowest]) ** 0.5:.1%} off in relative norm; only C >= the rank can be exact)")
 
 
 # ------------------------------------------------------------------------------------------------
