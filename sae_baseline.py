@@ -36,8 +36,8 @@ from torch import Tensor
 
 from sparse_activations import JumpReLU, abs_topk, batch_topk_relu, topk_relu
 from spd_ci import make_ci_fn
-from spd_common import (Experiment, SPDConfig, TrainingRun, importance_minimality_loss, lr_at, nonfinite_term,
-                        output_loss, run_results, sample_masks)
+from spd_common import (Experiment, SPDConfig, TrainingRun, clip_grad_norm, importance_minimality_loss, lr_at,
+                        nonfinite_term, output_loss, run_results, sample_masks)
 from spd_config import SPDError, config_to_dict, load_config, option
 from spd_run import (ROOT, checkpoint_paths, config_class, figures_dir, import_script, load_checkpoint, parse_cli,
                      run_main, script_for, target_digest, write_results)
@@ -338,10 +338,7 @@ def train(exp: Experiment, cfg: SAEConfig, dic: Dictionary, run_dir: Path) -> di
         run.opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         dic.project_decoder_grad()
-        params = list(dic.parameters())
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, spd.grad_clip) if spd.grad_clip is not None
-                     else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-        bad = nonfinite_term(losses, grad_norm)
+        bad = nonfinite_term(losses, clip_grad_norm(list(dic.parameters()), spd.grad_clip))
         if bad is None:
             run.opt.step()
             dic.normalize_decoder()

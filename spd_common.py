@@ -936,6 +936,13 @@ def nonfinite_term(losses: dict[str, Tensor], grad_norm: Tensor) -> tuple[str, f
     return [*losses, "gradient"][i], values[i].item()
 
 
+def clip_grad_norm(params: list[Tensor], max_norm: float | None) -> Tensor:
+    """The gradients' global norm, after clipping it to max_norm (spd.grad_clip; None: not clipped)."""
+    if max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
 def average_gradients(params: list[Tensor], ddp: Dist) -> None:
     """Replace each rank's gradients by their mean over ranks (= the gradient of the global-batch mean
     loss), in one all-reduce."""
@@ -967,9 +974,7 @@ def train_step(model: ComponentModel, cfg: SPDConfig, opt: torch.optim.Optimizer
         for k, v in micro.items():  # the mean over micro-batches is the batch's loss
             losses[k] = losses.get(k, 0) + v.detach() / cfg.grad_accum_steps
     average_gradients(params, ddp)  # every rank now holds the gradient of the global batch's loss
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip is not None
-                 else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-    bad = nonfinite_term(losses, grad_norm)
+    bad = nonfinite_term(losses, clip_grad_norm(params, cfg.grad_clip))
     if ddp.any(bad is not None, params[0].device) and bad is None:  # every rank must take the same branch
         bad = ("total (on another rank)", float("nan"))
     if bad is None:
@@ -1029,7 +1034,7 @@ class TrainingRun:
         if step > 0 and step % self.cfg.eval_every == 0 and self.ddp.is_main:
             self.evaluate_and_log(step)
         self.state.step = step + 1  # a checkpoint now resumes at the next step
-        self.checkpoint(self.caught)
+        self.checkpoint()
 
     def finish(self) -> dict[str, float]:
         """final.pt and the final evaluation on rank 0 (its metrics; {} on the others), and leave torchrun."""
@@ -1070,10 +1075,10 @@ class TrainingRun:
         save_training_checkpoint(self.run_dir / "checkpoints" / name, self.model, self.opt, self.state, self.digest,
                                  self.ddp.is_main, self.cfg.keep_checkpoints)
 
-    def checkpoint(self, caught: list[str]) -> None:
+    def checkpoint(self) -> None:
         """After state.step steps: the periodic checkpoint, and on a signal to any rank, one to resume from
         and `Preempted`."""
-        steps, done = self.cfg.steps, self.state.step
+        steps, done, caught = self.cfg.steps, self.state.step, self.caught
         periodic = bool(self.cfg.checkpoint_every) and done % self.cfg.checkpoint_every == 0 and done < steps
         if periodic:
             self.save(f"step_{done}.pt")
