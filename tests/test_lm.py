@@ -151,10 +151,10 @@ def test_local_json_dataset_and_missing_file(tmp_path):
         load_tokens(missing, "train", tokenizer)
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "lm_recipe", "smollm2", "ss_llama", "gpt2", "smollm2_135m"])
+@pytest.mark.parametrize("name", ["tiny_llama", "lm_recipe", "smollm2", "smollm2_3layer", "ss_llama", "gpt2", "smollm2_135m"])
 def test_lm_configs_load(name):
     cfg = load_config(LMConfig, ROOT / "configs" / f"{name}.yaml")
-    assert cfg.spd.output_loss == "kl" and cfg.spd.modules
+    assert cfg.spd.output_loss == ("mse" if cfg.train_on == "residual" else "kl") and cfg.spd.modules
 
 
 def test_missing_model_offline_is_one_clear_line(tmp_path):
@@ -239,3 +239,29 @@ def test_checkpointed_blocks_give_the_same_losses_and_gradients():
         torch.testing.assert_close(h, g)
     with pytest.raises(SPDError, match="matches no module of the target"):
         model.checkpoint_blocks("transformer.h.*")
+
+
+@pytest.mark.parametrize("build, patterns, layer", [(tiny_llama, ["model.layers.0.mlp.*_proj"], "model.layers.0"),
+                                                    (tiny_gpt2, ["transformer.h.0.mlp.c_*"], "transformer.h.0")])
+def test_residual_stop_returns_the_layer_output_and_runs_nothing_after(build, patterns, layer):
+    """train_on: residual: the forward ends at the last decomposed layer (its output = the hidden state the
+    whole model reports there), the layers after it and the unembedding never run; `full()` runs all."""
+    from lm_decomposition import ResidualStop
+
+    target = build()
+    x = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        whole = target(x, output_hidden_states=True)
+    model = ComponentModel(target, {p: 4 for p in patterns}, {}, "mlp", [4])
+    assert ResidualStop.last_layer(model.names) == layer
+    stop = ResidualStop(target, layer)
+    ran = []
+    head = target.get_output_embeddings()
+    head.register_forward_hook(lambda *_: ran.append("head"))
+    with torch.no_grad():
+        hidden = model(x)
+        assert ran == [] and torch.allclose(hidden, whole.hidden_states[int(layer[-1]) + 1], atol=1e-6)
+        with stop.full():
+            assert torch.equal(model(x).logits, whole.logits) and ran == ["head"]
+    with pytest.raises(SPDError, match="train_on: residual .* lm_head is in none"):
+        ResidualStop.last_layer(["model.layers.0.mlp.up_proj", "lm_head"])
