@@ -10,8 +10,11 @@ The story:
      exactly one W_in subcomponent, its own (a "monosemantic" feature; `n_monosemantic_per_layer`
      also counts a feature whose computation is split over layers, one own subcomponent in each);
      the W_out subcomponents together should form one dense mechanism of full rank (50 for the
-     1-layer model). Also: how
-     well the CI-masked model reproduces the target's output, and the components alone (masks 1).
+     1-layer model). Beside these, the reference's own measures: `identity_ci_error/<W_in>` and
+     `dense_ci_error/<W_out>` (0 = the ideal pattern), and W_out subcomponents alive on random inputs
+     (`w_out_alive_random`: CI > ci_threshold on any of alive_samples inputs; `w_out_dense_random`: on
+     more than 1e-3 of them). Also: how well the CI-masked model reproduces the target's output, and the
+     components alone (masks 1).
   4. Figures: CI heatmaps (features x subcomponents) and target vs decomposed output on a sweep of
      each feature's value.
 """
@@ -25,6 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from spd_common import ComponentModel, Experiment, SPDConfig, optimize
@@ -44,6 +48,8 @@ class ResidMLPConfig:
                                     gt=0, le=1)
     rank_rtol: float = option(1e-2, "singular values below rtol * the largest do not count towards a rank", gt=0)
     n_eval_batches: int = option(4, "eval batches for the CI-masked output error", ge=1)
+    alive_samples: int = option(204_800, "random inputs (the training distribution) on which W_out subcomponents "
+                                "count as alive, as the reference judges them", ge=1)
 
 
 def layer_names(model: ComponentModel, kind: str) -> list[str]:
@@ -71,11 +77,49 @@ def monosemantic_per_layer(ci_layers: list[Tensor], threshold: float) -> Tensor:
     return torch.stack(clean).all(0) & torch.stack(used).any(0)
 
 
+def identity_ci_error(ci: Tensor, tolerance: float = 0.1) -> int:
+    """The reference's IdentityCIError of one layer: permute the subcomponents (columns of the one-hot
+    CI matrix `ci`, (n_features, C)) so that the diagonal's sum is largest (Hungarian), then count the
+    entries off the diagonal above `tolerance` and the diagonal entries below 1 - tolerance. 0: each
+    feature has its own subcomponent with CI >= 0.9, and no other CI > 0.1."""
+    rows = min(ci.shape)
+    _, cols = linear_sum_assignment(-ci[:rows].detach().cpu().numpy())
+    order = list(cols) + sorted(set(range(ci.shape[1])) - set(cols.tolist()))
+    permuted = ci[:, order]
+    off = torch.ones_like(permuted, dtype=torch.bool)
+    off[:rows, :rows].fill_diagonal_(False)
+    return int((permuted[off] > tolerance).sum() + (permuted[:rows, :rows].diagonal() < 1 - tolerance).sum())
+
+
+def dense_ci_error(ci: Tensor, k: int, tolerance: float = 0.1) -> int:
+    """The reference's error of a layer expected to use k dense subcomponents (W_out: k = d_mlp): with the
+    columns of `ci` (n_features, C) sorted by their sum, each of the first k without one entry >= 1 - tolerance
+    counts once, and every entry > tolerance in the other columns counts."""
+    ordered = ci[:, ci.sum(0).argsort(descending=True)]
+    missing = ((ordered >= 1 - tolerance).sum(0) < 1)[:k].sum()
+    return int(missing + (ordered[:, k:] > tolerance).sum())
+
+
 def summed_rank(U: Tensor, V: Tensor, which: Tensor, rtol: float) -> int:
     """Rank of sum_{c in which} U[:, c] V[c, :], the matrix the chosen subcomponents form together."""
     if which.sum() == 0:
         return 0
     return int(torch.linalg.matrix_rank(U[:, which] @ V[which], rtol=rtol))
+
+
+@torch.no_grad()
+def random_input_firing(model: ComponentModel, cfg: ResidMLPConfig, eval_batch) -> dict[str, Tensor]:
+    """Per W_out module, (C,) how many of the first `alive_samples` held-out inputs (the training
+    distribution) give each subcomponent CI > spd.ci_threshold."""
+    counts = {name: 0 for name in layer_names(model, "mlp_out")}
+    seen, i = 0, 0
+    while seen < cfg.alive_samples:
+        x = eval_batch(i)[: cfg.alive_samples - seen]
+        ci = model.ci_of(x)
+        for name in counts:
+            counts[name] = counts[name] + (ci[name] > cfg.spd.ci_threshold).sum(0)
+        seen, i = seen + len(x), i + 1
+    return counts
 
 
 @torch.no_grad()
@@ -87,11 +131,17 @@ def resid_mlp_metrics(model: ComponentModel, cfg: ResidMLPConfig, eval_batch) ->
     out = {"n_monosemantic_features": int(monosemantic(ci_in, cfg.monosemantic_ci).sum()),
            "n_monosemantic_per_layer": int(monosemantic_per_layer([ci[n] for n in layer_names(model, "mlp_in")],
                                                                   cfg.monosemantic_ci).sum())}
+    for name in layer_names(model, "mlp_in"):
+        out[f"identity_ci_error/{name}"] = identity_ci_error(ci[name])
+    fired = random_input_firing(model, cfg, eval_batch)
     for name in layer_names(model, "mlp_out"):
         alive = (ci[name] > cfg.spd.ci_threshold).any(0)
         U, V = model.factors(name)
+        out[f"dense_ci_error/{name}"] = dense_ci_error(ci[name], cfg.target.d_mlp)
         out[f"w_out_alive/{name}"] = int(alive.sum())
         out[f"w_out_summed_rank/{name}"] = summed_rank(U, V, alive, cfg.rank_rtol)
+        out[f"w_out_alive_random/{name}"] = int((fired[name] > 0).sum())
+        out[f"w_out_dense_random/{name}"] = int((fired[name] / cfg.alive_samples > 1e-3).sum())
     # CI-masked model vs target: MSE relative to the variance of the target's output. Beside it, the
     # components alone (every mask 1, no delta term): the part of that error no CI function can remove.
     err = components_err = var = 0.0
@@ -180,7 +230,7 @@ def main() -> None:
 
     print(f"monosemantic features {results['n_monosemantic_features']}/{n} (per layer: "
           f"{results['n_monosemantic_per_layer']}/{n})  "
-          + "  ".join(f"{k} {v}" for k, v in results.items() if k.startswith("w_out"))
+          + "  ".join(f"{k} {v}" for k, v in results.items() if k.startswith(("w_out", "identity_ci", "dense_ci")))
           + f"  CI-masked MSE / target var {results['ci_masked_mse_over_target_var']:.3g}"
           + f" (components alone: {results['components_mse_over_target_var']:.3g})")
     print(f"{results['steps']} steps in {results['wall_s']} s ({results['steps_per_s']} steps/s), "

@@ -77,7 +77,7 @@ def test_output_errors_of_exact_and_emptied_components(tmp_path):
     emptied ones do not. The CI-masked error is measured on the same inputs as that reference."""
     overrides = [f"target.{k}={v}" for k, v in SMALL.items()] + [
         "target.steps=50", f"target.path={tmp_path / 't.pt'}", "spd.modules={layers.*.mlp_in: 12, layers.*.mlp_out: 12}",
-        "spd.eval_batch_size=256"]
+        "spd.eval_batch_size=256", "alive_samples=3000"]
     cfg = load_config(ResidMLPConfig, ROOT / "configs/resid_mlp1.yaml", overrides)
     model = build(cfg).model
     eval_batch = lambda i: resid_mlp_batch(10, 0.1, 256, seed=7, step=i)
@@ -89,6 +89,11 @@ def test_output_errors_of_exact_and_emptied_components(tmp_path):
             comps.V.zero_()[:len(S)] = Qt
     exact = resid_mlp_metrics(model, cfg, eval_batch)
     assert exact["components_mse_over_target_var"] < 1e-10
+    with torch.no_grad():  # W_out alive on random inputs: the first 3000 held-out inputs (11 batches and 184)
+        ci = model.ci_of(torch.cat([eval_batch(i) for i in range(12)])[:3000])["layers.0.mlp_out"]
+    fires = (ci > cfg.spd.ci_threshold).sum(0)
+    assert exact["w_out_alive_random/layers.0.mlp_out"] == int((fires > 0).sum())
+    assert exact["w_out_dense_random/layers.0.mlp_out"] == int((fires > 3).sum())  # density > 1e-3: at least 4
     assert exact["ci_masked_mse_over_target_var"] >= 0
     with torch.no_grad():
         model.decomposed["layers.0.mlp_out"].components.U.zero_()  # the MLP writes nothing: only x remains
@@ -118,6 +123,7 @@ def test_script_short_run(tmp_path):
         "spd.faithfulness_warmup_steps=10"]
     results = run_script(["configs/resid_mlp1.yaml", *overrides, "--out", str(tmp_path / "run")], cwd=tmp_path)
     for key in ["n_monosemantic_features", "w_out_alive/layers.0.mlp_out", "w_out_summed_rank/layers.0.mlp_out",
+                "identity_ci_error/layers.0.mlp_in", "dense_ci_error/layers.0.mlp_out", "w_out_alive_random/layers.0.mlp_out",
                 "ci_masked_mse_over_target_var", "components_mse_over_target_var", "steps_per_s", "l0/layers.0.mlp_in"]:
         assert key in results, key
     assert 0 <= results["n_monosemantic_features"] <= 10
@@ -133,3 +139,30 @@ def test_default_resid_mlp2_finds_each_features_w_in_subcomponents(tmp_path):
     assert results["n_monosemantic_per_layer"] >= 98
     for layer in (0, 1):
         assert results[f"w_out_summed_rank/layers.{layer}.mlp_out"] == 25
+
+
+def test_identity_ci_error_is_the_references_count_after_a_hungarian_permutation():
+    from resid_mlp_decomposition import identity_ci_error
+
+    ci = torch.zeros(3, 5)  # 3 features, 5 subcomponents; feature i's own subcomponent is column own[i]
+    own = [3, 0, 4]
+    for i, c in enumerate(own):
+        ci[i, c] = 0.95
+    assert identity_ci_error(ci) == 0
+    ci[1, 0] = 0.85  # its own subcomponent too weak: one on-diagonal error
+    ci[2, 1] = 0.2  # a second subcomponent (an unmatched column) above 0.1: one off-diagonal error
+    ci[0, 4] = 0.05  # below the tolerance: nothing
+    assert identity_ci_error(ci) == 2
+    # the permutation maximises the diagonal's sum (a greedy row-by-row match would give row 0 column 1)
+    tricky = torch.tensor([[0.95, 0.96], [0.0, 0.95]])
+    assert identity_ci_error(tricky) == 1  # [0, 1] off the diagonal after the best permutation (identity)
+
+
+def test_dense_ci_error_counts_missing_strong_columns_and_activity_elsewhere():
+    from resid_mlp_decomposition import dense_ci_error
+
+    ci = torch.tensor([[0.95, 0.5, 0.2, 0.0],
+                       [0.95, 0.5, 0.0, 0.0],
+                       [0.95, 0.5, 0.0, 0.0]])  # column sums: 2.85, 1.5, 0.2, 0
+    assert dense_ci_error(ci, k=2) == 2  # column 1 has no entry >= 0.9; column 2 has one entry > 0.1
+    assert dense_ci_error(ci, k=1) == 3 + 1  # beyond k = 1, three entries of 0.5 and the 0.2
