@@ -5,6 +5,7 @@
 #   bash benchmarks/compare_ref.sh tms_5-2    [--steps 1000] [--small 200]
 #   bash benchmarks/compare_ref.sh resid_mlp1 [--steps 500]
 #   bash benchmarks/compare_ref.sh tms_5-2 --full   # both default runs to completion, with quality
+#   bash benchmarks/compare_ref.sh lm         [--steps 500]   # configs/tiny_llama.yaml's decomposition
 #   options: --src GIT_URL_OR_PATH (env REF_SRC, default https://github.com/goodfire-ai/spd)
 #            --work DIR (env REF_BENCH_DIR, default ~/.cache/spd/ref-bench: checkout, venv, targets, runs)
 #            env PYTHON: the Python 3.11 that builds the venv (default python3); OURS_PY: ours (default python)
@@ -31,10 +32,16 @@
 # default configs to completion, together, and reports their real wall times and quality instead.
 # Target training is timed once and not counted. Each side runs its default config's batch size (both
 # printed): the ratio is per step, and per sample only where the two match.
+# lm: both sides decompose the same offline tiny Llama (our targets/tiny_llama, a Hugging Face directory
+# the reference loads with LlamaForCausalLM.from_pretrained) on the same local text (its corpus directory,
+# which the reference's load_dataset reads as train/test splits), with configs/tiny_llama.yaml's modules,
+# C, CI functions, losses (stochastic + CI-masked recon, importance minimality), KL, lr schedule, batch and
+# sequence length, written into a config of the reference's own; each side tokenises and packs the text
+# its own way. Reported too: tokens/s, and each side's CE / KL at the same step (held-out batches).
 set -euo pipefail
 
 REF_COMMIT=3f0bb61e
-EXP=${1:?usage: compare_ref.sh tms_5-2|resid_mlp1 [--steps N] [--small n] [--full] [--src S] [--work D]}
+EXP=${1:?usage: compare_ref.sh tms_5-2|resid_mlp1|lm [--steps N] [--small n] [--full] [--src S] [--work D]}
 shift
 STEPS= SMALL= FULL=0
 REF_SRC=${REF_SRC:-https://github.com/goodfire-ai/spd}
@@ -52,7 +59,8 @@ done
 case $EXP in
   tms_5-2) KIND=tms; TARGET_FILE=tms.pth; STEPS=${STEPS:-1000} ;;
   resid_mlp1) KIND=resid_mlp; TARGET_FILE=resid_mlp.pth; STEPS=${STEPS:-500} ;;
-  *) echo "experiment must be tms_5-2 or resid_mlp1" >&2; exit 2 ;;
+  lm) KIND=lm; STEPS=${STEPS:-500} ;;
+  *) echo "experiment must be tms_5-2, resid_mlp1 or lm" >&2; exit 2 ;;
 esac
 SMALL=${SMALL:-$((STEPS / 5))}
 (( FULL || (STEPS >= 200 && SMALL < STEPS) )) || { echo "need --steps >= 200 and --small < --steps" >&2; exit 2; }
@@ -62,6 +70,7 @@ mkdir -p "$WORK"; WORK=$(cd "$WORK" && pwd)
 SRC=$WORK/src VENV=$WORK/venv
 RPY=$VENV/bin/python
 REF_CFG=$SRC/spd/experiments/$KIND/${EXP}_config.yaml
+[[ $EXP == lm ]] && REF_CFG=$WORK/ref_lm.yaml   # written below from configs/tiny_llama.yaml
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 LC_NUMERIC=C  # C: $EPOCHREALTIME with a dot
 cleanup() { for p in $(jobs -p); do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; done; }
 trap cleanup EXIT; trap 'exit 130' INT TERM   # a failed or interrupted side takes the other one down
@@ -148,25 +157,70 @@ fi
 # WANDB_ENTITY: its resid_mlp target training asks wandb for the entity (and a login) even when disabled
 refenv() { env PYTHONUNBUFFERED=1 WANDB_MODE=disabled WANDB_ENTITY=none MPLBACKEND=Agg CUDA_VISIBLE_DEVICES= \
   SPD_OUT_DIR="$1" "${@:2}"; }
-# our target's cache file is named by the config's target settings: a changed target block trains anew
-TARGET_KEY=$(sed -n '/^target:/,/^[a-z]/p' "$OURS/configs/$EXP.yaml" | grep -v '^  path:' | sha1sum | cut -c1-8)
-OURS_TARGET=$WORK/targets/ours_${EXP}_$TARGET_KEY.pt
-OURS_CFG=$WORK/ours_$EXP.yaml   # our default config with the target cached in the work dir
-sed "s#^\(  path: \).*#\1$OURS_TARGET#" "$OURS/configs/$EXP.yaml" > "$OURS_CFG"
-if [[ ! -f $OURS_TARGET || ! -f $WORK/targets/ref_$EXP.path ]]; then
-  mkdir -p "$WORK/targets"; rm -rf "$WORK/targets/ref_$EXP"
-  t0=$EPOCHREALTIME
-  (cd "$SRC" && refenv "$WORK/targets/ref_$EXP" "$RPY" "spd/experiments/$KIND/train_$KIND.py" \
-    > "$WORK/targets/ref_$EXP.log" 2>&1; elapsed "$t0" > "$WORK/targets/ref_$EXP.s") & p1=$!
-  (cd "$OURS" && "$OURS_PY" -m "train_targets.train_$KIND" "$OURS_CFG" > "$WORK/targets/ours_$EXP.log" 2>&1
-    elapsed "$t0" > "$WORK/targets/ours_$EXP.s") & p2=$!
-  wait $p1 || { tail -20 "$WORK/targets/ref_$EXP.log"; exit 1; }
-  wait $p2 || { tail -20 "$WORK/targets/ours_$EXP.log"; exit 1; }
-  find "$WORK/targets/ref_$EXP" -name "$TARGET_FILE" | head -1 > "$WORK/targets/ref_$EXP.path"
-  [[ -s $WORK/targets/ref_$EXP.path ]] || { echo "no $TARGET_FILE from the reference's training" >&2; exit 1; }
-  echo "targets trained together: reference $(cat "$WORK/targets/ref_$EXP.s") s, ours $(cat "$WORK/targets/ours_$EXP.s") s"
+if [[ $EXP == lm ]]; then  # one target for both: our offline tiny Llama, built once in this checkout
+  OURS_CFG=$OURS/configs/tiny_llama.yaml
+  [[ -f $OURS/targets/tiny_llama/config.json ]] || (cd "$OURS" && "$OURS_PY" -m train_targets.train_lm "$OURS_CFG")
+  # the reference's copy: its transformers 4.57 knows the fast tokenizer by its older class name
+  REF_TARGET=$WORK/targets/tiny_llama
+  rm -rf "$REF_TARGET"; mkdir -p "$WORK/targets"; cp -r "$OURS/targets/tiny_llama" "$REF_TARGET"
+  sed -i 's/"tokenizer_class": "TokenizersBackend"/"tokenizer_class": "PreTrainedTokenizerFast"/' \
+    "$REF_TARGET/tokenizer_config.json"
+  "$OURS_PY" - "$OURS_CFG" "$REF_TARGET" "$REF_CFG" <<'PY'
+import sys, yaml
+ours, target, dst = sys.argv[1:]
+cfg = yaml.safe_load(open(ours))
+spd, data = cfg["spd"], cfg["data"]
+assert spd["ci_fn"] == "mlp" and spd["output_loss"] == "kl" and not spd.get("stochastic_recon_layerwise_coeff")
+ref = {
+    "wandb_project": None, "seed": spd["seed"], "n_mask_samples": 1, "ci_fn_type": "mlp",
+    "ci_fn_hidden_dims": spd["ci_hidden"], "sampling": "continuous",
+    "sigmoid_type": "leaky_hard",  # = our clamp_forward_leaky_backward
+    "module_info": [{"module_pattern": p, "C": C} for p, C in spd["modules"].items()],
+    "use_delta_component": spd["use_delta_component"],
+    "loss_metric_configs": [
+        {"classname": "ImportanceMinimalityLoss", "coeff": float(spd["importance_minimality_coeff"]),
+         "pnorm": float(spd["p"]), "beta": 0.0},
+        {"classname": "StochasticReconLoss", "coeff": float(spd["stochastic_recon_coeff"])},
+        {"classname": "CIMaskedReconLoss", "coeff": float(spd["ci_masked_recon_coeff"])}],
+    "output_loss_type": "kl",
+    "lr_schedule": {"start_val": float(spd["lr"]), "fn_type": spd["lr_schedule"], "warmup_pct": 0.0,
+                    "final_val_frac": 0.0},
+    "steps": spd["steps"], "batch_size": spd["batch_size"], "autocast_bf16": False,
+    "faithfulness_warmup_steps": spd["faithfulness_warmup_steps"],
+    "train_log_freq": 100, "eval_freq": spd["steps"], "slow_eval_freq": spd["steps"],
+    "eval_batch_size": spd["eval_batch_size"], "n_eval_steps": cfg.get("n_eval_batches", 8),
+    "slow_eval_on_first_step": False, "save_freq": None,
+    "eval_metric_configs": [{"classname": "CEandKLLosses", "rounding_threshold": 0.0},
+                            {"classname": "CI_L0", "groups": None}],
+    "pretrained_model_class": "transformers.LlamaForCausalLM", "pretrained_model_name": target,
+    "pretrained_model_output_attr": "logits", "tokenizer_name": target,
+    "task_config": {"task_name": "lm", "max_seq_len": data["seq_len"], "buffer_size": 1000,
+                    "dataset_name": f"{target}/corpus", "column_name": data["column"],
+                    "train_data_split": data["split"], "eval_data_split": data["eval_split"],
+                    "shuffle_each_epoch": True, "is_tokenized": False, "streaming": False}}
+yaml.safe_dump(ref, open(dst, "w"), sort_keys=False)
+PY
+else
+  # our target's cache file is named by the config's target settings: a changed target block trains anew
+  TARGET_KEY=$(sed -n '/^target:/,/^[a-z]/p' "$OURS/configs/$EXP.yaml" | grep -v '^  path:' | sha1sum | cut -c1-8)
+  OURS_TARGET=$WORK/targets/ours_${EXP}_$TARGET_KEY.pt
+  OURS_CFG=$WORK/ours_$EXP.yaml   # our default config with the target cached in the work dir
+  sed "s#^\(  path: \).*#\1$OURS_TARGET#" "$OURS/configs/$EXP.yaml" > "$OURS_CFG"
+  if [[ ! -f $OURS_TARGET || ! -f $WORK/targets/ref_$EXP.path ]]; then
+    mkdir -p "$WORK/targets"; rm -rf "$WORK/targets/ref_$EXP"
+    t0=$EPOCHREALTIME
+    (cd "$SRC" && refenv "$WORK/targets/ref_$EXP" "$RPY" "spd/experiments/$KIND/train_$KIND.py" \
+      > "$WORK/targets/ref_$EXP.log" 2>&1; elapsed "$t0" > "$WORK/targets/ref_$EXP.s") & p1=$!
+    (cd "$OURS" && "$OURS_PY" -m "train_targets.train_$KIND" "$OURS_CFG" > "$WORK/targets/ours_$EXP.log" 2>&1
+      elapsed "$t0" > "$WORK/targets/ours_$EXP.s") & p2=$!
+    wait $p1 || { tail -20 "$WORK/targets/ref_$EXP.log"; exit 1; }
+    wait $p2 || { tail -20 "$WORK/targets/ours_$EXP.log"; exit 1; }
+    find "$WORK/targets/ref_$EXP" -name "$TARGET_FILE" | head -1 > "$WORK/targets/ref_$EXP.path"
+    [[ -s $WORK/targets/ref_$EXP.path ]] || { echo "no $TARGET_FILE from the reference's training" >&2; exit 1; }
+    echo "targets trained together: reference $(cat "$WORK/targets/ref_$EXP.s") s, ours $(cat "$WORK/targets/ours_$EXP.s") s"
+  fi
+  REF_TARGET=$(cat "$WORK/targets/ref_$EXP.path")
 fi
-REF_TARGET=$(cat "$WORK/targets/ref_$EXP.path")
 
 # ---- 3. runs: the pair at the same time, one thread each ------------------------------------------
 RUNS=$WORK/runs/$EXP-$(date +%Y%m%d-%H%M%S); mkdir -p "$RUNS"
@@ -180,7 +234,9 @@ run_pair() {  # run_pair TAG STEPS|default: writes $RUNS/{ref,ours}_TAG/{log,wal
 import sys, yaml
 src, dst, target, n = sys.argv[1:]
 cfg = yaml.safe_load(open(src))
-cfg.update(wandb_project=None, autocast_bf16=False, pretrained_model_path=target)
+cfg.update(wandb_project=None, autocast_bf16=False)
+if not cfg.get("pretrained_model_name"):
+    cfg["pretrained_model_path"] = target
 if n != "default":
     cfg.update(steps=int(n), eval_freq=int(n), slow_eval_freq=int(n))
 yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)
@@ -235,7 +291,19 @@ else:
                 if n else "")
         print(f"{side}: {per[side] * 1e3:.1f} ms/step in its loop{diff}; fixed cost {fixed:.1f} s; default "
               f"{steps[side]} steps at batch {batch[side]}")
-if full:  # quality, best effort
+if exp == "lm":  # tokens/s and each side's held-out CE / KL at the end of the same number of steps
+    tag, seq = ("full" if full else "big"), yaml.safe_load(open(ours_cfg))["data"]["seq_len"]
+    print(f"tokens/s in the loop: reference {batch['ref'] * seq / per['ref']:.0f}, ours {batch['ours'] * seq / per['ours']:.0f}"
+          f" (batch {batch['ours']} x {seq} tokens)")
+    res = json.load(open(f"{runs}/ours_{tag}/results.json"))
+    print("ours:", ", ".join(f"{k} {res[k]:.4g}" for k in sorted(res) if k.split("/")[0] in ("ce", "kl", "ce_unrecovered")))
+    evals = {}
+    for f in glob.glob(f"{runs}/ref_{tag}/**/metrics.jsonl", recursive=True):
+        for line in open(f):
+            evals.update({k: v for k, v in json.loads(line).items() if isinstance(v, (int, float)) and
+                          any(w in k.lower() for w in ("ce", "kl", "l0"))})
+    print("reference, last eval:", ", ".join(f"{k} {v:.4g}" for k, v in sorted(evals.items())) or "none found")
+if full and exp != "lm":  # quality, best effort
     res = json.load(open(f"{runs}/ours_full/results.json"))
     keys = ["mmcs", "ml2r", "mmcs_nonnegligible", "ml2r_nonnegligible"] if exp.startswith("tms") else \
            ["n_monosemantic_features", "ci_masked_mse_over_target_var"]
