@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 from tqdm import tqdm
 
@@ -129,6 +130,7 @@ class SPDConfig:
     compile: bool = option(False, "torch.compile the target model (the forward every loss runs through)")
     checkpoint_blocks: Optional[str] = option(None, "recompute these target modules' activations in backward "
                                                     "(fnmatch pattern, e.g. model.layers.*): less memory, more time")
+    checkpoint_ci: bool = option(False, "recompute the CI functions' activations in backward: less memory, more time")
     log_every: int = option(100, "write training losses to metrics.jsonl every N steps", ge=1)
     ci_threshold: float = option(0.1, "CI above this counts a subcomponent as active (L0, alive)", ge=0, le=1)
     checkpoint_every: Optional[int] = option(1000, "save a checkpoint every N steps, for --resume (null = none)", ge=1)
@@ -210,6 +212,7 @@ class ComponentModel(nn.Module):
             if self.C[name] != self.C[src]:
                 raise SPDError(f"tied modules '{name}' and '{src}' need the same C")
         self.ci_reads_inner_acts = ci_fn == "mlp"
+        self.checkpoint_ci = False  # spd.checkpoint_ci: see ci_call
         self.sigmoid = sigmoid
         self.components = nn.ModuleDict()
         self.ci_fns = nn.ModuleDict()
@@ -351,8 +354,8 @@ class ComponentModel(nn.Module):
         """CI per module (..., C): (lower-leaky for masks, upper-leaky for importance minimality).
         `inner`: the modules' inner acts on `inputs`, if already computed."""
         if self.global_ci:
-            pre = self.ci_fns["global"]({n: self.ci_input(n, inputs[n], None if inner is None else inner[n])
-                                         for n in self.names})
+            pre = self.ci_call(self.ci_fns["global"], {n: self.ci_input(n, inputs[n], None if inner is None else inner[n])
+                                                       for n in self.names})
             pairs = {n: hard_sigmoids(p, self.sigmoid) for n, p in pre.items()}
             return {n: lo for n, (lo, _) in pairs.items()}, {n: up for n, (_, up) in pairs.items()}
         lower, upper = {}, {}
@@ -373,7 +376,13 @@ class ComponentModel(nn.Module):
         acts on x, if already computed."""
         if self.global_ci:
             raise SPDError("a global CI function reads every module's input at once: use causal_importances")
-        return self.ci_fns[_key(name)].ci(self.ci_input(name, x, inner), self.sigmoid)
+        return self.ci_call(lambda z: self.ci_fns[_key(name)].ci(z, self.sigmoid), self.ci_input(name, x, inner))
+
+    def ci_call(self, ci_fn: Callable, x: Any) -> Any:
+        """ci_fn(x); with checkpoint_ci, its activations are not kept for backward but recomputed there."""
+        if self.checkpoint_ci and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(ci_fn, x, use_reentrant=False)
+        return ci_fn(x)
 
     def per_input(self, ci: dict[str, Tensor]) -> dict[str, Tensor]:
         """CI with a conv module's locations reduced: (batch, H_out, W_out, C) -> (batch, C) by the max over
@@ -1116,6 +1125,7 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     device = next(model.components.parameters()).device
     if cfg.checkpoint_blocks:
         model.checkpoint_blocks(cfg.checkpoint_blocks)
+    model.checkpoint_ci = cfg.checkpoint_ci
     if cfg.compile:
         model.target.compile()  # in place: every (masked or not) forward goes through the compiled target
 

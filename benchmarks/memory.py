@@ -3,9 +3,12 @@ matrices of 3 of 30 layers, C = 512, 512-token sequences) of a randomly initiali
 SmolLM2-135M's shape (a transformers config, no download), with each memory option on and off.
 
     python benchmarks/memory.py [--steps 2] [--batch 8] [--device cpu]   # --batch: a multiple of 2
+    python benchmarks/memory.py --fit-gb 20 [--steps 1]   # the largest batch that fits in 20 GB, per option
 
 Each row is a fresh process (peak RSS is per process) that builds the model and runs `--steps`
 training steps on random tokens; it prints peak RSS (and peak GPU memory on CUDA) and s/step.
+--fit-gb G runs each row at batch 2 and 4 instead: peak memory is a fixed part plus a part per sequence,
+so the two give both, and the row's largest batch within G GB (an estimate; checked where it is small).
 """
 
 import argparse
@@ -29,6 +32,9 @@ ROWS = {"baseline": ["spd.grad_accum_steps=1", "spd.checkpoint_blocks=null", "sp
         "grad_accum_steps=2": ["spd.grad_accum_steps=2", "spd.checkpoint_blocks=null", "spd.autocast_bf16=false"],
         "checkpoint_blocks": ["spd.grad_accum_steps=1", "spd.autocast_bf16=false"],
         "both of those": ["spd.grad_accum_steps=2", "spd.autocast_bf16=false"],
+        "checkpoint_ci": ["spd.grad_accum_steps=1", "spd.checkpoint_blocks=null", "spd.autocast_bf16=false",
+                          "spd.checkpoint_ci=true"],
+        "checkpoint_ci + _blocks": ["spd.grad_accum_steps=1", "spd.autocast_bf16=false", "spd.checkpoint_ci=true"],
         "autocast_bf16": ["spd.grad_accum_steps=1", "spd.checkpoint_blocks=null"],  # emulated on most CPUs: slow
         "all three": ["spd.grad_accum_steps=2"]}
 
@@ -49,6 +55,7 @@ def run_row(overrides: list[str], steps: int, batch: int, device_name: str) -> d
     model = ComponentModel.from_config(smollm2_135m_shaped().to(device), cfg.spd).to(device)
     if cfg.spd.checkpoint_blocks:
         model.checkpoint_blocks(cfg.spd.checkpoint_blocks)
+    model.checkpoint_ci = cfg.spd.checkpoint_ci
     opt = torch.optim.Adam([*model.components.parameters(), *model.ci_fns.parameters()], lr=cfg.spd.lr)
     tokens = torch.randint(0, 49152, (batch, cfg.data.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     t0 = time.time()
@@ -66,17 +73,38 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8, help="sequences per step (spd.batch_size)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fit-gb", type=float, default=None, help="report each option's largest batch within this many GB")
     ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = ap.parse_args()
     if args.row:
         print(json.dumps(run_row(ROWS[args.row], args.steps, args.batch, args.device)))
         return
-    print(f"SmolLM2-135M-shaped model, batch {args.batch} x 512 tokens, {args.steps} steps per row")
-    for name in ROWS:
+    def row(name: str, batch: int) -> dict | str:
         proc = subprocess.run([sys.executable, __file__, "--row", name, "--steps", str(args.steps), "--batch",
-                               str(args.batch), "--device", args.device], capture_output=True, text=True)
-        result = proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else proc.stderr.strip()[-300:]
-        print(f"{name:<20} {result}", flush=True)
+                               str(batch), "--device", args.device], capture_output=True, text=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else proc.stderr.strip()[-300:]
+
+    if args.fit_gb is None:
+        print(f"SmolLM2-135M-shaped model, batch {args.batch} x 512 tokens, {args.steps} steps per row")
+        for name in ROWS:
+            print(f"{name:<24} {row(name, args.batch)}", flush=True)
+        return
+    key = "peak_gpu_mem_mb" if args.device.startswith("cuda") else "peak_rss_mb"
+    print(f"SmolLM2-135M-shaped model, 512 tokens per sequence: {key} at batch 2 and 4, and the largest batch "
+          f"within {args.fit_gb} GB (fixed + per-sequence memory, fitted to the two)")
+    print("| option | batch 2 | batch 4 | s/step at 4 | MB per sequence | largest batch in "
+          f"{args.fit_gb} GB |\n|---|---|---|---|---|---|")
+    for name in ROWS:
+        if not args.device.startswith("cuda") and ("bf16" in name or name == "all three"):
+            continue  # bf16 is emulated on most CPUs: minutes per step
+        two, four = row(name, 2), row(name, 4)
+        if isinstance(two, str) or isinstance(four, str):
+            print(f"| {name} | failed: {two if isinstance(two, str) else four} |", flush=True)
+            continue
+        per_seq = (four[key] - two[key]) / 2
+        fixed = two[key] - 2 * per_seq
+        largest = int((args.fit_gb * 1024 - fixed) // per_seq) if per_seq > 0 else "any"
+        print(f"| {name} | {two[key]} MB | {four[key]} MB | {four['s_per_step']} | {per_seq:.0f} | {largest} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -265,3 +265,28 @@ def test_residual_stop_returns_the_layer_output_and_runs_nothing_after(build, pa
             assert torch.equal(model(x).logits, whole.logits) and ran == ["head"]
     with pytest.raises(SPDError, match="train_on: residual .* lm_head is in none"):
         ResidualStop.last_layer(["model.layers.0.mlp.up_proj", "lm_head"])
+
+
+@pytest.mark.parametrize("ci_fn, hidden", [("mlp", [16]), ("shared_mlp", [64]), ("global_transformer", [32])])
+def test_checkpointed_ci_functions_give_the_same_losses_and_gradients_and_keep_less(ci_fn, hidden):
+    """spd.checkpoint_ci: the CI functions' activations are recomputed in backward, not kept; nothing else changes."""
+    from spd_common import training_losses
+
+    tokens = torch.randint(0, VOCAB, (4, 10))
+    cfg = SPDConfig(ci_masked_recon_coeff=1.0, output_loss="kl")
+    grads, losses, kept = [], [], []
+    for checkpoint_ci in (False, True):
+        model = ComponentModel(tiny_llama(), {p: 8 for p in LLAMA_PATTERNS[:2]}, {}, ci_fn, hidden)
+        model.checkpoint_ci = checkpoint_ci
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            torch.manual_seed(1)
+            out = training_losses(model, cfg, tokens, 0.5, lambda out: out.logits)
+        out["total"].backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+        losses.append(out["total"].detach())
+        kept.append(sum(saved))
+    torch.testing.assert_close(losses[1], losses[0])
+    for g, h in zip(*grads):
+        torch.testing.assert_close(h, g)
+    assert kept[1] < kept[0]
