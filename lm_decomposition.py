@@ -324,7 +324,8 @@ def main() -> None:
     stop, output_fn = None, exp.output_fn
     if cfg.train_on == "residual":  # compare residual streams, scaled so the MSE is relative to their mean square
         if cfg.spd.output_loss != "mse":
-            raise SPDError(f"train_on: residual compares hidden states; set spd.output_loss: mse (not {cfg.spd.output_loss})")
+            raise SPDError("train_on: residual compares hidden states; set spd.output_loss: mse "
+                           f"(not {cfg.spd.output_loss})")
         stop = ResidualStop(model.target, ResidualStop.last_layer(model.names))
         with torch.no_grad():
             rms = model(exp.train_batch(0)).float().pow(2).mean().sqrt().item()

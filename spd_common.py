@@ -354,8 +354,8 @@ class ComponentModel(nn.Module):
         """CI per module (..., C): (lower-leaky for masks, upper-leaky for importance minimality).
         `inner`: the modules' inner acts on `inputs`, if already computed."""
         if self.global_ci:
-            pre = self.ci_call(self.ci_fns["global"], {n: self.ci_input(n, inputs[n], None if inner is None else inner[n])
-                                                       for n in self.names})
+            ci_inputs = {n: self.ci_input(n, inputs[n], None if inner is None else inner[n]) for n in self.names}
+            pre = self.ci_call(self.ci_fns["global"], ci_inputs)
             pairs = {n: hard_sigmoids(p, self.sigmoid) for n, p in pre.items()}
             return {n: lo for n, (lo, _) in pairs.items()}, {n: up for n, (_, up) in pairs.items()}
         lower, upper = {}, {}
@@ -553,27 +553,27 @@ def stochastic_recon_layerwise_loss(b: StepBatch, samples: list[tuple[dict[str, 
                for masks, deltas in samples) / len(samples)
 
 
-def routing_positions(masks: dict[str, Tensor], unit: str) -> tuple[int, ...]:
-    """The shape of what routing draws its modules for on this rank: every position (batch, seq, ... :
-    the masks' leading axes, which every module must share) or every example (batch,)."""
+def routing_positions(masks: dict[str, Tensor], unit: str, ddp: Dist) -> tuple[int, ...]:
+    """The shape of what routing draws its modules for, in the global batch (drawn whole on every rank, like
+    the mask noise, so that N processes route as one does): every position (batch, seq, ... : the masks'
+    leading axes, which every module must share) or every example (batch,)."""
     shapes = {tuple(m.shape[:-1]) for m in masks.values()}
     if unit == "example":
         if len({s[0] for s in shapes}) > 1:
             raise SPDError("routing modules per example needs masks whose first axis is the batch (MoE expert "
                            "matrices see tokens); set spd.stochastic_recon_routing=all and spd.pgd_routing=all")
-        return (next(iter(shapes))[0],)
-    if len(shapes) > 1:
+        shapes = {s[:1] for s in shapes}
+    elif len(shapes) > 1:
         raise SPDError(f"routing modules per position needs the same positions in every module, not {sorted(shapes)} "
                        f"(a conv's locations differ from a linear layer's); set spd.routing_unit=example")
-    return next(iter(shapes))
+    n, *rest = next(iter(shapes))
+    return (n * ddp.world_size, *rest)
 
 
 def draw_route(masks: dict[str, Tensor], unit: str, ddp: Dist = Dist()) -> Tensor:
-    """A module index per position (or per example), uniform; drawn for the global batch on every rank,
-    like the mask noise, so that N processes route as one does."""
-    n, *rest = routing_positions(masks, unit)
+    """A module index per position (or per example), uniform, this rank's part of the global draw."""
     g = next(iter(masks.values()))
-    return ddp.shard(torch.randint(len(masks), (n * ddp.world_size, *rest), device=g.device))
+    return ddp.shard(torch.randint(len(masks), routing_positions(masks, unit, ddp), device=g.device))
 
 
 def route_rows(route: Tensor, names: list[str]) -> dict[str, Tensor]:
@@ -596,8 +596,8 @@ def draw_rows(masks: dict[str, Tensor], routing: str, unit: str, ddp: Dist = Dis
     mixes masked and unmasked modules across its tokens."""
     if routing == "all":
         return None
-    n, *rest = routing_positions(masks, unit)
-    k = torch.randint(1, len(masks) + 1, (n * ddp.world_size, *rest, 1), device=next(iter(masks.values())).device)
+    g = next(iter(masks.values()))
+    k = torch.randint(1, len(masks) + 1, (*routing_positions(masks, unit, ddp), 1), device=g.device)
     return subset_rows(masks, k, ddp)
 
 

@@ -23,7 +23,8 @@ activating contexts and its next-token effects:
 Writes OUT/harvest.json (OUT defaults to RUN_DIR/analysis) and prints its path as the last line:
 
   {"run_dir": str, "checkpoint": str (the checkpoint harvested), "n_batches": N, "top_k": K,
-   "effect_positions": P, "ci_threshold": float, "n_examples": int (rows of CI per module: examples (images), or tokens for LMs),
+   "effect_positions": P, "ci_threshold": float,
+   "n_examples": int (rows of CI per module: examples (images), or tokens for LMs),
    "lm": bool,
    "modules": {module name: {
        "C": int,
@@ -214,9 +215,11 @@ def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8, loaded
         modules[n] = {"C": model.C[n], "density": density.tolist(), "mean_ci": (ci_sum[n] / n_rows).tolist(),
                       "weight_norm": (U.norm(dim=0) * V.norm(dim=1)).cpu().tolist(), "alive": alive}
         if is_lm:
-            modules[n]["lm"] = lm_details(model, exp, batches, cis, n, alive, best[n], threshold, top_k, effect_positions)
+            modules[n]["lm"] = lm_details(model, exp, batches, cis, n, alive, best[n], threshold, top_k,
+                                          effect_positions)
     result = {"run_dir": str(run_dir), "checkpoint": checkpoint_paths(run_dir / "checkpoints")[-1].name,
-              "n_batches": n_batches, "top_k": top_k, "effect_positions": effect_positions, "ci_threshold": threshold, "n_examples": n_rows,
+              "n_batches": n_batches, "top_k": top_k, "effect_positions": effect_positions, "ci_threshold": threshold,
+              "n_examples": n_rows,
               "lm": is_lm, "modules": modules}
     out.mkdir(parents=True, exist_ok=True)
     path = out / "harvest.json"
