@@ -78,7 +78,8 @@ class LMConfig:
     n_eval_batches: int = option(8, "held-out batches of spd.eval_batch_size sequences for CE / KL", ge=1)
     train_on: Literal["logits", "residual"] = option(
         "logits", "what the output loss compares: the next-token logits (the whole model runs every forward) or "
-        "the residual stream after the last decomposed layer (the forward stops there; spd.output_loss: mse)")
+        "the residual stream after the last decomposed layer, each dimension scaled to unit RMS (the forward stops "
+        "there; spd.output_loss: mse)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,15 +323,16 @@ def main() -> None:
     eval_batches = [eval_batch(i) for i in range(cfg.n_eval_batches)]
 
     stop, output_fn = None, exp.output_fn
-    if cfg.train_on == "residual":  # compare residual streams, scaled so the MSE is relative to their mean square
+    if cfg.train_on == "residual":  # compare residual streams, each dimension scaled to unit RMS on the target
         if cfg.spd.output_loss != "mse":
             raise SPDError("train_on: residual compares hidden states; set spd.output_loss: mse "
                            f"(not {cfg.spd.output_loss})")
         stop = ResidualStop(model.target, ResidualStop.last_layer(model.names))
-        with torch.no_grad():
-            rms = model(exp.train_batch(0)).float().pow(2).mean().sqrt().item()
+        with torch.no_grad():  # per dimension: a few carry huge activations and would be all an MSE sees
+            rms = model(exp.train_batch(0)).float().flatten(0, -2).pow(2).mean(0).sqrt().clamp_min(1e-6)
         output_fn = lambda hidden: hidden / rms  # noqa: E731
-        print(f"training on the residual stream after {stop.layer} (RMS {rms:.3g}); CE metrics run the whole model")
+        print(f"training on the residual stream after {stop.layer} (per-dimension RMS: median {rms.median():.3g}, "
+              f"max {rms.max():.3g}); CE metrics run the whole model")
 
     results = optimize(model, cfg.spd, exp.train_batch, eval_batch, run_dir,
                        eval_fn=lambda m: lm_metrics(m, cfg, eval_batches, stop), output_fn=output_fn,
