@@ -121,10 +121,10 @@ def next_token_effects(model: ComponentModel, output_fn, x: Tensor, name: str, c
         with model.masked({name: ablated}, {name: torch.ones(len(c), 1, device=x.device)}):
             logits = output_fn(model(input_ids=x[b, p][:, None], attention_mask=attention, position_ids=p[:, None],
                                      use_cache=True, **{cache_kw: cached}))
-        change = logits[:, -1].float().softmax(-1) - base[b, p]
+        change = (logits[:, -1].float().softmax(-1) - base[b, p]).cpu()  # one copy per chunk, not per row
         for i, comp in enumerate(c.tolist()):
             total, n = effects.get(comp, (0, 0))
-            effects[comp] = (total + change[i].cpu(), n + 1)
+            effects[comp] = (total + change[i], n + 1)
         if progress is not None:
             progress(min(start + chunk, len(queries)), len(queries))
     return effects
