@@ -37,7 +37,8 @@ from torch import Tensor
 
 from spd_common import ComponentModel, Experiment, SPDConfig, autocast, optimize, output_loss, sample_masks
 from spd_config import SPDError, config_to_dict, option
-from spd_run import eval_seed, figures_dir, get_device, parse_cli, run_main, set_seed, write_results
+from spd_run import (eval_seed, figures_dir, get_device, main_rank_first, parse_cli, run_main, set_seed,
+                     write_results)
 from train_targets.registry_lm import RegistryModelConfig, fetch_registry_model
 from train_targets.train_lm import TinyLMConfig, TokenBatches, build_tiny_lm, next_token_ce, pack
 
@@ -295,11 +296,12 @@ def build(cfg: LMConfig) -> Experiment:
     """The model (the offline tiny Llama built first if missing) wrapped in fresh components, and
     step-indexed batches of its training and held-out text."""
     device = get_device(cfg.spd.device)
-    if cfg.target is not None and not Path(cfg.target.path).is_dir():
-        print(f"Target {cfg.target.path} not found: building the offline tiny Llama and its story corpus there.")
-        build_tiny_lm(cfg.target)
-    if cfg.registry_model is not None:
-        fetch_registry_model(cfg.registry_model)
+    with main_rank_first():  # under torchrun, rank 0 builds or fetches a missing model; the others then find it
+        if cfg.target is not None and not Path(cfg.target.path).is_dir():
+            print(f"Target {cfg.target.path} not found: building the offline tiny Llama and its corpus there.")
+            build_tiny_lm(cfg.target)
+        if cfg.registry_model is not None:
+            fetch_registry_model(cfg.registry_model)
     target, tokenizer = load_model(cfg.model)
     target.to(device)
     set_seed(cfg.spd.seed)

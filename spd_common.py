@@ -31,16 +31,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from spd_config import SPDError, config_to_dict, option
 from spd_ci import GlobalCI, hard_sigmoids, make_ci_fn
-from spd_kernels import counter_uniform
+from spd_kernels import KLDivLogits, counter_uniform
 from spd_layers import (Components, DecomposedExperts, DecomposedModule, ExpertLinear, check_decomposable,
                         decomposable_modules, runs_own_forward, weight_out_in)
-from spd_run import (Batch, Decomposition, Dist, MetricsLogger, Preempted, TrainState, init_distributed, peak_rss_mb,
-                     preemption_signals, rebalance_threads, resume_training, save_training_checkpoint, set_seed,
-                     split_batch, step_batches, step_generator, target_digest)
+from spd_fsdp import ShardedLoss, local_megabytes
+from spd_run import (Batch, Decomposition, Dist, MetricsLogger, Preempted, TrainState, checkpoint_paths,
+                     init_distributed, peak_rss_mb, preemption_signals, rebalance_threads, resume_training,
+                     save_training_checkpoint, set_seed, split_batch, step_batches, step_generator, target_digest)
 
 
 # ================================================================================================
@@ -131,6 +133,8 @@ class SPDConfig:
     checkpoint_blocks: Optional[str] = option(None, "recompute these target modules' activations in backward "
                                                     "(fnmatch pattern, e.g. model.layers.*): less memory, more time")
     checkpoint_ci: bool = option(False, "recompute the CI functions' activations in backward: less memory, more time")
+    fsdp: bool = option(False, "under torchrun: shard the components, CI functions and optimizer state over the "
+                               "ranks (FSDP2, spd_fsdp.py) instead of replicating them")
     log_every: int = option(100, "write training losses to metrics.jsonl every N steps", ge=1)
     ci_threshold: float = option(0.1, "CI above this counts a subcomponent as active (L0, alive)", ge=0, le=1)
     checkpoint_every: Optional[int] = option(1000, "save a checkpoint every N steps, for --resume (null = none)", ge=1)
@@ -439,11 +443,11 @@ def sample_masks(ci: dict[str, Tensor], sampling: str, use_delta: bool, generato
 
 
 def output_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
-    """MSE: mean over all elements. KL(target || pred) of softmax over the last dim, mean over positions."""
+    """MSE: mean over all elements. KL(target || pred) of softmax over the last dim, mean over positions
+    (differentiable in pred; it keeps one logits-sized tensor for backward, not two: `KLDivLogits`)."""
     if kind == "mse":
         return F.mse_loss(pred, target)
-    logp, logq = F.log_softmax(target, -1), F.log_softmax(pred, -1)
-    return (logp.exp() * (logp - logq)).sum(-1).mean()
+    return KLDivLogits.apply(pred, target)
 
 
 def faithfulness_loss(model: ComponentModel) -> Tensor:
@@ -946,10 +950,13 @@ def nonfinite_term(losses: dict[str, Tensor], grad_norm: Tensor) -> tuple[str, f
 
 
 def clip_grad_norm(params: list[Tensor], max_norm: float | None) -> Tensor:
-    """The gradients' global norm, after clipping it to max_norm (spd.grad_clip; None: not clipped)."""
+    """The gradients' global norm (a plain tensor, also of sharded gradients), after clipping it to max_norm
+    (spd.grad_clip; None: not clipped)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # spd.fsdp: each rank's part, summed
     if max_norm is not None:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def average_gradients(params: list[Tensor], ddp: Dist) -> None:
@@ -964,12 +971,14 @@ def average_gradients(params: list[Tensor], ddp: Dist) -> None:
 
 
 def train_step(model: ComponentModel, cfg: SPDConfig, opt: torch.optim.Optimizer, x: Any, step: int,
-               output_fn: Callable[[Any], Tensor], ddp: Dist, adversary: PersistentAdversary | None = None
+               output_fn: Callable[[Any], Tensor], ddp: Dist, adversary: PersistentAdversary | None = None,
+               loss_fn: Callable[..., dict[str, Tensor]] = training_losses
                ) -> tuple[dict[str, Tensor], tuple[str, float] | None]:
     """One optimisation step on this rank's batch `x`: the loss and its backward (in grad_accum_steps
     micro-batches), the gradients averaged over ranks, clipped, and the optimizer step, unless a loss term
     or the gradient is nan/inf on some rank, in which case nothing changes. Returns the batch's mean losses
-    and (name, value) of what was not finite (None: the step was taken)."""
+    and (name, value) of what was not finite (None: the step was taken). `loss_fn`: training_losses, or
+    (spd.fsdp) a `ShardedLoss`, whose backward averages the gradients itself."""
     params = [p for group in opt.param_groups for p in group["params"]]
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
@@ -978,11 +987,12 @@ def train_step(model: ComponentModel, cfg: SPDConfig, opt: torch.optim.Optimizer
     losses: dict[str, Tensor] = {}
     for micro_batch in split_batch(x, cfg.grad_accum_steps):
         with autocast(cfg, params[0].device):
-            micro = training_losses(model, cfg, micro_batch, step / cfg.steps, output_fn, ddp, adversary)
+            micro = loss_fn(model, cfg, micro_batch, step / cfg.steps, output_fn, ddp, adversary)
         (micro["total"] / cfg.grad_accum_steps).backward()
         for k, v in micro.items():  # the mean over micro-batches is the batch's loss
             losses[k] = losses.get(k, 0) + v.detach() / cfg.grad_accum_steps
-    average_gradients(params, ddp)  # every rank now holds the gradient of the global batch's loss
+    if not cfg.fsdp:
+        average_gradients(params, ddp)  # every rank now holds the gradient of the global batch's loss
     bad = nonfinite_term(losses, clip_grad_norm(params, cfg.grad_clip))
     if ddp.any(bad is not None, params[0].device) and bad is None:  # every rank must take the same branch
         bad = ("total (on another rank)", float("nan"))
@@ -1009,13 +1019,15 @@ class TrainingRun:
     ddp: Dist
     digest: str  # the target's: a checkpoint resumes against this target only
     evaluate: Callable[[int], dict[str, float]]  # step -> metrics (rank 0)
+    sharded: ShardedLoss | None = None  # spd.fsdp: the loss module whose parameters are sharded
     caught: list[str] = dataclasses.field(default_factory=list)  # signals caught inside `loop`
     bar: Any = None  # `loop`'s progress bar
     wall: float = 0.0  # seconds `loop` ran
 
     @classmethod
     def start(cls, model: Decomposition, params: list[Tensor], digest: str, cfg: SPDConfig, run_dir: Path,
-              full_config: dict | None, evaluate: Callable[[int], dict[str, float]]) -> TrainingRun:
+              full_config: dict | None, evaluate: Callable[[int], dict[str, float]],
+              sharded: ShardedLoss | None = None) -> TrainingRun:
         """The optimizer of `params` (spd.optimizer, lr, weight_decay) and the state to start from: fresh, or
         (`--resume`) the newest readable checkpoint in run_dir, loaded into `model` and the optimizer."""
         ddp = init_distributed()
@@ -1024,7 +1036,7 @@ class TrainingRun:
             params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=params[0].device.type in ("cpu", "cuda"))
         state = resume_training(run_dir, model, opt, digest, ddp.is_main, cfg.steps)
         logger = MetricsLogger(run_dir, cfg.wandb_project, full_config or {"spd": config_to_dict(cfg)}, ddp.is_main)
-        return cls(model, cfg, run_dir, opt, state, logger, ddp, digest, evaluate)
+        return cls(model, cfg, run_dir, opt, state, logger, ddp, digest, evaluate, sharded)
 
     @contextmanager
     def loop(self) -> Iterator[tqdm]:
@@ -1040,16 +1052,20 @@ class TrainingRun:
         """After training step `step`: log it (or stop or count it if not finite), evaluate every eval_every
         steps, checkpoint every checkpoint_every, and on a signal save and stop (`Preempted`)."""
         self.log_step(step, losses, bad)
-        if step > 0 and step % self.cfg.eval_every == 0 and self.ddp.is_main:
-            self.evaluate_and_log(step)
+        if step > 0 and step % self.cfg.eval_every == 0:
+            with self.sharded.whole() if self.sharded else contextlib.nullcontext():  # every rank gathers
+                if self.ddp.is_main:
+                    self.evaluate_and_log(step)
         self.state.step = step + 1  # a checkpoint now resumes at the next step
         self.checkpoint()
 
     def finish(self) -> dict[str, float]:
         """final.pt and the final evaluation on rank 0 (its metrics; {} on the others), and leave torchrun."""
         final = {}
+        self.save("final.pt")  # before the final evaluation: a run killed after it resumes to the same results
+        if self.sharded:
+            self.sharded.unshard()  # whole on every rank from here on, for the evaluation and the script's analysis
         if self.ddp.is_main:  # rank 0 alone evaluates, and (in the experiment script) makes figures and writes results
-            self.save("final.pt")  # before the final evaluation: a run killed after it resumes to the same results
             final = self.evaluate_and_log(self.cfg.steps)
         self.ddp.close()
         return final
@@ -1135,25 +1151,33 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
             metrics = evaluate(model, cfg, input_fn(eval_batch(step)), output_fn, noise)
             return metrics | (eval_fn(model) if eval_fn is not None else {})
 
+    # The warm-up steps the whole components, before any sharding (a resumed run loads them instead).
+    fresh = not checkpoint_paths(run_dir / "checkpoints")
+    warmup = faithfulness_warmup(model, cfg) if fresh and cfg.faithfulness_warmup_steps else None
+    ddp = init_distributed()
+    sharded = ShardedLoss(model, training_losses, ddp.world_size) if cfg.fsdp and ddp.world_size > 1 else None
     params = [*model.components.parameters(), *model.ci_fns.parameters()]
-    run = TrainingRun.start(model, params, target_digest(model), cfg, run_dir, full_config, evaluate_at)
-    state, ddp = run.state, run.ddp
+    run = TrainingRun.start(model, params, target_digest(model), cfg, run_dir, full_config, evaluate_at, sharded)
+    state = run.state
     adversary = PersistentAdversary(state.adversary) if cfg.pgd_persistent else None
 
     try:
-        if state.resumed_from is None and cfg.faithfulness_warmup_steps:
-            run.logger.log(0, {"warmup/faithfulness": faithfulness_warmup(model, cfg)})
+        if warmup is not None:
+            run.logger.log(0, {"warmup/faithfulness": warmup})
         with run.loop() as steps:
             for step in steps:
                 x = input_fn(ddp.shard(train_batch(step)))
-                losses, bad = train_step(model, cfg, run.opt, x, step, output_fn, ddp, adversary)
+                losses, bad = train_step(model, cfg, run.opt, x, step, output_fn, ddp, adversary,
+                                         sharded or training_losses)
                 run.end_step(step, losses, bad)
+        state_mb = local_megabytes([*params, *(t for s in run.opt.state.values() for t in s.values() if t.dim())])
         final = run.finish()
     finally:
         run.logger.close()
     if not ddp.is_main:
         return None
-    return run_results(cfg, state, run.wall, device) | state.train_metrics | final
+    results = run_results(cfg, state, run.wall, device) | {"train_state_mb": round(state_mb, 3)}
+    return results | state.train_metrics | final
 
 
 def run_results(cfg: SPDConfig, state: TrainState, wall: float, device: torch.device) -> dict[str, Any]:

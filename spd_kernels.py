@@ -341,3 +341,39 @@ class ScalarGeluMLP(torch.autograd.Function):
         g3 = g.unsqueeze(-1)
         dpre = torch.ops.aten.gelu_backward(g3 * w2, pre)  # (N, C, H)
         return (dpre * w1).sum(-1), (dpre * h.unsqueeze(-1)).sum(0), dpre.sum(0), (act * g3).sum(0), g.sum(0)
+
+
+# The KL output loss of a language model compares (positions, vocabulary)-sized logits, 49k wide for
+# SmolLM2, once per masked forward. Written as torch ops, autograd keeps two such tensors per forward for
+# the backward (the prediction's log-softmax and the target's probabilities), and the forward makes several
+# more at once; its gradient with respect to the predicted logits, softmax(pred) - softmax(target), is one.
+# `KLDivLogits` computes the loss and that gradient together, a chunk of positions at a time (the
+# temporaries of one chunk only), and keeps only the gradient.
+class KLDivLogits(torch.autograd.Function):
+    """KL(softmax(target) || softmax(pred)) over the last axis, mean over the positions: pred, target
+    (..., V) -> (). Differentiable in pred only (the target's logits are constants of the step)."""
+
+    CHUNK = 1024  # positions per chunk
+
+    @staticmethod
+    def forward(ctx: Any, pred: Tensor, target: Tensor) -> Tensor:
+        pred2, target2 = pred.detach().reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1])
+        n = pred2.shape[0]
+        grad = torch.empty_like(pred2) if ctx.needs_input_grad[0] else None  # none in evaluation
+        total = torch.zeros((), device=pred.device)
+        for s in range(0, n, KLDivLogits.CHUNK):
+            logq = F.log_softmax(pred2[s:s + KLDivLogits.CHUNK].float(), -1)
+            logp = F.log_softmax(target2[s:s + KLDivLogits.CHUNK].float(), -1)
+            p = logp.exp()
+            total += (p * (logp - logq)).sum()
+            if grad is not None:
+                grad[s:s + KLDivLogits.CHUNK] = (logq.exp_() - p) / n
+        ctx.save_for_backward(grad)
+        ctx.shape = pred.shape
+        return total / n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return (grad * g).view(ctx.shape), None

@@ -41,6 +41,7 @@ import yaml
 from torch import Tensor
 
 from spd_config import SPDError, config_to_dict, load_config
+from spd_fsdp import gathered, sharded_optimizer_state, sharded_state
 
 class Decomposition(Protocol):
     """What runs, checkpoints and resume need of spd_common.ComponentModel (typed here, so that this file,
@@ -400,10 +401,22 @@ def init_distributed() -> Dist:
     if world_size == 1:
         return Dist()
     if not dist.is_initialized():
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and int(os.environ["LOCAL_RANK"]) < torch.cuda.device_count():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so that device "cuda" is this rank's GPU
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return Dist(dist.get_rank(), world_size)
+
+
+@contextmanager
+def main_rank_first() -> Iterator[None]:
+    """Under torchrun, rank 0 runs the block first and the other ranks after it has finished (e.g. rank 0
+    builds a missing target and caches it, the others find the cache); on one process, just the block."""
+    ddp = init_distributed()
+    if not ddp.is_main:
+        dist.barrier()
+    yield
+    if ddp.is_main and ddp.world_size > 1:  # not reached when rank 0's block raises: torchrun stops them all
+        dist.barrier()
 
 
 # ================================================================================================
@@ -491,14 +504,15 @@ def load_or_train_target(cfg: Any, build: Callable[[], nn.Module], train: Callab
     with other settings (steps, weight decay, ...) is used with a note saying so.
     """
     path = Path(cfg.path)
-    if not path.exists():
-        print(f"Target {path} not found: training it ({cfg.steps} steps) and caching it there.")
-        model = train()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"config": dataclasses.asdict(cfg), "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)  # atomic: an interrupted save never leaves a truncated cache
-        return model.requires_grad_(False)
+    with main_rank_first():  # under torchrun, rank 0 trains a missing target; the others then load it
+        if not path.exists():
+            print(f"Target {path} not found: training it ({cfg.steps} steps) and caching it there.")
+            model = train()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"config": dataclasses.asdict(cfg), "state_dict": model.state_dict()}, tmp)
+            os.replace(tmp, path)  # atomic: an interrupted save never leaves a truncated cache
+            return model.requires_grad_(False)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         saved_cfg, state = saved["config"], saved["state_dict"]
@@ -700,13 +714,15 @@ class TrainState:
 
 def save_training_checkpoint(path: Path, model: Decomposition, opt: torch.optim.Optimizer, state: TrainState,
                              digest: str, is_main: bool, keep: int) -> None:
-    """Checkpoint the state after `state.step` steps (rank 0 writes) and keep the newest `keep`
-    periodic ones; parameters that went nan/inf are never saved."""
-    if not all(torch.isfinite(p).all() for group in opt.param_groups for p in group["params"]):
+    """Checkpoint the state after `state.step` steps (every rank calls it, rank 0 writes; sharded
+    parameters and optimizer state are gathered whole) and keep the newest `keep` periodic ones; parameters
+    that went nan/inf are never saved."""
+    decomposition, optimizer = gathered(model.decomposition_state()), gathered(opt.state_dict())
+    if not all(torch.isfinite(t).all() for part in decomposition.values() for t in part.values()):
         raise SPDError(f"parameters are not finite after step {state.step - 1}; not saving {path.name}, keeping the "
                        f"last good checkpoint ({state.last_ckpt}); lower spd.lr or set spd.grad_clip")
     if is_main:
-        save_checkpoint(path, {"step": state.step, **model.decomposition_state(), "optimizer": opt.state_dict(),
+        save_checkpoint(path, {"step": state.step, **decomposition, "optimizer": optimizer,
                                "rng": rng_state(), "skipped_steps": state.skipped,
                                "train_metrics": state.train_metrics, "target_digest": digest,
                                "threads": torch.get_num_threads(), "adversary": state.adversary})
@@ -726,8 +742,10 @@ def resume_training(run_dir: Path, model: Decomposition, opt: torch.optim.Optimi
         raise SPDError(f"{path} was trained against a different target (its weights changed since); "
                        f"restore the original target file or start a new run")
     try:
-        model.load_decomposition_state(ckpt)
-        opt.load_state_dict(ckpt["optimizer"])
+        # spd.fsdp: each rank loads its shards of the whole tensors saved
+        own = model.decomposition_state()
+        model.load_decomposition_state({k: sharded_state(ckpt[k], own[k]) for k in own})
+        opt.load_state_dict(sharded_optimizer_state(ckpt["optimizer"], opt))
     except (RuntimeError, ValueError, KeyError) as e:
         raise SPDError(f"{path} does not fit this model ({' '.join(str(e).split())[:200]}); "
                        f"was {run_dir / 'config.yaml'} edited?") from None

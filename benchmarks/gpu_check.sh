@@ -4,9 +4,10 @@
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: a fresh temporary directory
 #
-# Checks: TMS 5-2 on CUDA; tiny_llama under `torchrun --nproc 1` (NCCL), 100 steps; a CUDA run
-# interrupted and resumed, bit-identical to an uninterrupted one; bf16 autocast off/on and
-# spd.compile off/on on tiny_llama, each with tokens/s and peak GPU memory. Exit code: failed checks.
+# Checks: TMS 5-2 on CUDA; tiny_llama under `torchrun --nproc 1` (NCCL), 100 steps; spd.fsdp over every
+# GPU (NCCL; on a one-GPU machine over 2 CPU processes, gloo); a CUDA run interrupted and resumed,
+# bit-identical to an uninterrupted one; bf16 autocast off/on, spd.compile and spd.checkpoint_ci on
+# tiny_llama, each with tokens/s and peak GPU memory. Exit code: failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${1:-$(mktemp -d)}
@@ -33,7 +34,8 @@ summary() {  # the figures that matter from a results.json
   python - "$1" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
-keys = ["mmcs", "ml2r", "ml2r_nonnegligible", "ce_unrecovered", "steps_per_s", "tokens_per_s", "peak_gpu_mem_mb"]
+keys = ["mmcs", "ml2r", "ml2r_nonnegligible", "ce_unrecovered", "steps_per_s", "tokens_per_s", "peak_gpu_mem_mb",
+        "train_state_mb"]
 print("  ".join(f"{k}={r[k]:.4g}" for k in keys if k in r))
 EOF
 }
@@ -44,6 +46,15 @@ check torchrun_nccl_lm torchrun --standalone --nproc_per_node 1 lm_decomposition
 check lm_fp32 python lm_decomposition.py "${LM[@]}" --out "$OUT/lm_fp32"
 check lm_bf16 python lm_decomposition.py "${LM[@]}" spd.autocast_bf16=true --out "$OUT/lm_bf16"
 check lm_compile python lm_decomposition.py "${LM[@]}" spd.compile=true --out "$OUT/lm_compile"
+check lm_checkpoint_ci python lm_decomposition.py "${LM[@]}" spd.checkpoint_ci=true --out "$OUT/lm_checkpoint_ci"
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$GPUS" -ge 2 ]; then  # the components sharded over the GPUs (batch 16 and eval batch 32 must divide)
+  check fsdp_nccl_lm torchrun --standalone --nproc_per_node "$GPUS" lm_decomposition.py "${LM[@]}" spd.fsdp=true \
+    --out "$OUT/lm_fsdp"
+else
+  check fsdp_gloo_lm torchrun --standalone --nproc_per_node 2 lm_decomposition.py "${LM[@]}" spd.fsdp=true \
+    spd.device=cpu --out "$OUT/lm_fsdp"
+fi
 
 # Resume: a run stopped after step 200 of 400 (its final checkpoint and results removed, as if
 # killed there) and continued with --resume must end exactly where an uninterrupted run does.

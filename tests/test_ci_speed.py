@@ -197,3 +197,33 @@ def test_tms_trains_the_same_with_and_without_the_kernel(tmp_path):
         losses.append(torch.tensor([r["train/total"] for r in rows if "train/total" in r]))
     assert len(losses[0]) == 20
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_kl_matches_the_formula_and_keeps_one_logits_tensor(monkeypatch, dtype):
+    """KLDivLogits against sum_v p (log p - log q) written out with autograd: value and gradient, over
+    several chunks of positions (one ragged); for backward it keeps one (positions, V) tensor, not two."""
+    from spd_kernels import KLDivLogits
+
+    monkeypatch.setattr(KLDivLogits, "CHUNK", 4)
+    g = torch.Generator().manual_seed(0)
+    pred = (3 * torch.randn(2, 5, 11, generator=g)).to(dtype).requires_grad_()
+    target = (3 * torch.randn(2, 5, 11, generator=g)).to(dtype)
+    p, logq = torch.softmax(target.double(), -1), torch.log_softmax(pred.double(), -1)
+    expected = (p * (p.log() - logq)).sum(-1).mean()
+    (expected_grad,) = torch.autograd.grad(expected, pred)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        loss = KLDivLogits.apply(pred, target)
+    loss.backward()
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert loss.item() == pytest.approx(expected.item(), rel=tol, abs=tol)
+    torch.testing.assert_close(pred.grad.double(), expected_grad.double(), atol=tol / 10, rtol=tol)
+    assert saved == [pred.numel()]
+
+    saved.clear()  # what autograd keeps for the same formula in torch ops: two logits-sized tensors
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        logp, logq = torch.log_softmax(target, -1), torch.log_softmax(pred, -1)
+        (logp.exp() * (logp - logq)).sum(-1).mean()
+    assert sum(saved) == 2 * pred.numel()

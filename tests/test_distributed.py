@@ -32,13 +32,16 @@ def run(cmd, tmp_path):
     return proc
 
 
-def test_two_process_torchrun_equals_one_process(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_process_torchrun_equals_one_process(tmp_path, fsdp):
+    """DDP (replicated parameters) and spd.fsdp (sharded) train what one process does."""
     args = [str(ROOT / "configs/tms_5-2.yaml"), "spd.steps=50", "spd.batch_size=512", "spd.eval_batch_size=512",
             "spd.eval_every=20", "spd.log_every=10", "spd.faithfulness_warmup_steps=10", "spd.checkpoint_every=25",
             "target.steps=300", "target.min_column_norm=0", f"target.path={tmp_path / 't.pt'}"]
     script = str(ROOT / "tms_decomposition.py")
+    # torchrun first: rank 0 trains the missing target, the other rank waits and loads it
+    proc = run([*TORCHRUN, script, *args, f"spd.fsdp={fsdp}", "--out", str(tmp_path / "two")], tmp_path)
     run([sys.executable, script, *args, "--out", str(tmp_path / "one")], tmp_path)
-    proc = run([*TORCHRUN, script, *args, "--out", str(tmp_path / "two")], tmp_path)
     assert proc.stdout.strip().splitlines()[-1].endswith("two/results.json")  # printed once, by rank 0
 
     one = torch.load(tmp_path / "one/checkpoints/final.pt", weights_only=True)
@@ -61,6 +64,8 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
     r1 = json.loads((tmp_path / "one/results.json").read_text())
     r2 = json.loads((tmp_path / "two/results.json").read_text())
     assert r2["mmcs"] == pytest.approx(r1["mmcs"], abs=1e-5)
+    # parameters + Adam's moments per rank: all of them under DDP, half under FSDP
+    assert r2["train_state_mb"] == pytest.approx(r1["train_state_mb"] / (2 if fsdp else 1), rel=0.02)
 
 
 def test_collectives_see_only_training_device_tensors(monkeypatch, tmp_path):
@@ -103,6 +108,7 @@ def test_gpu_nodes_get_a_group_for_cpu_and_cuda_tensors(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
     monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("backend", backend)))
@@ -111,9 +117,11 @@ def test_gpu_nodes_get_a_group_for_cpu_and_cuda_tensors(monkeypatch):
     assert calls == [("set_device", 1), ("backend", "cpu:gloo,cuda:nccl")]
 
 
-def test_two_process_lm_run_equals_one_process_in_training_and_evals(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_process_lm_run_equals_one_process_in_training_and_evals(tmp_path, fsdp):
     """The LM evaluation draws its stochastic masks on rank 0 alone: from a generator of its own, so
-    that the ranks' shared training stream stays in step and 2 processes train what 1 does."""
+    that the ranks' shared training stream stays in step and 2 processes train what 1 does (also with
+    the components sharded)."""
     t = tmp_path / "tl"
     args = [str(ROOT / "configs/tiny_llama.yaml"), f"model={t}", f"target.path={t}", "target.n_train_stories=300",
             "target.n_test_stories=40", "target.d_model=16", "target.d_mlp=32", "target.n_heads=2",
@@ -122,8 +130,9 @@ def test_two_process_lm_run_equals_one_process_in_training_and_evals(tmp_path):
             "spd.steps=6", "spd.eval_every=2", "spd.log_every=1", "spd.batch_size=4", "spd.eval_batch_size=4",
             "spd.faithfulness_warmup_steps=2", "spd.modules={model.layers.*.mlp.*: 8}", "n_eval_batches=1"]
     script = str(ROOT / "lm_decomposition.py")
+    # torchrun first: rank 0 builds the missing tiny Llama, the other rank waits and loads it
+    run([*TORCHRUN, script, *args, f"spd.fsdp={fsdp}", "--out", str(tmp_path / "two")], tmp_path)
     run([sys.executable, script, *args, "--out", str(tmp_path / "one")], tmp_path)
-    run([*TORCHRUN, script, *args, "--out", str(tmp_path / "two")], tmp_path)
     one, two = (torch.load(tmp_path / f"{r}/checkpoints/final.pt", weights_only=True) for r in ("one", "two"))
     for k in one["components"]:
         torch.testing.assert_close(two["components"][k], one["components"][k], atol=1e-5, rtol=0, msg=k)
@@ -146,10 +155,12 @@ m.run_main(m.main)
 """
 
 
-def test_two_process_run_preempted_and_resumed_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_process_run_preempted_and_resumed_equals_uninterrupted(tmp_path, fsdp):
     """SIGTERM to torchrun reaches both ranks, which stop at the same step (the flag is all-reduced);
-    rank 0 checkpoints; a 2-process --resume then ends bit-identical to an uninterrupted 2-process run."""
-    args = [str(ROOT / "configs/tms_5-2.yaml"), "spd.steps=40", "spd.batch_size=256", "spd.eval_batch_size=256",
+    rank 0 checkpoints (under FSDP, the gathered shards); a 2-process --resume then ends bit-identical to an
+    uninterrupted 2-process run."""
+    args = [str(ROOT / "configs/tms_5-2.yaml"), f"spd.fsdp={fsdp}", "spd.steps=40", "spd.batch_size=256", "spd.eval_batch_size=256",
             "spd.eval_every=15", "spd.log_every=5", "spd.faithfulness_warmup_steps=10", "spd.checkpoint_every=10",
             "target.steps=200", "target.min_column_norm=0", f"target.path={tmp_path / 't.pt'}"]
     script = str(ROOT / "tms_decomposition.py")
