@@ -15,7 +15,10 @@ The story:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import matplotlib
 
@@ -30,14 +33,78 @@ from spd_run import figures_dir, get_device, parse_cli, run_main, write_results
 from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batch
 
 
+# ------------------------------------------------------------------------------------------------
+# The size rule: what the decomposition of a TMS of n features needs
+# ------------------------------------------------------------------------------------------------
+def size_rule(n_features: int) -> dict:
+    """C (per matrix), batch_size, steps, importance_minimality_coeff (beta3), p and lr for n features.
+
+    Two hand-tuned sizes anchor it: n = 5 (5-2, 5-2+ID: C 20, batch 4096, 2000 steps, beta3 3e-3, p 1,
+    lr 3e-3) and n = 40 (40-10, 40-10+ID: C 200, batch 1024, 10k steps, beta3 1e-4, p 2, lr 1e-3).
+    Between and beyond them each value moves geometrically in log n (t = 0 at n = 5, 1 at n = 40):
+      - C grows a little faster than n (4 per feature at 5, 5 at 40): at 40-10, C = 100 left 3 features
+        sharing subcomponents, so spare subcomponents are kept as n grows;
+      - steps grow as n^0.77: more features take longer to separate (40-10 recovered from step 4000 on);
+      - beta3 falls as n^-1.6: the reconstruction loss is a mean over the n outputs, so each feature's pull
+        against the importance penalty weakens as n grows, and p = 2 at 40 penalises CI below 1 less;
+      - batch, p and lr stay within their anchors' range (t clipped to [0, 1]): batch falls from 4096 to
+        1024 as C grows (a step's cost is batch x C; at 40-10, batch 4096 left features sharing), never
+        below, so every feature is on in ~50 examples per step; p goes from 1 to 2; lr from 3e-3 to 1e-3.
+    n_hidden does not enter: both anchors grow n and m together, so they cannot tell the two apart; n sets
+    how many subcomponents are needed. The identity layer (+ID) needs nothing more: 5-2+ID recovers its 5
+    and 2 with 5-2's values (SPD seeds 0-2), as 40-10+ID with 40-10's.
+    """
+    t = math.log(n_features / 5) / math.log(40 / 5)
+    tc = min(max(t, 0.0), 1.0)
+
+    def between(at_5: float, at_40: float, t: float) -> float:
+        return at_5 * (at_40 / at_5) ** t
+
+    return {"C": round(between(20, 200, t)), "batch_size": 2 ** round(between(12, 10, tc)),
+            "steps": 100 * round(between(20, 100, t)), "importance_minimality_coeff": round_2(between(3e-3, 1e-4, t)),
+            "p": round(1 + tc, 2), "lr": round_2(between(3e-3, 1e-3, tc))}
+
+
+def round_2(x: float) -> float:
+    """x to two significant digits (a readable config value)."""
+    return float(f"{x:.2g}")
+
+
+Auto = Literal["auto"]
+
+
+@dataclass
+class TMSSPDConfig(SPDConfig):
+    """SPDConfig whose size-dependent fields default to `auto`: size_rule decides them from n_features."""
+
+    modules: dict[str, int] = option({}, "module pattern -> C ({}: linear1, linear2 and each identity layer, C by "
+                                         "size_rule)")
+    importance_minimality_coeff: float | Auto | None = option("auto", "weight of sum_c |g_c|^p (auto: size_rule)",
+                                                              ge=0)
+    p: float | Auto = option("auto", "exponent p of the importance-minimality loss (auto: size_rule)", gt=0)
+    lr: float | Auto = option("auto", "peak learning rate (auto: size_rule)", gt=0)
+    steps: int | Auto = option("auto", "optimisation steps (auto: size_rule)", ge=1)
+    batch_size: int | Auto = option("auto", "examples per step (auto: size_rule)", ge=1)
+
+
 # COPYING THIS SCRIPT? Change: the config below (keep its `spd: SPDConfig`), the target and data in
 # build(), the metrics and the figures. Keep: build's signature and main's skeleton.
 @dataclass
 class TMSConfig:
     target: TMSTargetConfig = option(doc="the target model and how to train it")
-    spd: SPDConfig = option(doc="the decomposition")
+    spd: TMSSPDConfig = option(doc="the decomposition (fields left `auto`: size_rule)")
     norm_threshold: float = option(0.1, "a subcomponent with ||U_c|| ||V_c|| above this counts as non-negligible "
                                    "(n_nonnegligible, mmcs_nonnegligible)", ge=0)
+
+    def __post_init__(self) -> None:
+        """The size rule's values for every spd field left `auto` (and for empty modules); set ones win."""
+        rule = size_rule(self.target.n_features)
+        C = rule.pop("C")
+        fill = {k: v for k, v in rule.items() if getattr(self.spd, k) == "auto"}
+        if not self.spd.modules:
+            identity = {"hidden_layers.*": C} if self.target.n_hidden_layers else {}
+            fill["modules"] = {"linear1": C, "linear2": C} | identity
+        self.spd = dataclasses.replace(self.spd, **fill)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,6 +152,10 @@ def tms_metrics(model: ComponentModel, cfg: TMSConfig) -> dict[str, float]:
     W = model.decomposed["linear1"].target_weight()
     out = dict(zip(["mmcs", "ml2r"], mmcs_ml2r(W, U, V)))
     out |= dict(zip(["mmcs_nonnegligible", "ml2r_nonnegligible"], mmcs_ml2r(W, U, V, cfg.norm_threshold)))
+    part = U.norm(dim=0)[:, None] * V.abs() > cfg.norm_threshold  # (C, n): c carries a non-negligible part of W[:, j]
+    out["n_split_features"] = int((part.sum(0) > 1).sum())  # columns carried by two or more subcomponents
+    out["n_shared_subcomponents"] = int((part.sum(1) > 1).sum())  # subcomponents carrying two or more columns
+    out["target_min_column_norm"] = W.norm(dim=0).min().item()  # near 0: a feature the target left dead
     for name in model.untied_names():
         U, V = model.factors(name)
         out[f"n_nonnegligible/{name}"] = int((subcomponent_norms(U, V) > cfg.norm_threshold).sum())

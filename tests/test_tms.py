@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from spd_config import SPDError
+from spd_config import SPDError, config_to_dict, load_config
 from spd_run import load_run
 from spd_common import ComponentModel, SPDConfig
-from tms_decomposition import TMSConfig, mmcs_ml2r, subcomponent_norms, tms_metrics
+from tms_decomposition import TMSConfig, mmcs_ml2r, size_rule, subcomponent_norms, tms_metrics
 from train_targets.train_tms import TMSModel, TMSTargetConfig, load_or_train_tms, tms_batch, train_tms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,42 @@ def test_tms_metrics_reports_both_definitions_with_an_identity_layer():
     assert out["mmcs"] == pytest.approx(1.0) and out["ml2r"] == pytest.approx(0.505)
     assert out["mmcs_nonnegligible"] == pytest.approx(0.98) and out["ml2r_nonnegligible"] == pytest.approx(1.0)
     assert out["n_nonnegligible/linear1"] == 2 and out["n_nonnegligible/hidden_layers.0"] == 2
+    assert out["n_split_features"] == 0 and out["n_shared_subcomponents"] == 0
+    assert out["target_min_column_norm"] == pytest.approx(1.0)
+    model.decomposed["linear1"].components.V[1, 0] = 0.5  # subcomponent 1 now carries half of column 0 too
+    out = tms_metrics(model, cfg)
+    assert out["n_split_features"] == 1 and out["n_shared_subcomponents"] == 1
+
+
+# What the paper sizes were hand-tuned to before the size rule: (C per matrix, batch, steps, beta3, p, lr).
+# 5-2+ID ran 5000 steps at lr 1e-3 then; 2000 at 3e-3, as 5-2, recovers the same (SPD seeds 0-2).
+TUNED = {5: (20, 4096, 2000, 3e-3, 1.0, 3e-3), 40: (200, 1024, 10_000, 1e-4, 2.0, 1e-3)}
+
+
+@pytest.mark.parametrize("config", ["tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id"])
+def test_size_rule_gives_the_paper_sizes_their_tuned_values(config, tmp_path):
+    cfg = load_config(TMSConfig, ROOT / "configs" / f"{config}.yaml")
+    C, batch, steps, beta3, p, lr = TUNED[cfg.target.n_features]
+    identity = {"hidden_layers.*": C} if cfg.target.n_hidden_layers else {}
+    assert cfg.spd.modules == {"linear1": C, "linear2": C} | identity
+    assert (cfg.spd.batch_size, cfg.spd.steps, cfg.spd.importance_minimality_coeff, cfg.spd.p, cfg.spd.lr) == \
+        (batch, steps, beta3, p, lr)
+    # the run dir's config.yaml holds the rule's values, and reads back the same (what --resume loads)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    assert load_config(TMSConfig, tmp_path / "config.yaml") == cfg
+
+
+def test_a_set_value_beats_the_size_rule_and_sizes_between_grow():
+    cfg = load_config(TMSConfig, ROOT / "configs/tms_40-10.yaml",
+                      ["spd.steps=77", "spd.modules={linear1: 5, linear2: 5}", "spd.importance_minimality_coeff=null"])
+    assert cfg.spd.steps == 77 and cfg.spd.modules == {"linear1": 5, "linear2": 5}
+    assert cfg.spd.importance_minimality_coeff is None  # null is "off", not "the rule's"
+    assert cfg.spd.batch_size == 1024 and cfg.spd.p == 2.0  # the rest still from the rule
+    rules = [size_rule(n) for n in (5, 10, 20, 40, 100)]
+    for a, b in zip(rules, rules[1:]):
+        assert a["C"] < b["C"] and a["steps"] < b["steps"]
+        assert a["importance_minimality_coeff"] > b["importance_minimality_coeff"]
+        assert a["batch_size"] >= b["batch_size"] >= 1024 and 1 <= a["p"] <= b["p"] <= 2 and a["lr"] >= b["lr"]
 
 
 def test_data_generator_statistics():
