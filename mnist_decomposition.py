@@ -15,9 +15,16 @@ The story:
   4. Causal analysis, fc1 -> fc2: the effect of each fc1 component i on each fc2 component j,
      E[CI_j | i on] - E[CI_j | i off] over the images where CI_j > 0.1 (i's mask 1 or 0, fc1's other
      masks at their CI, fc2's CI recomputed from the activations that result); beside it the weight
-     path |V2[j] · U1[:, i]|, and how many fc1 components carry 80% of each fc2 component's effect.
+     path V2[j] · U1[:, i], and how many fc1 components carry 80% of each fc2 component's effect.
+     Beside it, two regressions predict each alive fc2 component's CI from the alive fc1 components' CIs
+     (fitted on the training images, R² on the held-out ones): a Lasso (its top inputs) and forward
+     stepwise least squares (the R² curve as inputs are added greedily; how many reach R² 0.8). Written
+     to regression.md and regression.json in the run dir.
   5. Figures: mean CI per digit class, the first layer's top components' V rows as images (fc1's read
-     pixels, conv1's are 3x3 filters), the causal analysis.
+     pixels, conv1's are 3x3 filters), the causal analysis, and the causal graph fc1 -> fc2: the edges
+     |effect| >= graph_min_effect, nodes ordered to cross few edges (analysis/causal.py's barycentric
+     sweeps), dashed where the effect's sign is not the weight path's (a sign flip: the ReLU between the
+     layers, or the CI function's shape, turns the weights' push around).
 A conv module's CI is one per output location; per image it counts as its max over locations
 (`ComponentModel.per_input`).
 
@@ -29,6 +36,7 @@ figures -> write_results), which gives the run directory, checkpoints, --resume 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import matplotlib
@@ -38,6 +46,8 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
+from analysis.causal import (barycentric_order, crossings, firing_sign, forward_stepwise, lasso, n_to_reach,
+                             plot_effect_graph, r2_curve, sign_flips)
 from spd_common import ComponentModel, Experiment, SPDConfig, optimize
 from spd_config import config_to_dict, option
 from spd_run import figures_dir, get_device, parse_cli, run_main, set_seed, write_results
@@ -55,6 +65,8 @@ class MNISTConfig:
     effect_share: float = option(0.8, "causal analysis: count the fc1 components carrying this share of an effect",
                              gt=0, le=1)
     n_component_images: int = option(16, "first-layer components (highest mean CI) drawn as images", ge=1)
+    n_lasso_top: int = option(5, "regression: the largest Lasso coefficients listed per fc2 component", ge=1)
+    graph_min_effect: float = option(0.1, "causal graph: draw the edges with |effect| >= this", ge=0, le=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,9 +88,9 @@ def causal_effects(ci_on: Tensor, ci_off: Tensor, ci_base: Tensor, threshold: fl
 
 
 def weight_path(U1: Tensor, V2: Tensor) -> Tensor:
-    """(C1, C2): |V2[j] · U1[:, i]|, how strongly component i's output direction feeds component j's
-    input direction (ignoring the ReLU between them). U1 (d_hidden, C1), V2 (C2, d_hidden)."""
-    return (V2 @ U1).abs().T
+    """(C1, C2): V2[j] · U1[:, i], how strongly (and with which sign) component i's output direction feeds
+    component j's input direction (ignoring the ReLU between them). U1 (d_hidden, C1), V2 (C2, d_hidden)."""
+    return (V2 @ U1).T
 
 
 def n_carrying(effect: Tensor, share: float) -> Tensor:
@@ -133,6 +145,48 @@ def alive(ci: Tensor, threshold: float) -> Tensor:
     return (ci > threshold).any(0).nonzero().flatten()
 
 
+def fc1_to_fc2_regressions(fit: tuple[Tensor, Tensor], held_out: tuple[Tensor, Tensor], a1: Tensor, a2: Tensor,
+                           share: float, n_top: int) -> list[dict]:
+    """Per alive fc2 component j (a2), its CI predicted from the CIs of the alive fc1 components a1 by a
+    Lasso and by forward stepwise least squares, fitted on `fit` and scored (R²) on `held_out`, each a
+    pair of fc1 and fc2 CIs (N, C1), (N, C2): the Lasso's top inputs and R², the stepwise order and R²
+    curve, and the inputs the curve needs to reach R² = share and `share` of its final R² (all of a1)."""
+    (X, Y), (X_eval, Y_eval) = [(c1[:, a1].cpu(), c2[:, a2].cpu()) for c1, c2 in (fit, held_out)]
+    rows = []
+    for k, j in enumerate(a2.tolist()):
+        coef, lasso_r2 = lasso(X, Y[:, k], X_eval, Y_eval[:, k])
+        top = coef.abs().argsort(descending=True)[: min(n_top, int((coef != 0).sum()))].tolist()
+        order = forward_stepwise(X, Y[:, k])
+        curve = r2_curve(X, Y[:, k], X_eval, Y_eval[:, k], order)
+        full = curve[-1] if curve else None
+        rows.append({"fc2": j, "lasso_r2": lasso_r2, "lasso_n_inputs": int((coef != 0).sum()),
+                     "lasso_top": [[int(a1[i]), round(coef[i].item(), 4)] for i in top],
+                     "stepwise_order": [int(a1[i]) for i in order], "stepwise_r2": curve,
+                     "n_for_r2": n_to_reach(curve, share),
+                     "n_for_share_of_full_r2": n_to_reach(curve, share * full) if full and full > 0 else None})
+    return rows
+
+
+def regression_tables(rows: list[dict], n_causal: Tensor, share: float) -> str:
+    """Markdown: the Lasso table and the stepwise table, a row per fc2 component; n_causal (J,): the fc1
+    components carrying `share` of each one's causal effect (`n_carrying`)."""
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["## Lasso: fc2 CI from the alive fc1 components' CIs (R² on held-out images)", "",
+             "| fc2 | R² | inputs used | top inputs (coefficient per standard deviation) |", "|---|---|---|---|"]
+    lines += [f"| {r['fc2']} | {f(r['lasso_r2'])} | {r['lasso_n_inputs']} | "
+              + ", ".join(f"fc1:{i} {c:+.3f}" for i, c in r["lasso_top"]) + " |" for r in rows]
+    lines += ["", "## Forward stepwise least squares (R² on held-out images)", "",
+              f"| fc2 | R² with 1 / 2 / 5 / 10 inputs | all alive fc1 | inputs to R² {share} | "
+              f"to {share:.0%} of all's R² | causal: fc1 carrying {share:.0%} of the effect | first inputs |",
+              "|---|---|---|---|---|---|---|"]
+    for r, n in zip(rows, n_causal.tolist()):
+        c = r["stepwise_r2"]
+        lines.append(f"| {r['fc2']} | {' / '.join(f(c[k - 1]) if k <= len(c) else '-' for k in (1, 2, 5, 10))} | "
+                     f"{f(c[-1] if c else None)} | {r['n_for_r2'] or '-'} | {r['n_for_share_of_full_r2'] or '-'} | "
+                     f"{n} | {', '.join(map(str, r['stepwise_order'][:5]))} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------
 # Figures
 # ------------------------------------------------------------------------------------------------
@@ -171,15 +225,15 @@ def plot_component_images(V: Tensor, top: Tensor, per_class: Tensor, side: int, 
     plt.close(fig)
 
 
-def plot_causal(effect: Tensor, path_w: Tensor, n80: Tensor, alive1: Tensor, alive2: Tensor, share: float,
-                path) -> None:
+def plot_causal(effect: Tensor, path_w: Tensor, n80: Tensor, curves: list[list], alive1: Tensor, alive2: Tensor,
+                share: float, path) -> None:
     """Causal effect of fc1 components (rows) on fc2 components (columns), the weight path beside it,
-    and how many fc1 components carry `share` of each fc2 component's effect."""
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5), gridspec_kw={"width_ratios": [1, 1, 0.7]})
-    lim = effect.abs().max().item() or 1.0
-    for ax, m, title, kw in ((axes[0], effect, "E[CI_j | i on] - E[CI_j | i off]", dict(cmap="RdBu_r", vmin=-lim, vmax=lim)),
-                             (axes[1], path_w, "weight path |V2[j] · U1[:, i]|", dict(cmap="Greys", vmin=0))):
-        im = ax.imshow(m.cpu(), aspect="auto", interpolation="nearest", **kw)
+    how many fc1 components carry `share` of each fc2 component's effect, and the stepwise R² curves."""
+    fig, axes = plt.subplots(1, 4, figsize=(21, 5), gridspec_kw={"width_ratios": [1, 1, 0.7, 0.7]})
+    for ax, m, title in ((axes[0], effect, "E[CI_j | i on] - E[CI_j | i off]"),
+                         (axes[1], path_w, "weight path V2[j] · U1[:, i] (oriented: see firing_sign)")):
+        lim = m.abs().max().item() or 1.0
+        im = ax.imshow(m.cpu(), aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-lim, vmax=lim)
         ax.set_xticks(range(len(alive2)), [str(c) for c in alive2.tolist()], fontsize=5, rotation=90)
         ax.set_yticks(range(len(alive1)), [str(c) for c in alive1.tolist()], fontsize=5)
         ax.set(title=title, xlabel="fc2 component j", ylabel="fc1 component i")
@@ -187,29 +241,63 @@ def plot_causal(effect: Tensor, path_w: Tensor, n80: Tensor, alive1: Tensor, ali
     axes[2].bar(range(len(alive2)), n80.cpu())
     axes[2].set_xticks(range(len(alive2)), [str(c) for c in alive2.tolist()], fontsize=5, rotation=90)
     axes[2].set(title=f"fc1 components carrying {share:.0%} of the effect", xlabel="fc2 component j")
+    for c in curves:
+        axes[3].plot(range(1, len(c) + 1), [float("nan") if v is None else v for v in c], color="grey", lw=0.6)
+    axes[3].axhline(share, color="black", lw=0.8)
+    axes[3].set(title="stepwise regression, one line per fc2 component", xlabel="fc1 inputs (greedy order)",
+                ylabel="R² on held-out images", ylim=(-0.1, 1), xscale="log")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
+def median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return torch.tensor(values, dtype=torch.float64).median().item() if values else None
+
+
 @torch.no_grad()
-def analyse(model: ComponentModel, cfg: MNISTConfig, x: Tensor, y: Tensor, figures) -> dict:
-    """The causal analysis fc1 -> fc2 between the alive components of both, on held-out images x (N, d_in)
-    with labels y (N,), and every figure; returns the analysis' results."""
-    ci = model.per_input(model.ci_of(x))  # (N, C) per module
-    alive_idx = {n: alive(g, cfg.spd.ci_threshold) for n, g in ci.items()}
+def analyse(model: ComponentModel, cfg: MNISTConfig, x: Tensor, y: Tensor, x_train: Tensor, run_dir) -> dict:
+    """The causal analysis and regressions fc1 -> fc2 between the alive components of both, on held-out
+    images x (N, d_in) with labels y (N,) (the regressions fitted on x_train), and every figure; returns
+    the analysis' results."""
+    figures, thr = figures_dir(run_dir), cfg.spd.ci_threshold
+    inner, raw_ci = model.inner_acts(model.run_target(x)[1]), model.ci_of(x)
+    ci = model.per_input(raw_ci)  # (N, C) per module
+    alive_idx = {n: alive(g, thr) for n, g in ci.items()}
     a1, a2 = alive_idx["fc1"], alive_idx["fc2"]
     effect = fc1_to_fc2_effects(model, x, a1, cfg.effect_ci_threshold)[:, a2]
     (U1, _), (_, V2) = model.factors("fc1"), model.factors("fc2")
-    path_w = weight_path(U1, V2)[a1][:, a2]
+    sign1, sign2 = (firing_sign(inner[n].flatten(0, -2), raw_ci[n].flatten(0, -2), thr) for n in ("fc1", "fc2"))
+    path_w = (weight_path(U1, V2) * sign1[:, None] * sign2)[a1][:, a2]
     n80 = n_carrying(effect, cfg.effect_share)
     top_edges = effect.abs().flatten().argsort(descending=True)[:10].tolist()
+    ci_train = model.per_input(model.ci_of(x_train))
+    rows = fc1_to_fc2_regressions((ci_train["fc1"], ci_train["fc2"]), (ci["fc1"], ci["fc2"]), a1, a2,
+                                  cfg.effect_share, cfg.n_lasso_top)
+    (run_dir / "regression.json").write_text(json.dumps(rows, indent=1))
+    (run_dir / "regression.md").write_text(regression_tables(rows, n80, cfg.effect_share))
+    flips = sign_flips(effect, path_w, cfg.graph_min_effect)
+    adj = effect.abs() >= cfg.graph_min_effect
+    left, right = barycentric_order(adj)
     out = {
         "causal/n_fc1_components_for_80pct": dict(zip(map(str, a2.tolist()), n80.tolist())),
         "causal/median_n_fc1_components_for_80pct": n80.float().median().item() if len(n80) else None,
         "causal/corr_abs_effect_weight_path": torch.corrcoef(torch.stack([effect.abs().flatten(),
-                                                                          path_w.flatten()]))[0, 1].item(),
+                                                                          path_w.abs().flatten()]))[0, 1].item(),
         "causal/top_edges": [f"fc1:{a1[k // len(a2)]} -> fc2:{a2[k % len(a2)]} {effect.flatten()[k]:+.3f}"
                              for k in top_edges],
+        "graph/n_edges": int(adj.sum()),
+        "graph/n_sign_flips": int(flips.sum()),
+        "graph/sign_flips": [f"fc1:{a1[i]} -> fc2:{a2[j]} effect {effect[i, j]:+.3f} path {path_w[i, j]:+.3f}"
+                             for i, j in flips.nonzero().tolist()],
+        "graph/crossings": crossings(adj, left, right),
+        "graph/crossings_unordered": crossings(adj, torch.arange(len(a1)), torch.arange(len(a2))),
+        "regression/median_lasso_r2": median([r["lasso_r2"] for r in rows]),
+        "regression/median_lasso_n_inputs": median([r["lasso_n_inputs"] for r in rows]),
+        "regression/median_stepwise_r2_all_inputs": median([r["stepwise_r2"][-1] for r in rows if r["stepwise_r2"]]),
+        "regression/median_n_fc1_for_80pct_r2": median([r["n_for_r2"] for r in rows]),
+        "regression/n_fc2_reaching_80pct_r2": sum(r["n_for_r2"] is not None for r in rows),
+        "regression/median_n_fc1_for_80pct_of_full_r2": median([r["n_for_share_of_full_r2"] for r in rows]),
     }
     per_class = {n: mean_ci_per_class(g, y) for n, g in ci.items()}
     plot_ci_per_class(per_class, alive_idx, figures / "ci_per_class.png")
@@ -219,7 +307,12 @@ def analyse(model: ComponentModel, cfg: MNISTConfig, x: Tensor, y: Tensor, figur
     top = ci[model.names[0]].mean(0).argsort(descending=True)[:n_top]
     plot_component_images(model.factors(model.names[0])[1].detach(), top, per_class[model.names[0]], side,
                           figures / f"{model.names[0]}_components.png")
-    plot_causal(effect, path_w, n80, a1, a2, cfg.effect_share, figures / "causal_fc1_fc2.png")
+    plot_causal(effect, path_w, n80, [r["stepwise_r2"] for r in rows], a1, a2, cfg.effect_share,
+                figures / "causal_fc1_fc2.png")
+    plot_effect_graph(effect, flips, left, right, ([f"fc1:{c}" for c in a1.tolist()], [f"fc2:{c}" for c in a2.tolist()]),
+                      cfg.graph_min_effect, f"fc1 -> fc2, |effect| >= {cfg.graph_min_effect}: {out['graph/n_edges']} "
+                      f"edges (red: raises CI, dashed: {out['graph/n_sign_flips']} sign flips), {out['graph/crossings']} "
+                      f"crossings", figures / "causal_graph_fc1_fc2.png")
     return out
 
 
@@ -254,7 +347,7 @@ def main() -> None:
         return
     results["mean_l0"] = sum(results[f"l0/{n}"] for n in model.names) / len(model.names)
 
-    results |= analyse(model, cfg, x, y, figures_dir(run_dir))
+    results |= analyse(model, cfg, x, y, data.x_train.to(x.device), run_dir)
 
     print(f"accuracy: target {results['acc_target']:.4f}, CI-masked {results['acc_ci_masked']:.4f} (agreeing with "
           f"the target on {results['agreement_ci_masked']:.4f}), "
@@ -262,7 +355,10 @@ def main() -> None:
                       if k.startswith("acc_ablated/"))
           + "; L0 " + ", ".join(f"{n} {results[f'l0/{n}']:.2f}" for n in model.names))
     print(f"causal fc1 -> fc2 ({results['n_alive/fc1']} x {results['n_alive/fc2']} alive): fc1 components carrying {cfg.effect_share:.0%} of an "
-          f"fc2 component's effect: median {results['causal/median_n_fc1_components_for_80pct']}")
+          f"fc2 component's effect: median {results['causal/median_n_fc1_components_for_80pct']}; by stepwise "
+          f"regression to R² {cfg.effect_share}: median {results['regression/median_n_fc1_for_80pct_r2']} "
+          f"({results['regression/n_fc2_reaching_80pct_r2']} reach it); {results['graph/n_sign_flips']} of "
+          f"{results['graph/n_edges']} edges flip sign against the weight path")
     print(f"{results['steps']} steps in {results['wall_s']} s ({results['steps_per_s']} steps/s), "
           f"peak RSS {results['peak_rss_mb']} MB")
     write_results(run_dir, results)

@@ -21,6 +21,10 @@ its own in the next); in a model without such pairs (TMS), each module -> the ne
 Writes causal.json (per pair: each ablated subcomponent's inputs, output change and edges) and causal.png
 (per pair, a bipartite graph: edge width ~ |delta CI|, red = ablation lowers CI, blue = raises it) to
 --out (default RUN_DIR/analysis).
+
+Also here, for mnist_decomposition.py's fc1 -> fc2 analysis and any other pair of layers: the regressions
+of the later layer's CI on the earlier one's (Lasso, forward stepwise least squares), the barycentric node
+order of a bipartite effect graph with its crossing count, and the sign flips between effects and weights.
 """
 
 from __future__ import annotations
@@ -128,6 +132,145 @@ def ablate_pair(model: ComponentModel, output_fn, x: Tensor, a: str, b: str, thr
                                    "ci_unablated": round(before[:, d].mean().item(), 4)}
                                   for d, v in edges(delta, min_effect)]})
     return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Regressions and the effect graph between two layers (mnist_decomposition.py's fc1 -> fc2): pure functions
+# of CI, effects and weights, checked by hand in tests/test_analysis_structure.py
+# ------------------------------------------------------------------------------------------------
+def r2(y: Tensor, y_hat: Tensor) -> float | None:
+    """1 - SSE / SST of predictions y_hat (N,) of y (N,); None when y is constant."""
+    sst = (y - y.mean()).pow(2).sum().item()
+    return None if sst == 0 else 1 - (y - y_hat).pow(2).sum().item() / sst
+
+
+def forward_stepwise(X: Tensor, y: Tensor) -> list[int]:
+    """Forward stepwise regression: the columns of X (N, I) in the order a greedy least-squares fit of y
+    (N,), with an intercept, adds them, each the one that lowers the residual sum of squares most (raises
+    R² most). Each step projects the chosen column out of the residual and of the other columns, so the
+    gain of column c is (r · x_c)² / |x_c|² in that projected space (constant columns are never added)."""
+    Xc, r = (X - X.mean(0)).double(), (y - y.mean()).double()
+    order: list[int] = []
+    for _ in range(X.shape[1]):
+        norm2 = Xc.pow(2).sum(0)
+        gain = (Xc.T @ r).pow(2) / norm2.clamp_min(1e-30)
+        gain[norm2 <= 1e-12 * X.shape[0]] = -1  # constant, or a combination of those already chosen
+        gain[order] = -1
+        if gain.max() < 0:
+            break
+        c = int(gain.argmax())
+        q = Xc[:, c] / norm2[c].sqrt()
+        r = r - (q @ r) * q
+        Xc = Xc - torch.outer(q, q @ Xc)
+        order.append(c)
+    return order
+
+
+def r2_curve(X: Tensor, y: Tensor, X_eval: Tensor, y_eval: Tensor, order: list[int]) -> list[float | None]:
+    """R² on (X_eval, y_eval) of least-squares fits on (X, y) with an intercept and the first 1, 2, ...
+    columns of `order`. X, X_eval (N, I), y, y_eval (N,)."""
+    ones, ones_eval = X.new_ones(len(X), 1).double(), X.new_ones(len(X_eval), 1).double()
+    curve = []
+    for k in range(1, len(order) + 1):
+        A, A_eval = torch.cat([ones, X[:, order[:k]].double()], 1), torch.cat([ones_eval, X_eval[:, order[:k]].double()], 1)
+        coef = torch.linalg.lstsq(A, y.double()[:, None], driver="gelsd").solution
+        curve.append(r2(y_eval.double(), (A_eval @ coef)[:, 0]))
+    return curve
+
+
+def n_to_reach(curve: list[float | None], level: float) -> int | None:
+    """How many inputs the R² curve needs to reach `level` (None: it never does)."""
+    return next((k + 1 for k, v in enumerate(curve) if v is not None and v >= level), None)
+
+
+def lasso(X: Tensor, y: Tensor, X_eval: Tensor, y_eval: Tensor, seed: int = 0) -> tuple[Tensor, float | None]:
+    """Lasso of y (N,) on the columns of X (N, I), each scaled to unit variance on X (constant ones left
+    out), its penalty chosen by 5-fold cross-validation (sklearn's LassoCV). Returns the coefficients (I,)
+    per standard deviation of each input (0: not used) and the fit's R² on (X_eval, y_eval)."""
+    from sklearn.linear_model import LassoCV  # scikit-learn: imported only where a regression is run
+
+    mean, std = X.mean(0), X.std(0)
+    used = std > 0
+    coef = torch.zeros(X.shape[1], dtype=torch.float64)
+    if not used.any():
+        return coef, r2(y_eval.double(), torch.full_like(y_eval, y.mean().item()).double())
+    scale = lambda A: ((A[:, used] - mean[used]) / std[used]).double().numpy()  # noqa: E731
+    fit = LassoCV(cv=5, random_state=seed).fit(scale(X), y.double().numpy())
+    coef[used] = torch.from_numpy(fit.coef_)
+    return coef, r2(y_eval.double(), torch.from_numpy(fit.predict(scale(X_eval))))
+
+
+def crossings(adj: Tensor, left: Tensor, right: Tensor) -> int:
+    """Edge crossings of a two-column drawing of the bipartite graph adj (I, J) (bool), the left nodes
+    top to bottom in the order `left` (I,) and the right ones in `right` (J,): the pairs of edges (a, b),
+    (c, d) with a above c and b below d."""
+    lpos, rpos = left.argsort(), right.argsort()
+    i, j = adj.nonzero().unbind(1)
+    p, q = lpos[i], rpos[j]
+    return int(((p[:, None] - p[None]) * (q[:, None] - q[None]) < 0).sum()) // 2
+
+
+def barycentric_order(adj: Tensor, sweeps: int = 4) -> tuple[Tensor, Tensor]:
+    """Node orders (left (I,), right (J,)) of the bipartite graph adj (I, J) with few edge crossings, by the
+    barycentric heuristic (Sugiyama et al. 1981): from the identity order, each sweep moves every right
+    node to the mean position of its left neighbours, then every left node to the mean of its right ones
+    (a node without any keeps its place; ties keep the current order). The order with the fewest crossings
+    seen, the identity included, is returned: never more crossings than the identity."""
+    w = adj.double()
+    left, right = torch.arange(adj.shape[0]), torch.arange(adj.shape[1])
+    best = (crossings(adj, left, right), left, right)
+
+    def resort(order: Tensor, w: Tensor, other: Tensor) -> Tensor:
+        pos, other_pos = order.argsort().double(), other.argsort().double()
+        deg = w.sum(1)
+        bary = torch.where(deg > 0, (w @ other_pos) / deg.clamp_min(1), pos)
+        return order[bary[order].argsort(stable=True)]
+
+    for _ in range(sweeps):
+        right = resort(right, w.T, left)
+        left = resort(left, w, right)
+        best = min(best, (crossings(adj, left, right), left, right), key=lambda b: b[0])
+    return best[1], best[2]
+
+
+def firing_sign(inner: Tensor, ci: Tensor, threshold: float) -> Tensor:
+    """(C,): the sign (+1 / -1) of each subcomponent's mean inner act over the inputs where its CI >
+    threshold (+1 where it never fires). A rank-one U[:, c] V[c] is unchanged by flipping the signs of
+    both factors; orienting each c so that it mostly fires with a positive inner act fixes that sign.
+    inner, ci (N, C)."""
+    fires = (ci > threshold).to(inner.dtype)
+    return torch.where((inner * fires).sum(0) < 0, -1.0, 1.0)
+
+
+def sign_flips(effect: Tensor, path: Tensor, min_effect: float) -> Tensor:
+    """(I, J) bool: the edges (|effect| >= min_effect) whose measured effect and weight path have
+    opposite signs. effect, path (I, J)."""
+    return (effect.abs() >= min_effect) & (effect * path < 0)
+
+
+def plot_effect_graph(effect: Tensor, flips: Tensor, left: Tensor, right: Tensor, labels: tuple[list[str], list[str]],
+                      min_effect: float, title: str, path) -> None:
+    """A bipartite graph of the edges |effect| >= min_effect of effect (I, J): left nodes (rows) in the order
+    `left`, right nodes (columns) in `right`, top to bottom; edge width ~ |effect|, red positive, blue
+    negative, dashed where `flips` (I, J) marks a sign flip against the weight path."""
+    adj = effect.abs() >= min_effect
+    lpos, rpos = left.argsort().tolist(), right.argsort().tolist()
+    scale = lambda n: (lambda k: k / max(n - 1, 1))  # noqa: E731
+    ly, ry = scale(len(left)), scale(len(right))
+    fig, ax = plt.subplots(figsize=(6, max(5.0, 0.14 * max(len(left), len(right)))))
+    for i, j in adj.nonzero().tolist():
+        e = effect[i, j].item()
+        ax.plot([0, 1], [ly(lpos[i]), ry(rpos[j])], color="tab:red" if e > 0 else "tab:blue", lw=0.4 + 3 * abs(e),
+                ls="--" if flips[i, j] else "-", alpha=0.7)
+    for x, order, ys, names, ha in ((0, left, ly, labels[0], "right"), (1, right, ry, labels[1], "left")):
+        ax.scatter([x] * len(order), [ys(k) for k in range(len(order))], s=10, color="black", zorder=3)
+        for k, n in enumerate(order.tolist()):
+            ax.text(x - 0.03 if x == 0 else x + 0.03, ys(k), names[n], ha=ha, va="center", fontsize=6)
+    ax.set(title=title, xlim=(-0.25, 1.25))
+    ax.invert_yaxis()
+    ax.axis("off")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 def plot(pairs: dict[str, list[dict]], path) -> None:

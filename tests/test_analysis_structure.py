@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from analysis.causal import ablate_pair, default_pairs, edges
+from analysis.causal import (ablate_pair, barycentric_order, crossings, default_pairs, edges, firing_sign,
+                             forward_stepwise, lasso, n_to_reach, plot_effect_graph, r2, r2_curve, sign_flips)
 from analysis.clustering import cluster, jaccard
 from analysis.compare_models import match, rank_one_cosines
 from spd_common import ComponentModel
@@ -89,6 +90,82 @@ def test_ablation_recomputes_the_later_layers_ci():
         assert r["output_change"] == pytest.approx(8 / 12, abs=1e-3)
     assert all(mod.mask is None for mod in model.decomposed.values())  # masks and hooks are gone afterwards
     assert torch.equal(model(x), x)
+
+
+def test_r2_and_n_to_reach_by_hand():
+    # SSE (4 - 3)^2 = 1 over SST (1 - 2)^2 + 0 + (3 - 2)^2 = 2
+    assert r2(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 2.0, 4.0])) == pytest.approx(0.5)
+    assert r2(torch.ones(3), torch.zeros(3)) is None  # a constant target has no variance to explain
+    assert n_to_reach([0.3, 0.79, 0.85, 0.9], 0.8) == 3
+    assert n_to_reach([0.3, None, 0.5], 0.8) is None
+
+
+def two_column_data():
+    """200 samples of 6 inputs uniform in [0, 1] and y = 3 x1 - 2 x4 (+ noise 0.01): only columns 1 and 4
+    matter, column 1 the more (variance 9 / 12 against 4 / 12 of y's 13 / 12)."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(400, 6, generator=gen)
+    y = 3 * X[:, 1] - 2 * X[:, 4] + 0.01 * torch.randn(400, generator=gen)
+    return X[:200], y[:200], X[200:], y[200:]
+
+
+def test_forward_stepwise_adds_the_two_columns_y_depends_on_first():
+    X, y, X_eval, y_eval = two_column_data()
+    order = forward_stepwise(X, y)
+    assert order[:2] == [1, 4] and sorted(order) == list(range(6))
+    curve = r2_curve(X, y, X_eval, y_eval, order)
+    assert curve[0] == pytest.approx(9 / 13, abs=0.06)  # x1 alone explains its share of y's variance
+    assert curve[1] > 0.999 and n_to_reach(curve, 0.8) == 2
+    # a constant column, and a copy of column 1, add nothing: never chosen
+    X2 = torch.cat([X, torch.ones(200, 1), X[:, 1:2]], 1)
+    assert forward_stepwise(X2, y)[:2] == [1, 4] and not {6, 7} & set(forward_stepwise(X2, y))
+
+
+def test_lasso_picks_the_two_columns_y_depends_on():
+    X, y, X_eval, y_eval = two_column_data()
+    X = torch.cat([X, torch.full((200, 1), 0.5)], 1)  # a constant column: left out, coefficient 0
+    coef, score = lasso(X, y, torch.cat([X_eval, torch.full((200, 1), 0.5)], 1), y_eval)
+    assert coef.abs().argsort(descending=True)[:2].tolist() == [1, 4]
+    # per standard deviation (1 / sqrt(12) for uniform inputs): about 3 / sqrt(12) and -2 / sqrt(12)
+    assert coef[1].item() == pytest.approx(3 / 12 ** 0.5, abs=0.05) and coef[4].item() == pytest.approx(-2 / 12 ** 0.5, abs=0.05)
+    assert coef[[0, 2, 3, 5]].abs().max() < 0.02 and coef[6] == 0 and score > 0.99
+
+
+def test_barycentric_order_uncrosses_a_hand_made_graph():
+    adj = torch.zeros(4, 4, dtype=torch.bool)
+    for i, j in [(0, 3), (1, 0), (2, 3), (3, 0)]:
+        adj[i, j] = True
+    ident = torch.arange(4)
+    # identity order: (0,3) crosses (1,0) and (3,0); (2,3) crosses (3,0); edges sharing an end do not cross
+    assert crossings(adj, ident, ident) == 3
+    # right nodes at their left neighbours' mean place: 0 -> 2, 3 -> 1 (1, 2 keep theirs): order 1, 3, 0, 2;
+    # then left 0 -> 1, 1 -> 2, 2 -> 1, 3 -> 2: order 0, 2, 1, 3, which crosses nothing
+    left, right = barycentric_order(adj)
+    assert left.tolist() == [0, 2, 1, 3] and right.tolist() == [1, 3, 0, 2] and crossings(adj, left, right) == 0
+    # right reversed (3 on top): edges at (left, right) places (0,0), (1,3), (2,0), (3,3); only (1,3)-(2,0) cross
+    assert crossings(adj, ident, torch.tensor([3, 2, 1, 0])) == 1
+    reversal = torch.eye(3, dtype=torch.bool).flip(1)  # 0-2, 1-1, 2-0: every pair crosses
+    assert crossings(reversal, torch.arange(3), torch.arange(3)) == 3
+    assert crossings(reversal, *barycentric_order(reversal)) == 0
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):  # never worse than the identity
+        adj = torch.rand(12, 9, generator=gen) < 0.2
+        assert crossings(adj, *barycentric_order(adj)) <= crossings(adj, torch.arange(12), torch.arange(9))
+
+
+def test_sign_flips_and_firing_sign(tmp_path):
+    effect = torch.tensor([[0.5, -0.2], [0.05, -0.3]])
+    path = torch.tensor([[1.0, 1.0], [-1.0, -2.0]])
+    # (0,0) and (1,1) agree; (0,1) flips; (1,0) would flip but its effect is below 0.1
+    assert sign_flips(effect, path, 0.1).tolist() == [[False, True], [False, False]]
+    inner = torch.tensor([[2.0, -1.0, 5.0], [-1.0, -3.0, 0.0], [-5.0, 1.0, 0.0]])
+    ci = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    # c0 fires on inputs 0, 1: mean inner (2 - 1) / 2 > 0 (input 2's -5 does not count); c1: (-1 - 3) / 2 < 0;
+    # c2 never fires: +1
+    assert firing_sign(inner, ci, 0.5).tolist() == [1.0, -1.0, 1.0]
+    plot_effect_graph(effect, sign_flips(effect, path, 0.1), torch.tensor([1, 0]), torch.arange(2),
+                      (["a", "b"], ["c", "d"]), 0.1, "graph", tmp_path / "g.png")
+    assert (tmp_path / "g.png").stat().st_size > 0
 
 
 @pytest.fixture(scope="module")

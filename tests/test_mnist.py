@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_decomposition import causal_effects, fc1_to_fc2_effects, mean_ci_per_class, n_carrying, weight_path
+from mnist_decomposition import (causal_effects, fc1_to_fc2_effects, fc1_to_fc2_regressions, mean_ci_per_class,
+                                 n_carrying, regression_tables, weight_path)
 from spd_common import ComponentModel
 from spd_config import SPDError
 from train_targets.train_mnist import (CNNClassifier, MLPClassifier, MNISTTargetConfig, accuracy, load_images,
@@ -39,8 +40,8 @@ def test_causal_effects_average_over_images_where_the_later_component_is_active(
 def test_weight_path():
     U1 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # (d_hidden=2, C1=2)
     V2 = torch.tensor([[1.0, 1.0], [0.0, -1.0], [3.0, 0.0]])  # (C2=3, d_hidden=2)
-    # V2 @ U1 = [[1, 2], [0, -2], [3, 0]]; |.|, transposed to (C1, C2)
-    assert torch.equal(weight_path(U1, V2), torch.tensor([[1.0, 0.0, 3.0], [2.0, 2.0, 0.0]]))
+    # V2 @ U1 = [[1, 2], [0, -2], [3, 0]], transposed to (C1, C2)
+    assert torch.equal(weight_path(U1, V2), torch.tensor([[1.0, 0.0, 3.0], [2.0, -2.0, 0.0]]))
 
 
 def test_n_carrying():
@@ -48,6 +49,28 @@ def test_n_carrying():
     # column 0: |0.6| + |-0.3| = 0.9 >= 0.8 of 1.0 -> 2; column 1: 0.9 alone -> 1; column 2: no effect -> 0
     assert n_carrying(effect, 0.8).tolist() == [2, 1, 0]
     assert n_carrying(effect, 0.5).tolist() == [1, 1, 0]
+
+
+def test_fc1_to_fc2_regressions_name_the_fc1_components_an_fc2_component_follows():
+    """fc1 has 6 components, 4 of them alive (1, 2, 4, 5); fc2's component 3 is 0.5 CI_fc1[2] + 0.4 CI_fc1[5],
+    its component 0 is CI_fc1[4] alone. Rows come per alive fc2 component, inputs named by fc1 index."""
+    gen = torch.Generator().manual_seed(0)
+    ci1 = torch.zeros(600, 6)
+    ci1[:, [1, 2, 4, 5]] = torch.rand(600, 4, generator=gen)
+    ci2 = torch.zeros(600, 4)
+    ci2[:, 3] = 0.5 * ci1[:, 2] + 0.4 * ci1[:, 5]
+    ci2[:, 0] = ci1[:, 4]
+    a1, a2 = torch.tensor([1, 2, 4, 5]), torch.tensor([0, 3])
+    rows = fc1_to_fc2_regressions((ci1[:400], ci2[:400]), (ci1[400:], ci2[400:]), a1, a2, share=0.8, n_top=2)
+    assert [r["fc2"] for r in rows] == [0, 3]
+    assert rows[0]["stepwise_order"][0] == 4 and rows[0]["n_for_r2"] == 1
+    assert rows[1]["stepwise_order"][:2] == [2, 5] and rows[1]["n_for_r2"] == 2
+    assert rows[1]["stepwise_r2"][1] == pytest.approx(1.0) and len(rows[1]["stepwise_r2"]) == 4
+    # 0.5 CI[2] and 0.4 CI[5] per standard deviation 1 / sqrt(12): about 0.144 and 0.115; all the variance is theirs
+    assert [i for i, _ in rows[1]["lasso_top"]] == [2, 5] and rows[1]["lasso_r2"] > 0.99
+    assert rows[0]["lasso_top"][0][0] == 4 and rows[0]["lasso_n_inputs"] <= 2
+    md = regression_tables(rows, torch.tensor([1, 2]), 0.8)
+    assert "| 3 | 1.000 | 2 | fc1:2 +0.14" in md and "| 3 | " in md.split("Forward stepwise")[1]
 
 
 def test_fc1_to_fc2_effects_on_a_hand_built_model():
@@ -129,11 +152,17 @@ def test_short_run_writes_results_and_figures(tmp_path):
     for key in ["steps", "wall_s", "train/total", "recon/ci_masked", "acc_target", "acc_ci_masked", "agreement_ci_masked",
                 "acc_ablated/fc1", "acc_ablated/fc2", "acc_ablated/fc3", "l0/fc1", "l0/fc2", "l0/fc3", "mean_l0",
                 "causal/n_fc1_components_for_80pct", "causal/median_n_fc1_components_for_80pct",
-                "causal/corr_abs_effect_weight_path", "causal/top_edges"]:
+                "causal/corr_abs_effect_weight_path", "causal/top_edges", "graph/n_edges", "graph/n_sign_flips",
+                "graph/crossings", "regression/median_lasso_r2", "regression/median_n_fc1_for_80pct_r2",
+                "regression/median_n_fc1_for_80pct_of_full_r2"]:
         assert key in results, key
     assert results["steps"] == 40 and 0 <= results["acc_ci_masked"] <= 1
-    for name in ["ci_per_class.png", "fc1_components.png", "causal_fc1_fc2.png"]:
+    for name in ["ci_per_class.png", "fc1_components.png", "causal_fc1_fc2.png", "causal_graph_fc1_fc2.png"]:
         assert (run_dir / "figures" / name).stat().st_size > 0, name
+    assert results["graph/crossings"] <= results["graph/crossings_unordered"]
+    rows = json.loads((run_dir / "regression.json").read_text())
+    assert [r["fc2"] for r in rows] == [int(j) for j in results["causal/n_fc1_components_for_80pct"]]
+    assert "## Lasso" in (run_dir / "regression.md").read_text()
     assert (run_dir / "checkpoints" / "final.pt").is_file()
 
 
