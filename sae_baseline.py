@@ -21,6 +21,7 @@ The story:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -55,6 +56,9 @@ class DictionaryConfig:
     activation: Activation = option("topk", "sparse activation f (stochastic: ReLU latents under SPD masks)")
     k: float = option(4, "topk / abstopk: latents kept per example (whole); batchtopk: round(k x batch) kept over "
                          "the batch, so it may be below 1 for sparse data", gt=0)
+    k_min: Optional[int] = option(None, "abstopk: in training each example keeps its own k, log-uniform in "
+                                        "k_min..k_max (one dictionary for a range of sparsities; eval: k); null: k", ge=1)
+    k_max: Optional[int] = option(None, "abstopk: the largest per-example k in training (set with k_min)", ge=1)
     l1_coeff: float = option(1e-3, "relu: weight of sum_c z_c ||W_dec[c]||", ge=0)
     l0_coeff: float = option(1e-3, "jumprelu: weight of the L0 (straight-through to the thresholds)", ge=0)
     threshold_init: float = option(0.1, "jumprelu: initial threshold of every latent", gt=0)
@@ -116,6 +120,8 @@ class Dictionary(nn.Module):
         if cfg.activation == "relu":
             z = pre.relu()
             return z, {"sparsity": (z * self.W_dec.norm(dim=-1)).sum(-1).mean()}
+        if cfg.activation == "abstopk" and cfg.k_min is not None and self.training:
+            return abs_topk(pre, self.sample_k(pre.shape[:-1])), {}
         if cfg.activation in ("topk", "abstopk"):
             return (topk_relu if cfg.activation == "topk" else abs_topk)(pre, int(cfg.k)), {}
         if cfg.activation == "batchtopk":
@@ -134,6 +140,13 @@ class Dictionary(nn.Module):
         ci, ci_upper = self.ci_fn.ci(pre if self.spd.ci_fn == "mlp" else x, self.spd.sigmoid)  # stochastic
         mask = sample_masks({"z": ci}, self.spd.sampling, use_delta=False)[0]["z"] if self.training else ci
         return pre.relu() * mask, {"ci": ci, "sparsity": importance_minimality_loss({"z": ci_upper}, self.spd.p)}
+
+    def sample_k(self, shape: torch.Size) -> Tensor:
+        """Per-example k (shape), log-uniform: floor(e^u), u uniform in [log k_min, log(k_max + 1)), so
+        P(k) = log((k + 1) / k) / log((k_max + 1) / k_min): each doubling of k is about equally likely."""
+        lo, hi = math.log(self.cfg.k_min), math.log(self.cfg.k_max + 1)
+        u = torch.rand(shape, device=self.W_enc.device) * (hi - lo) + lo
+        return u.exp().floor().long().clamp(self.cfg.k_min, self.cfg.k_max)
 
     def decode(self, z: Tensor) -> Tensor:
         return z @ self.W_dec + self.b_dec
@@ -272,9 +285,7 @@ def build(cfg: SAEConfig) -> tuple[Experiment, Dictionary]:
     """The experiment and a fresh dictionary sized to its module, with the normalisation scales set."""
     d = cfg.dictionary
     check_sae_fields(cfg.spd)
-    if d.activation in ("topk", "abstopk") and (d.k != int(d.k) or d.k > d.n_latents):
-        raise SPDError(f"dictionary.k = {d.k}: {d.activation} keeps a whole number of latents per example, "
-                       f"1 to n_latents = {d.n_latents}; set k to one")
+    check_k(d)
     module, exp_cfg = experiment_config(cfg)
     exp = module.build(exp_cfg)
     _, x, y = module_io(exp, d, exp.train_batch(0))  # a wrong module name stops here, listing the target's
@@ -312,6 +323,17 @@ SAE_SPD_FIELDS = {"steps", "batch_size", "eval_batch_size", "eval_every", "log_e
                   "device", "threads", "checkpoint_every", "keep_checkpoints", "wandb_project", "output_loss",
                   # the `stochastic` activation's CI function, masks and importance minimality
                   "ci_fn", "ci_hidden", "sigmoid", "sampling", "importance_minimality_coeff", "p", "ci_threshold"}
+
+
+def check_k(d: DictionaryConfig) -> None:
+    """k, k_min and k_max must be whole numbers of latents the activation can keep."""
+    if d.activation in ("topk", "abstopk") and (d.k != int(d.k) or d.k > d.n_latents):
+        raise SPDError(f"dictionary.k = {d.k}: {d.activation} keeps a whole number of latents per example, "
+                       f"1 to n_latents = {d.n_latents}; set k to one")
+    if (d.k_min is None) != (d.k_max is None) or (d.k_min is not None and (
+            d.activation != "abstopk" or not d.k_min <= d.k_max <= d.n_latents)):
+        raise SPDError(f"dictionary.k_min = {d.k_min}, k_max = {d.k_max}: a per-example k needs both, "
+                       f"k_min <= k_max <= n_latents = {d.n_latents}, and activation abstopk (not {d.activation})")
 
 
 def check_sae_fields(spd: SPDConfig) -> None:

@@ -24,10 +24,15 @@ def batch_topk_relu(pre: Tensor, k: float) -> Tensor:
     return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre)
 
 
-def abs_topk(pre: Tensor, k: int) -> Tensor:
-    """The k pre-activations of largest magnitude per example, with their sign (no ReLU)."""
-    idx = pre.abs().topk(k, dim=-1).indices
-    return torch.zeros_like(pre).scatter(-1, idx, pre.gather(-1, idx))
+def abs_topk(pre: Tensor, k: int | Tensor) -> Tensor:
+    """The k pre-activations of largest magnitude per example, with their sign (no ReLU). k: one int for
+    every example, or each example's own (pre.shape[:-1], integers)."""
+    k_max = k if isinstance(k, int) else int(k.max())
+    idx = pre.abs().topk(k_max, dim=-1).indices
+    vals = pre.gather(-1, idx)
+    if not isinstance(k, int):  # example e keeps its first k[e] of the k_max largest
+        vals = vals * (torch.arange(k_max, device=pre.device) < k[..., None])
+    return torch.zeros_like(pre).scatter(-1, idx, vals)
 
 
 class JumpReLU(torch.autograd.Function):

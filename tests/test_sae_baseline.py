@@ -2,6 +2,7 @@
 tensors, the decoder-norm projection, the dead-latent loss, and short end-to-end runs of both modes with resume."""
 
 import json
+import math
 import shutil
 import sys
 
@@ -10,9 +11,10 @@ import torch
 
 from analysis.compare_methods import (dictionary_ablation_effects, effect_matches, n_matched, plot_classifier,
                                       recovered, spd_ablation_effects)
-from sae_baseline import Dictionary, DictionaryConfig, main
+from sae_baseline import Dictionary, DictionaryConfig, check_k, main
 from sparse_activations import JumpReLU, abs_topk, batch_topk_relu, topk_relu
 from spd_common import ComponentModel, Experiment, SPDConfig
+from spd_config import SPDError
 from train_targets.train_mnist import MLPClassifier
 
 
@@ -46,6 +48,41 @@ def test_abs_topk_keeps_the_largest_magnitudes_with_their_sign():
     z, g = grad_of(lambda p: abs_topk(p, 2), torch.tensor([[-3.0, 1.0, 2.0]]), torch.tensor([[1.0, 2.0, 3.0]]))
     assert torch.equal(z, torch.tensor([[-3.0, 0.0, 2.0]]))
     assert torch.equal(g, torch.tensor([[1.0, 0.0, 3.0]]))
+
+
+def test_abs_topk_with_a_k_per_example():
+    pre = torch.tensor([[-3.0, 1.0, 2.0], [0.5, -4.0, 1.0]])
+    z, g = grad_of(lambda p: abs_topk(p, torch.tensor([1, 2])), pre, torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]))
+    # row 0 keeps its largest magnitude (-3); row 1 its two largest (-4, then 1 over 0.5), signs kept
+    assert torch.equal(z, torch.tensor([[-3.0, 0.0, 0.0], [0.0, -4.0, 1.0]]))
+    assert torch.equal(g, torch.tensor([[1.0, 0.0, 0.0], [0.0, 5.0, 6.0]]))
+
+
+def test_per_example_k_is_log_uniform_in_range_and_each_example_keeps_its_k_largest():
+    cfg = DictionaryConfig(module="m", activation="abstopk", n_latents=16, k=4, k_min=2, k_max=8)
+    dic = Dictionary(8, 8, cfg, SPDConfig())
+    torch.manual_seed(0)
+    ks = dic.sample_k(torch.Size([40_000]))
+    assert ks.min() == 2 and ks.max() == 8
+    # P(k) = log((k + 1) / k) / log(9 / 2): 0.270 for k = 2, 0.078 for k = 8
+    freq = torch.bincount(ks, minlength=9)[2:].float() / len(ks)
+    expected = torch.tensor([math.log((k + 1) / k) / math.log(4.5) for k in range(2, 9)])
+    assert torch.allclose(freq, expected, atol=0.01)
+    x = torch.randn(64, 8)
+    torch.manual_seed(1)
+    z = dic.encode(x)[0]
+    torch.manual_seed(1)  # the same draw: pre-activations take no randomness
+    ks, pre = dic.sample_k(torch.Size([64])), dic.pre(x).detach()
+    assert len(set(ks.tolist())) > 3
+    for row, k, p in zip(z.detach(), ks.tolist(), pre):
+        kept = sorted(range(16), key=lambda c: -abs(p[c].item()))[:k]  # by hand: sorted magnitudes
+        assert sorted(row.nonzero().flatten().tolist()) == sorted(kept)
+        assert torch.equal(row[kept], p[kept])
+    dic.eval()
+    assert ((dic.encode(x)[0] != 0).sum(-1) == 4).all()  # at eval, k for every example
+    for bad in (dict(k_min=2), dict(k_min=9, k_max=8), dict(k_min=2, k_max=17), dict(k_min=2, k_max=8, activation="topk")):
+        with pytest.raises(SPDError, match="a per-example k needs both"):
+            check_k(DictionaryConfig(module="m", n_latents=16, **(dict(activation="abstopk") | bad)))
 
 
 def test_jumprelu_and_its_l0_straight_through_threshold_gradients():
