@@ -8,7 +8,10 @@ The story:
      through that experiment script's `build()`: its target (trained and cached if missing) and its
      step-indexed data. The decomposition `build()` attaches is never trained here.
   2. Read one module's activations on each step's batch (`dictionary.module`): its input or output
-     (`sae`), or input -> output (`transcoder`), each scaled to a mean squared norm of its width.
+     (`sae`), or input -> output (`transcoder`), each scaled to a mean squared norm of its width. With
+     `dictionary.inputs`, the encoder reads instead the concatenation of several locations (e.g. the
+     pixels and the hidden layer, for a transcoder on fc2), one scale for all; the decoder still writes
+     the module's.
   3. Train a dictionary y^ = z(x) W_dec + b_dec, z = f(x W_enc + b_enc), f one of: ReLU + L1, TopK,
      BatchTopK, JumpReLU, AbsTopK (the last four in sparse_activations.py), or `stochastic` (ReLU
      latents masked with SPD's CI function and masks, under importance minimality); options in
@@ -52,6 +55,8 @@ class DictionaryConfig:
     mode: Literal["sae", "transcoder"] = option("sae", "sae: reconstruct the module's `site`; transcoder: "
                                                 "map the module's input to its output")
     site: Literal["input", "output"] = option("output", "sae mode: which of the module's activations to reconstruct")
+    inputs: list[str] = option([], "the encoder reads these locations, concatenated: 'name' (a module's input) or "
+                                   "'name:output', each reached before `module` is; []: what mode and site say")
     n_latents: int = option(64, "dictionary size", ge=1)
     activation: Activation = option("topk", "sparse activation f (stochastic: ReLU latents under SPD masks)")
     k: float = option(4, "topk / abstopk: latents kept per example (whole); batchtopk: round(k x batch) kept over "
@@ -204,46 +209,77 @@ class Dictionary(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # The target's activations, and the dictionary spliced in
 # ------------------------------------------------------------------------------------------------
+def encoder_locations(cfg: DictionaryConfig) -> list[tuple[str, str]]:
+    """The (module, "input" | "output") locations the encoder reads, in the order it concatenates them."""
+    if not cfg.inputs:
+        return [(cfg.module, "input" if cfg.mode == "transcoder" else cfg.site)]
+    locs = [(n, "input") if ":" not in n else tuple(n.rsplit(":", 1)) for n in cfg.inputs]
+    bad = [f"{n}:{site}" for n, site in locs if site not in ("input", "output")]
+    if bad:
+        raise SPDError(f"dictionary.inputs: {', '.join(bad)} names no location; write 'module' (its input) or "
+                       f"'module:output'")
+    return locs
+
+
 @torch.no_grad()
 def module_io(exp: Experiment, cfg: DictionaryConfig, batch: Any, dic: Callable[[Tensor], Tensor] | None = None
               ) -> tuple[Tensor, Tensor, Tensor]:
     """The target's output on a batch (what its output loss compares), and what the dictionary reads and
     must produce there, flattened to (N, d): the module's input and output (transcoder), or its `site`
-    twice (sae). With `dic` (the Dictionary, or a map standing in for it, e.g. with a latent ablated), that
-    is spliced in for the module's `site` (sae) or output (transcoder)."""
-    seen: dict[str, Tensor] = {}
+    twice (sae); what it reads is the concatenation of `cfg.inputs`' locations when given. With `dic` (the
+    Dictionary, or a map standing in for it, e.g. with a latent ablated), that is spliced in for the
+    module's `site` (sae) or output (transcoder)."""
+    seen: dict[tuple[str, str], Tensor] = {}
+    reads = encoder_locations(cfg)
     splice_input = dic is not None and cfg.mode == "sae" and cfg.site == "input"
 
-    def read_input(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        # the main input: the first positional argument, or the first keyword tensor (e.g. hidden_states)
-        seen["input"] = x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
-        if not splice_input:
-            return None
-        if args:  # the module itself runs on the reconstruction
-            return (dic(x), *args[1:]), kwargs
-        return args, {k: dic(v) if v is x else v for k, v in kwargs.items()}
+    def encoder_input() -> Tensor:
+        late = [f"{n}:{site}" for n, site in reads if (n, site) not in seen]
+        if late:
+            raise SPDError(f"dictionary.inputs: {', '.join(late)} comes after {cfg.module}'s "
+                           f"{'input' if splice_input else 'output'}, where the dictionary is spliced in; the "
+                           f"encoder reads only what the forward pass reaches first")
+        return torch.cat([seen[r] for r in reads], -1)
 
-    def read_output(m: nn.Module, args: tuple, out: Any) -> Any:
-        seen["output"] = main = out[0] if isinstance(out, tuple) else out  # attention layers: (output, ...)
-        if dic is None or splice_input:
-            return None
-        new = dic(main if cfg.mode == "sae" else seen["input"])
-        return (new, *out[1:]) if isinstance(out, tuple) else new
+    def read_input(name: str):
+        def hook(m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            # the main input: the first positional argument, or the first keyword tensor (e.g. hidden_states)
+            seen[name, "input"] = x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+            if name != cfg.module or not splice_input:
+                return None
+            new = dic(encoder_input())
+            if args:  # the module itself runs on the reconstruction
+                return (new, *args[1:]), kwargs
+            return args, {k: new if v is x else v for k, v in kwargs.items()}
+        return hook
 
+    def read_output(name: str):
+        def hook(m: nn.Module, args: tuple, out: Any) -> Any:
+            seen[name, "output"] = out[0] if isinstance(out, tuple) else out  # attention layers: (output, ...)
+            if name != cfg.module or dic is None or splice_input:
+                return None
+            new = dic(encoder_input())
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+        return hook
+
+    hooks = []
     try:
-        mod = exp.model.target.get_submodule(cfg.module)
-    except AttributeError:
-        names = [n for n, _ in exp.model.target.named_modules() if n and ".original" not in n]
-        raise SPDError(f"dictionary.module '{cfg.module}' is not a module of the target; its modules: "
-                       f"{', '.join(names)}") from None
-    hooks = [mod.register_forward_pre_hook(read_input, with_kwargs=True), mod.register_forward_hook(read_output)]
-    try:
+        for name in dict.fromkeys([cfg.module] + [n for n, _ in reads]):
+            try:
+                mod = exp.model.target.get_submodule(name)
+            except AttributeError:
+                names = [n for n, _ in exp.model.target.named_modules() if n and ".original" not in n]
+                field = "module" if name == cfg.module else "inputs"
+                raise SPDError(f"dictionary.{field}: '{name}' is not a module of the target; its modules: "
+                               f"{', '.join(names)}") from None
+            hooks += [mod.register_forward_pre_hook(read_input(name), with_kwargs=True),
+                      mod.register_forward_hook(read_output(name))]
         out = exp.output_fn(exp.model(exp.input_fn(batch)))
     finally:
         for hook in hooks:
             hook.remove()
-    x, y = (seen["input"], seen["output"]) if cfg.mode == "transcoder" else (seen[cfg.site], seen[cfg.site])
-    return out, x.flatten(0, -2), y.flatten(0, -2)
+    y = seen[cfg.module, "output" if cfg.mode == "transcoder" else cfg.site]
+    return out, encoder_input().flatten(0, -2), y.flatten(0, -2)
 
 
 @torch.no_grad()
@@ -291,6 +327,8 @@ def build(cfg: SAEConfig) -> tuple[Experiment, Dictionary]:
     _, x, y = module_io(exp, d, exp.train_batch(0))  # a wrong module name stops here, listing the target's
     torch.manual_seed(cfg.spd.seed)
     dic = Dictionary(x.shape[-1], y.shape[-1], d, cfg.spd).to(x.device)
+    if d.inputs:  # an input the forward pass reaches after the splice point stops here, not after training
+        module_io(exp, d, exp.train_batch(0), lambda a: torch.zeros(*a.shape[:-1], y.shape[-1], device=a.device))
     if d.normalize:  # a constant per side, from the first training batch, so that resume sees the same
         dic.in_scale.fill_((x.shape[-1] / x.pow(2).sum(-1).mean().clamp_min(1e-12)) ** 0.5)
         dic.out_scale.fill_((y.shape[-1] / y.pow(2).sum(-1).mean().clamp_min(1e-12)) ** 0.5)

@@ -22,7 +22,7 @@ one line per method) to --out (default: analysis/methods).
 
 A digit classifier (mnist_decomposition.py, e.g. configs/digits.yaml) has no ground truth: each dictionary
 run on one of its layers (configs/sae_digits.yaml: a transcoder on fc2) is set beside each SPD run of the
-same target, on the held-out images:
+same target (configs/sae_digits_multi.yaml: a transcoder on fc2 reading the pixels too), on the held-out images:
   - <toy>_<module>_<activation>_<dictionary run>.png: mean activation per digit class of each alive SPD
     subcomponent of the layer (its CI) and of each live latent (its activation, over its largest class
     mean), side by side, and the matching below;
@@ -265,6 +265,7 @@ def classifier_pair(spd_dir: Path, dict_dir: Path, min_cosine: float, out: Path)
                for k, c in enumerate(comps.tolist())} if len(latents) else {}
     return {"spd_run": str(spd_dir), "dict_run": str(dict_dir), "toy": toy, "module": name,
             "activation": dcfg.dictionary.activation, "mode": dcfg.dictionary.mode, "figure": str(path),
+            "inputs": dcfg.dictionary.inputs,
             "spd_alive": len(comps), "C": model.C[name], "live_latents": len(latents),
             "n_latents": dcfg.dictionary.n_latents, "l0_spd": res[f"l0/{name}"], "l0_dict": dres["l0"],
             "acc_target": res["acc_target"], "acc_ci_masked": res["acc_ci_masked"],
@@ -334,7 +335,8 @@ def classifier_table(pairs: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for r in pairs:
         lines.append(f"| {r['toy']} | {r['module']} | {r['spd_alive']}/{r['C']}, {r['l0_spd']:.2f}, "
-                     f"{r['acc_ci_masked']:.3f} (target {r['acc_target']:.3f}) | {r['mode']} {r['activation']}: "
+                     f"{r['acc_ci_masked']:.3f} (target {r['acc_target']:.3f}) | {r['mode']} {r['activation']}"
+                     f"{' reading ' + ' + '.join(r['inputs']) if r['inputs'] else ''}: "
                      f"{r['live_latents']}/{r['n_latents']}, {r['l0_dict']:.2f}, {r['acc_spliced']:.3f} | "
                      + " / ".join(str(r["matched"][t][0]) for t in ts) + f" of {r['live_latents']} | "
                      + " / ".join(str(r["matched"][t][1]) for t in ts) + f" of {r['spd_alive']} |")

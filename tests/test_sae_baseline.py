@@ -11,7 +11,7 @@ import torch
 
 from analysis.compare_methods import (dictionary_ablation_effects, effect_matches, n_matched, plot_classifier,
                                       recovered, spd_ablation_effects)
-from sae_baseline import Dictionary, DictionaryConfig, check_k, main
+from sae_baseline import Dictionary, DictionaryConfig, check_k, main, module_io
 from sparse_activations import JumpReLU, abs_topk, batch_topk_relu, topk_relu
 from spd_common import ComponentModel, Experiment, SPDConfig
 from spd_config import SPDError
@@ -217,6 +217,64 @@ def test_classifier_ablation_effects_on_a_hand_built_pair(tmp_path):
     per_class = torch.eye(10)[:, :2]  # latent / subcomponent i fires for digit i only
     plot_classifier(per_class, both, per_class, both, m, "fc2", 0.9, tmp_path / "pair.png")
     assert (tmp_path / "pair.png").stat().st_size > 0
+
+
+def test_multi_input_encoder_reads_the_concatenated_locations():
+    """x = (1, 2) through fc1 = [[1, -1], [2, 0]]: fc1's output (-1, 2), fc2's input (0, 2); fc2 and fc3 the
+    identity. A transcoder on fc2 reading [fc1, fc1:output, fc2] sees (1, 2, -1, 2, 0, 2)."""
+    target = MLPClassifier(d_in=2, d_hidden=2, n_classes=2)
+    with torch.no_grad():
+        for fc, w in ((target.fc1, [[1.0, -1.0], [2.0, 0.0]]), (target.fc2, torch.eye(2)), (target.fc3, torch.eye(2))):
+            fc.weight.copy_(torch.as_tensor(w))
+            fc.bias.zero_()
+    exp = Experiment(ComponentModel(target, {"fc2": 2}, {}, "mlp", ci_hidden=[]), None, None)
+    x = torch.tensor([[1.0, 2.0]])
+    multi = DictionaryConfig(module="fc2", mode="transcoder", activation="relu", n_latents=2,
+                             inputs=["fc1", "fc1:output", "fc2"])
+    out, a, y = module_io(exp, multi, x)
+    assert torch.equal(a, torch.tensor([[1.0, 2.0, -1.0, 2.0, 0.0, 2.0]]))
+    assert torch.equal(y, torch.tensor([[0.0, 2.0]])) and torch.equal(out, torch.tensor([[0.0, 2.0]]))
+    # spliced in: latent 0 reads pixel 0 (1), latent 1 fc1's output 1 (2); decoder the identity -> logits (1, 2)
+    dic = Dictionary(6, 2, multi, SPDConfig()).eval()
+    with torch.no_grad():
+        dic.W_enc.zero_()
+        dic.W_enc[0, 0] = dic.W_enc[3, 1] = 1.0
+        dic.W_dec.copy_(torch.eye(2))
+        dic.b_dec.zero_()
+    assert torch.equal(module_io(exp, multi, x, dic)[0], torch.tensor([[1.0, 2.0]]))
+    # one input, named, is the single-input transcoder: same activations, same spliced output
+    single, one = (DictionaryConfig(module="fc2", mode="transcoder", activation="relu", n_latents=2, inputs=i)
+                   for i in ([], ["fc2"]))
+    dic1 = Dictionary(2, 2, single, SPDConfig()).eval()
+    for a, b in zip(module_io(exp, single, x, dic1) + module_io(exp, single, x),
+                    module_io(exp, one, x, dic1) + module_io(exp, one, x)):
+        assert torch.equal(a, b)
+    with pytest.raises(SPDError, match="fc3:input comes after fc2's output"):
+        module_io(exp, DictionaryConfig(module="fc2", mode="transcoder", inputs=["fc3"]), x, dic1)
+    with pytest.raises(SPDError, match="'fc9' is not a module"):
+        module_io(exp, DictionaryConfig(module="fc2", mode="transcoder", inputs=["fc9"]), x)
+    with pytest.raises(SPDError, match="fc1:middle names no location"):
+        module_io(exp, DictionaryConfig(module="fc2", mode="transcoder", inputs=["fc1:middle"]), x)
+
+
+def test_multi_input_transcoder_on_the_digits_end_to_end(tmp_path, monkeypatch, capsys):
+    """configs/sae_digits_multi.yaml, shortened: the encoder reads 128 numbers; with inputs [fc2] a run
+    lands where the single-input run does."""
+    import yaml
+
+    overrides = [f"target.path={tmp_path}/digits.pt", "target.steps=300", "target.min_accuracy=0.5"]
+    results = {}
+    for name, inputs in (("multi", None), ("one", ["fc2"]), ("single", [])):
+        cfg = yaml.safe_load(open("configs/sae_digits_multi.yaml"))
+        cfg["experiment_overrides"] = overrides
+        cfg["spd"] |= {"steps": 30, "eval_every": 30, "checkpoint_every": 30}
+        if inputs is not None:
+            cfg["dictionary"]["inputs"] = inputs
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+        results[name] = run(monkeypatch, capsys, str(tmp_path / f"{name}.yaml"), "--out", str(tmp_path / name))
+    state = torch.load(tmp_path / "multi" / "checkpoints" / "final.pt", weights_only=True)["components"]
+    assert state["W_enc"].shape == (128, 64) and 0 < results["multi"]["fvu"] < 1
+    assert results["one"]["fvu"] == results["single"]["fvu"] and results["one"]["l0"] == results["single"]["l0"]
 
 
 def write_config(tmp_path, name: str, experiment: str, script: str, overrides: list[str], dictionary: dict) -> str:
