@@ -108,6 +108,8 @@ class SPDConfig:
         0.5, "fraction of training where that weight reaches importance_minimality_coeff", ge=0, le=1)
     importance_minimality_beta: Optional[float] = option(
         None, "beta of the reference's frequency term: + beta sum_c mean_c log2(1 + sum_c) on (g + eps)^p", ge=0)
+    factor_l1_coeff: Optional[float] = option(None, "weight of the mean |entry| of the factors U and V", ge=0)
+    factor_l2_coeff: Optional[float] = option(None, "weight of the mean squared entry of the factors U and V", ge=0)
     p: float = option(1.0, "exponent p of the importance-minimality loss", gt=0)
     p_anneal_final: Optional[float] = option(None, "anneal p linearly to this value (null = no annealing)", gt=0)
     p_anneal_start_frac: float = option(0.0, "fraction of training where p annealing starts", ge=0, le=1)
@@ -133,8 +135,7 @@ class SPDConfig:
     checkpoint_blocks: Optional[str] = option(None, "recompute these target modules' activations in backward "
                                                     "(fnmatch pattern, e.g. model.layers.*): less memory, more time")
     checkpoint_ci: bool = option(False, "recompute the CI functions' activations in backward: less memory, more time")
-    fsdp: bool = option(False, "under torchrun: shard the components, CI functions and optimizer state over the "
-                               "ranks (FSDP2, spd_fsdp.py) instead of replicating them")
+    fsdp: bool = option(False, "under torchrun: shard components, CI functions and optimizer state (FSDP2)")
     log_every: int = option(100, "write training losses to metrics.jsonl every N steps", ge=1)
     ci_threshold: float = option(0.1, "CI above this counts a subcomponent as active (L0, alive)", ge=0, le=1)
     checkpoint_every: Optional[int] = option(1000, "save a checkpoint every N steps, for --resume (null = none)", ge=1)
@@ -454,6 +455,13 @@ def faithfulness_loss(model: ComponentModel) -> Tensor:
     """sum ||W - UV||^2 / (number of decomposed parameters), over untied modules."""
     deltas = model.weight_deltas().values()
     return sum((d ** 2).sum() for d in deltas) / sum(d.numel() for d in deltas)
+
+
+def factor_penalty(model: ComponentModel, power: int) -> Tensor:
+    """Mean of |entry|^power over every entry of the untied modules' factors U and V (the research notes'
+    L1 / L2 regularisers of the components, weighed against importance minimality)."""
+    factors = [f for n in model.untied_names() for f in model.factors(n)]
+    return sum(f.abs().pow(power).sum() for f in factors) / sum(f.numel() for f in factors)
 
 
 def importance_minimality_loss(ci_upper: dict[str, Tensor], p: float, eps: float = 1e-12) -> Tensor:
@@ -797,7 +805,7 @@ def loss_coefficients(cfg: SPDConfig, frac: float) -> dict[str, float]:
     coeffs = {"faithfulness": cfg.faithfulness_coeff, "stochastic_recon": cfg.stochastic_recon_coeff,
               "stochastic_recon_layerwise": cfg.stochastic_recon_layerwise_coeff,
               "ci_masked_recon": cfg.ci_masked_recon_coeff, "pgd_recon": cfg.pgd_recon_coeff,
-              "importance_minimality": beta3,
+              "importance_minimality": beta3, "factor_l1": cfg.factor_l1_coeff, "factor_l2": cfg.factor_l2_coeff,
               "importance_frequency": (beta3 or 0) * (cfg.importance_minimality_beta or 0)}
     return {k: c for k, c in coeffs.items() if c}
 
@@ -836,6 +844,9 @@ def training_losses(model: ComponentModel, cfg: SPDConfig, x: Any, frac: float, 
         losses["importance_minimality"] = importance_minimality_loss(ci_upper, p)
     if "importance_frequency" in coeffs:
         losses["importance_frequency"] = importance_frequency_loss(ci_upper, p, ddp)
+    for power in (1, 2):
+        if f"factor_l{power}" in coeffs:
+            losses[f"factor_l{power}"] = factor_penalty(model, power)
     losses["total"] = sum(coeffs[k] * v for k, v in losses.items())  # the paper's weighted sum
     return losses
 

@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +157,36 @@ def headline(kind: str, results: dict) -> str:
             f"MSE {results['ci_masked_mse_over_target_var']:.4f}")
 
 
+def mean_std(values: list[float], digits: int) -> str:
+    """'mean ± std' over seeds (the sample std; one value: just it; none: blank)."""
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else ""
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean():.{digits}f} ± {t.std():.{digits}f}"
+
+
+def by_size(rows: list[dict]) -> list[str]:
+    """One line per size (cells differing only in seed): pass count and the headline metrics' mean ± std over
+    the seeds whose target is alive (the paper's Table 1 gives mean ± std over seeds)."""
+    lines = ["| size | pass | target-dead | not done | MMCS | ML2R | W / identity subcomponents |",
+             "|---|---|---|---|---|---|---|"]
+    for size in dict.fromkeys(r["cell"].rsplit("_s", 1)[0] for r in rows):
+        mine = [r for r in rows if r["cell"].rsplit("_s", 1)[0] == size]
+        judged = [r["results"] for r in mine if r["status"] in ("pass", "fail")]
+        count = {s: sum(r["status"] == s for r in mine) for s in ("pass", "target-dead", "not done")}
+        if mine[0]["kind"] == "tms":
+            metrics = [mean_std([r["mmcs_nonnegligible"] for r in judged], 4),
+                       mean_std([r["ml2r_nonnegligible"] for r in judged], 3),
+                       ", ".join(sorted({"/".join(str(v) for k, v in r.items() if k.startswith("n_nonnegligible/"))
+                                         for r in judged}))]
+        else:  # monosemantic features per layer, CI-masked MSE / output variance, W_out summed ranks
+            metrics = [mean_std([r["n_monosemantic_per_layer"] for r in judged], 1),
+                       mean_std([r["ci_masked_mse_over_target_var"] for r in judged], 4), ""]
+        lines.append(f"| {size} | {count['pass']} of {len(judged)} | {count['target-dead']} | {count['not done']} | "
+                     + " | ".join(metrics) + " |")
+    return lines
+
+
 def table(cells: list[Cell], out: Path) -> Path:
     """Write DIR/robustness.md and .json from the cells' results; print the pass fractions; the json's path."""
     rows = []
@@ -180,7 +211,7 @@ def table(cells: list[Cell], out: Path) -> Path:
         summary.append(f"{kind}: {count['pass']} of {judged} cells pass"
                        + (f" ({count['pass'] / judged:.0%})" if judged else "")
                        + f"; {count['target-dead']} target-dead (not counted), {count['not done']} not done")
-    (out / "robustness.md").write_text("\n".join(["\n".join(summary), "", *lines]) + "\n")
+    (out / "robustness.md").write_text("\n".join(["\n".join(summary), "", *by_size(rows), "", *lines]) + "\n")
     path = out / "robustness.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"summary": summary, "rows": rows}, indent=1))

@@ -88,3 +88,16 @@ def test_table_counts_target_dead_apart(tmp_path, capsys):
     rows = {r["cell"]: r["status"] for r in json.loads(path.read_text())["rows"]}
     assert rows == {"tms_5-2-id_s0": "pass", "tms_5-2-id_s1": "target-dead", "resid_mlp1_s0": "fail"}
     assert "| tms_5-2-id_s1 | target-dead |" in (tmp_path / "robustness.md").read_text()
+
+
+def test_by_size_gives_mean_and_std_over_the_seeds_with_a_live_target():
+    """Seeds 0-2 of one size: MMCS 1.0 and 0.998 (mean 0.999, sample std 0.0014) count; the dead target's
+    0.5 does not; one cell not done."""
+    rows = [{"cell": f"tms_5-2_s{s}", "kind": "tms", "status": status,
+             "results": TMS_GOOD | {"mmcs_nonnegligible": mmcs, "ml2r_nonnegligible": ml2r}}
+            for s, (status, mmcs, ml2r) in enumerate([("pass", 1.0, 1.0), ("fail", 0.998, 0.96),
+                                                      ("target-dead", 0.5, 0.1)])]
+    rows.append({"cell": "tms_5-2_s3", "kind": "tms", "status": "not done"})
+    counts = "/".join(str(v) for k, v in TMS_GOOD.items() if k.startswith("n_nonnegligible/"))
+    assert robustness.by_size(rows)[2:] == [
+        f"| tms_5-2 | 1 of 2 | 1 | 1 | 0.9990 ± 0.0014 | 0.980 ± 0.028 | {counts} |"]

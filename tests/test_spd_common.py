@@ -221,6 +221,23 @@ def test_faithfulness_hand_computed():
     assert faithfulness_loss(model).item() == pytest.approx(26 / 4)
 
 
+def test_factor_penalties_hand_computed_and_weighted_into_the_total():
+    """U = [[1], [-2]], V = [[3, 0]]; a tied module adds no factors of its own. L1: (1 + 2 + 3 + 0) / 4,
+    L2: (1 + 4 + 9 + 0) / 4; the total holds coefficient x term."""
+    net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+    model = ComponentModel(net, {"0": 1, "1": 1}, {"1": "0"}, "mlp", [2])
+    with torch.no_grad():
+        model.decomposed["0"].components.U.copy_(torch.tensor([[1.0], [-2.0]]))
+        model.decomposed["0"].components.V.copy_(torch.tensor([[3.0, 0.0]]))
+    cfg = SPDConfig(stochastic_recon_coeff=None, stochastic_recon_layerwise_coeff=None,
+                    importance_minimality_coeff=None, factor_l1_coeff=0.5,
+                    factor_l2_coeff=2.0, steps=10)
+    losses = training_losses(model, cfg, torch.randn(4, 2), 0.0, lambda out: out)
+    assert losses["factor_l1"].item() == pytest.approx(6 / 4)
+    assert losses["factor_l2"].item() == pytest.approx(14 / 4)
+    assert losses["total"].item() == pytest.approx(0.5 * 6 / 4 + 2.0 * 14 / 4)
+
+
 def test_layerwise_masks_one_module_at_a_time():
     """Module emb faithful (masks 1 + delta 1 = target exactly), fc2 ablated (masks 0): the layerwise
     loss is the mean of 0 (emb alone) and the loss of ablating fc2 alone, unaffected by fc1's mask."""
