@@ -329,6 +329,9 @@ def main() -> None:
         if cfg.spd.output_loss != "mse":
             raise SPDError("train_on: residual compares hidden states; set spd.output_loss: mse "
                            f"(not {cfg.spd.output_loss})")
+        if cfg.spd.fsdp_blocks:  # its stop leaves a block's forward midway, where FSDP would reshard it
+            raise SPDError("train_on: residual does not work with spd.fsdp_blocks yet; drop spd.fsdp_blocks "
+                           "(spd.fsdp alone works) or set train_on: logits")
         stop = ResidualStop(model.target, ResidualStop.last_layer(model.names))
         with torch.no_grad():  # per dimension: a few carry huge activations and would be all an MSE sees
             rms = model(exp.train_batch(0)).float().flatten(0, -2).pow(2).mean(0).sqrt().clamp_min(1e-6)

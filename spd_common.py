@@ -136,6 +136,8 @@ class SPDConfig:
                                                     "(fnmatch pattern, e.g. model.layers.*): less memory, more time")
     checkpoint_ci: bool = option(False, "recompute the CI functions' activations in backward: less memory, more time")
     fsdp: bool = option(False, "under torchrun: shard components, CI functions and optimizer state (FSDP2)")
+    fsdp_blocks: Optional[str] = option(None, "with fsdp: also shard these target modules' frozen weights (fnmatch, "
+                                              "e.g. model.layers.*)")
     log_every: int = option(100, "write training losses to metrics.jsonl every N steps", ge=1)
     ci_threshold: float = option(0.1, "CI above this counts a subcomponent as active (L0, alive)", ge=0, le=1)
     checkpoint_every: Optional[int] = option(1000, "save a checkpoint every N steps, for --resume (null = none)", ge=1)
@@ -299,18 +301,24 @@ class ComponentModel(nn.Module):
             for mod in self.decomposed.values():
                 mod.set_mask_state((None,) * len(mod.MASK_STATE))
 
+    def blocks(self, pattern: str, option: str) -> list[tuple[str, nn.Module]]:
+        """(name, module) of the outermost target modules matching `pattern` (fnmatch's * crosses dots);
+        SPDError naming spd.`option` if none."""
+        blocks: list[tuple[str, nn.Module]] = []
+        for n, m in self.target.named_modules():
+            if n and fnmatch.fnmatchcase(n, pattern) and not any(n.startswith(f"{b}.") for b, _ in blocks):
+                blocks.append((n, m))
+        if not blocks:
+            raise SPDError(f"spd.{option} = '{pattern}' matches no module of the target; e.g. model.layers.*")
+        return blocks
+
     def checkpoint_blocks(self, pattern: str) -> list[str]:
         """Activation checkpointing: the target modules matching `pattern` keep only their inputs for
         backward and run again there, under the masks they ran with (a forward's masks are gone by
         the time the step's one backward runs). Returns the names of the modules."""
         from torch.utils.checkpoint import checkpoint
 
-        blocks: list[tuple[str, nn.Module]] = []
-        for n, m in self.target.named_modules():  # outermost matches only: fnmatch's * crosses dots
-            if n and fnmatch.fnmatchcase(n, pattern) and not any(n.startswith(f"{b}.") for b, _ in blocks):
-                blocks.append((n, m))
-        if not blocks:
-            raise SPDError(f"spd.checkpoint_blocks = '{pattern}' matches no module of the target; e.g. model.layers.*")
+        blocks = self.blocks(pattern, "checkpoint_blocks")
 
         def masks_as_now() -> tuple[Any, Any]:  # (forward context, recomputation context)
             then = {mod: mod.mask_state() for mod in self.decomposed.values()}
@@ -1075,7 +1083,7 @@ class TrainingRun:
         final = {}
         self.save("final.pt")  # before the final evaluation: a run killed after it resumes to the same results
         if self.sharded:
-            self.sharded.unshard()  # whole on every rank from here on, for the evaluation and the script's analysis
+            self.sharded.gather()  # whole on every rank from here on, for the evaluation and the script's analysis
         if self.ddp.is_main:  # rank 0 alone evaluates, and (in the experiment script) makes figures and writes results
             final = self.evaluate_and_log(self.cfg.steps)
         self.ddp.close()
@@ -1165,10 +1173,13 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     # The warm-up steps the whole components, before any sharding (a resumed run loads them instead).
     fresh = not checkpoint_paths(run_dir / "checkpoints")
     warmup = faithfulness_warmup(model, cfg) if fresh and cfg.faithfulness_warmup_steps else None
-    ddp = init_distributed()
-    sharded = ShardedLoss(model, training_losses, ddp.world_size) if cfg.fsdp and ddp.world_size > 1 else None
+    ddp, digest = init_distributed(), target_digest(model)
+    sharded = None
+    if cfg.fsdp and ddp.world_size > 1:
+        blocks = [m for _, m in model.blocks(cfg.fsdp_blocks, "fsdp_blocks")] if cfg.fsdp_blocks else []
+        sharded = ShardedLoss(model, training_losses, ddp.world_size, blocks)
     params = [*model.components.parameters(), *model.ci_fns.parameters()]
-    run = TrainingRun.start(model, params, target_digest(model), cfg, run_dir, full_config, evaluate_at, sharded)
+    run = TrainingRun.start(model, params, digest, cfg, run_dir, full_config, evaluate_at, sharded)
     state = run.state
     adversary = PersistentAdversary(state.adversary) if cfg.pgd_persistent else None
 
@@ -1182,12 +1193,14 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
                                          sharded or training_losses)
                 run.end_step(step, losses, bad)
         state_mb = local_megabytes([*params, *(t for s in run.opt.state.values() for t in s.values() if t.dim())])
+        target_mb = local_megabytes(list(model.target.parameters()))
         final = run.finish()
     finally:
         run.logger.close()
     if not ddp.is_main:
         return None
-    results = run_results(cfg, state, run.wall, device) | {"train_state_mb": round(state_mb, 3)}
+    results = run_results(cfg, state, run.wall, device) | {"train_state_mb": round(state_mb, 3),
+                                                            "target_mb": round(target_mb, 3)}
     return results | state.train_metrics | final
 
 

@@ -25,28 +25,59 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 class ShardedLoss(nn.Module):
     """`loss_fn(model, *args)` as this module's forward, with `model`'s trained parameters sharded by FSDP2
-    (in place: outside this forward, `model.components` and `model.ci_fns` hold DTensor shards)."""
+    (in place: outside this forward, `model.components` and `model.ci_fns` hold DTensor shards).
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., dict[str, Tensor]], world_size: int):
+    `blocks` (spd.fsdp_blocks): target modules whose frozen weights are sharded too, each its own FSDP unit,
+    gathered for each of its forwards (and backwards) only; the rest of the target stays whole on every rank.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., dict[str, Tensor]], world_size: int,
+                 blocks: list[nn.Module] = ()):
         super().__init__()
-        self.model, self.loss_fn = model, loss_fn
+        self.model, self.loss_fn, self.blocks = model, loss_fn, list(blocks)
         device = next(model.components.parameters()).device
         mesh = init_device_mesh(device.type, (world_size,))
-        fully_shard(self, mesh=mesh, ignored_params=set(model.target.parameters()))
+        outside = set(model.target.parameters()) - {p for b in blocks for p in b.parameters()}
+        for block in blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self, mesh=mesh, ignored_params=outside)
 
     def forward(self, model: nn.Module, *args: Any) -> dict[str, Tensor]:
         """loss_fn(model, *args), called as loss_fn is (`model` is this module's)."""
-        return self.loss_fn(model, *args)
+        # A backward inside the loss (the PGD adversary's) ends in FSDP's end-of-backward callback once it has
+        # passed through a block: that must not shard the components midway through the loss.
+        self.set_reshard_after_backward(False)
+        try:
+            return self.loss_fn(model, *args)
+        finally:
+            self.set_reshard_after_backward(True)
+
+    def gather(self) -> None:
+        """From now on every rank holds the whole components, CI functions and blocks as plain tensors
+        (all-gathers: every rank calls it), and forwards and backwards outside this module's own forward
+        (rank 0 evaluating alone, the script's analysis) keep them whole."""
+        for unit in (self, *self.blocks):
+            unit.unshard()
+            unit.set_reshard_after_backward(False)
+        for block in self.blocks:
+            block.set_reshard_after_forward(False)
+
+    def scatter(self) -> None:
+        """Back to each rank's shards, as in training (no traffic)."""
+        for block in self.blocks:
+            block.set_reshard_after_forward(True)
+        for unit in (self, *self.blocks):
+            unit.set_reshard_after_backward(True)
+            unit.reshard()
 
     @contextmanager
     def whole(self) -> Iterator[None]:
-        """Inside, every rank holds the whole components and CI functions as plain tensors (an all-gather:
-        every rank enters), e.g. for rank 0 to evaluate alone; sharded again after."""
-        self.unshard()
+        """`gather` inside (every rank enters), `scatter` after."""
+        self.gather()
         try:
             yield
         finally:
-            self.reshard()
+            self.scatter()
 
 
 def gathered(state: Any) -> Any:

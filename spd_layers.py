@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from spd_config import SPDError
 
@@ -222,8 +223,10 @@ class DecomposedModule(nn.Module):
         return self._components[0]
 
     def target_weight(self) -> Tensor:
-        """The frozen target weight as a (d_out, d_in) matrix."""
-        return weight_out_in(self.original)
+        """The frozen target weight as a (d_out, d_in) matrix (spd.fsdp_blocks: gathered when read outside its
+        block's forward, for the faithfulness loss, in the same order on every rank)."""
+        W = weight_out_in(self.original)
+        return W.full_tensor() if isinstance(W, DTensor) else W
 
     def _conv(self, x: Tensor, W: Tensor) -> Tensor:
         """The target conv's patch map (stride, padding and its mode, dilation) with the (k, in * kH * kW)

@@ -121,17 +121,19 @@ def test_gpu_nodes_get_a_group_for_cpu_and_cuda_tensors(monkeypatch):
 def test_two_process_lm_run_equals_one_process_in_training_and_evals(tmp_path, fsdp):
     """The LM evaluation draws its stochastic masks on rank 0 alone: from a generator of its own, so
     that the ranks' shared training stream stays in step and 2 processes train what 1 does (also with
-    the components sharded)."""
+    the components and the target's layers sharded, the faithfulness loss reading the gathered weights)."""
     t = tmp_path / "tl"
     args = [str(ROOT / "configs/tiny_llama.yaml"), f"model={t}", f"target.path={t}", "target.n_train_stories=300",
             "target.n_test_stories=40", "target.d_model=16", "target.d_mlp=32", "target.n_heads=2",
             "target.seq_len=32", "target.steps=3", "target.batch_size=4", "target.vocab_size=300",
             f"data.data_files={{train: {t}/corpus/train.jsonl, test: {t}/corpus/test.jsonl}}", "data.seq_len=32",
             "spd.steps=6", "spd.eval_every=2", "spd.log_every=1", "spd.batch_size=4", "spd.eval_batch_size=4",
-            "spd.faithfulness_warmup_steps=2", "spd.modules={model.layers.*.mlp.*: 8}", "n_eval_batches=1"]
+            "spd.faithfulness_warmup_steps=2", "spd.modules={model.layers.*.mlp.*: 8}", "n_eval_batches=1",
+            f"spd.faithfulness_coeff={1.0 if fsdp else 'null'}"]
     script = str(ROOT / "lm_decomposition.py")
     # torchrun first: rank 0 builds the missing tiny Llama, the other rank waits and loads it
-    run([*TORCHRUN, script, *args, f"spd.fsdp={fsdp}", "--out", str(tmp_path / "two")], tmp_path)
+    sharded = ["spd.fsdp=true", "spd.fsdp_blocks=model.layers.*"] if fsdp else []
+    run([*TORCHRUN, script, *args, *sharded, "--out", str(tmp_path / "two")], tmp_path)
     run([sys.executable, script, *args, "--out", str(tmp_path / "one")], tmp_path)
     one, two = (torch.load(tmp_path / f"{r}/checkpoints/final.pt", weights_only=True) for r in ("one", "two"))
     for k in one["components"]:
@@ -142,6 +144,13 @@ def test_two_process_lm_run_equals_one_process_in_training_and_evals(tmp_path, f
     for a, b in zip(*evals):
         for k in ("eval/ce/stochastic", "eval/kl/stochastic", "eval/ce/ci_masked", "eval/recon/stochastic"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+    if fsdp:  # each rank holds half of the layers' weights, all of the embedding, norm and unembedding
+        from transformers import AutoModelForCausalLM
+
+        layers_mb = sum(p.numel() * 4 for n, p in AutoModelForCausalLM.from_pretrained(t).named_parameters()
+                        if n.startswith("model.layers.")) / 2 ** 20
+        r1, r2 = (json.loads((tmp_path / f"{r}/results.json").read_text()) for r in ("one", "two"))
+        assert r2["target_mb"] == pytest.approx(r1["target_mb"] - layers_mb / 2, abs=2e-3)
 
 
 # The script with every data batch delayed by 50 ms (numerics unchanged), so that the test can interrupt it.
