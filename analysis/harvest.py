@@ -5,8 +5,21 @@
 Streams N held-out batches (`exp.eval_batch(i)`, i < N) through the run's decomposed model and, per
 module and subcomponent c, records how often it fires (CI > spd.ci_threshold), its mean CI and its
 weight norm ||U[:, c]|| ||V[c]||. A conv module's CI, one per output location, counts per image as its max
-over locations (`ComponentModel.per_input`): c fires on an image when it fires somewhere in it. For
-language models (the experiment has a tokenizer) it also records, per alive subcomponent, the top-k
+over locations (`ComponentModel.per_input`): c fires on an image when it fires somewhere in it. A conv
+module also gets per-location statistics, which tell where in an image c fires:
+
+  location maps of alive c, (H_out, W_out) each: its mean CI at each output location over the images, and
+      its firing density there (the share of images with CI > threshold at that location);
+  coverage[c] = the share of an image's H_out W_out locations where c fires, averaged over the images where
+      it fires at all (sum of the density map / (H_out W_out density[c])). It tells a local detector (low:
+      c fires on a part of each image, e.g. the shape or an edge of it) from a global one (near 1: it fires
+      nearly everywhere, shape and background alike); `LOCAL_COVERAGE` is the line between them that the
+      report and shapes_decomposition.py use;
+  spread[c] = the share of locations where c fires on at least SPREAD_MIN_SHARE of the images. A local c
+      with low spread fires in a fixed region (e.g. near the border); with high spread its region moves
+      with the image content (shapes sit at random positions).
+
+For language models (the experiment has a tokenizer) it also records, per alive subcomponent, the top-k
 activating contexts and its next-token effects:
 
   next-token effect of c in module n = mean over the positions p where c fires (up to --effect-positions
@@ -32,6 +45,11 @@ Writes OUT/harvest.json (OUT defaults to RUN_DIR/analysis) and prints its path a
        "mean_ci": [C floats],      mean of CI clipped to [0, 1]
        "weight_norm": [C floats],  ||U[:, c]|| ||V[c]||
        "alive": [ints],            the c with density > 0, densest first
+       "locations": {              conv modules only (see above)
+           "shape": [H_out, W_out],
+           "coverage": [C floats], "spread": [C floats],
+           "mean_ci": {str(c): [[H_out x W_out floats]]},   for every alive c
+           "density": {str(c): [[H_out x W_out floats]]}},  for every alive c
        "lm": {str(c): {            LMs only, for every alive c
            "contexts": [{"tokens": [str], "pos": int (index of the firing token in tokens), "ci": float,
                          "token_ci": [float] (c's CI on each of tokens)}],
@@ -62,6 +80,8 @@ from spd_config import SPDError  # noqa: E402
 from spd_run import checkpoint_paths, load_run, run_main  # noqa: E402
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 10, 4  # tokens shown around a firing token
+LOCAL_COVERAGE = 0.25  # a conv subcomponent firing on at most this share of an image's locations is local
+SPREAD_MIN_SHARE = 0.05  # spread counts the locations where c fires on at least this share of the images
 
 
 def context_window(tokens: Tensor, pos: int, tokenizer: Any, before: int = CONTEXT_BEFORE,
@@ -78,6 +98,25 @@ def merge_top_k(best: tuple[Tensor, Tensor] | None, values: Tensor, index: Tenso
         values, index = torch.cat([best[0], values]), torch.cat([best[1], index])
     top = values.topk(min(k, values.shape[0]), dim=0)
     return top.values, index.gather(0, top.indices)
+
+
+def location_counts(ci: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """A conv module's CI (images, H_out, W_out, C) summed over the images at each location: CI clipped to
+    [0, 1], and the number of images with CI > threshold there; each (H_out, W_out, C)."""
+    return ci.clamp(0, 1).sum(0), (ci > threshold).sum(0).float()
+
+
+def locality(fired_at: Tensor, fired: Tensor, n_images: int) -> tuple[Tensor, Tensor]:
+    """coverage (C,) and spread (C,) as defined in the module docstring, from the firing counts per location
+    fired_at (H_out, W_out, C) and per image fired (C,) (images where c fires somewhere) over n_images."""
+    coverage = fired_at.sum((0, 1)) / (fired_at[..., 0].numel() * fired.clamp_min(1))
+    spread = (fired_at >= SPREAD_MIN_SHARE * n_images).float().mean((0, 1))
+    return coverage, spread
+
+
+def grid(m: Tensor) -> list[list[float]]:
+    """A map (H_out, W_out) as nested lists, 3 decimals."""
+    return [[round(v, 3) for v in row] for row in m.tolist()]
 
 
 def cache_keyword(target: torch.nn.Module) -> str:
@@ -188,10 +227,15 @@ def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8, loaded
     fired = {n: torch.zeros(C) for n, C in model.C.items()}
     ci_sum = {n: torch.zeros(C) for n, C in model.C.items()}
     best: dict[str, tuple[Tensor, Tensor] | None] = {n: None for n in model.names}
+    ci_at: dict[str, Tensor] = {}  # conv modules: summed over images per location, (H_out, W_out, C)
+    fired_at: dict[str, Tensor] = {}
     cis = []
     n_rows = 0
     for b, x in enumerate(batches):
         ci = model.ci_of(x)
+        for n in (n for n in model.names if model.decomposed[n].is_conv):
+            s, f = location_counts(ci[n].float().cpu(), threshold)
+            ci_at[n], fired_at[n] = ci_at.get(n, 0) + s, fired_at.get(n, 0) + f
         for n, g in model.per_input(ci).items():
             rows = g.flatten(0, -2).float().cpu()  # (examples or tokens, C); a conv's max over locations
             fired[n] += (rows > threshold).sum(0)
@@ -214,6 +258,12 @@ def harvest(run_dir: Path, out: Path, n_batches: int = 4, top_k: int = 8, loaded
         alive = [c for c in density.argsort(descending=True).tolist() if density[c] > 0]
         modules[n] = {"C": model.C[n], "density": density.tolist(), "mean_ci": (ci_sum[n] / n_rows).tolist(),
                       "weight_norm": (U.norm(dim=0) * V.norm(dim=1)).cpu().tolist(), "alive": alive}
+        if n in fired_at:
+            coverage, spread = locality(fired_at[n], fired[n], n_rows)
+            modules[n]["locations"] = {"shape": list(fired_at[n].shape[:2]), "coverage": coverage.tolist(),
+                                       "spread": spread.tolist(),
+                                       "mean_ci": {str(c): grid(ci_at[n][..., c] / n_rows) for c in alive},
+                                       "density": {str(c): grid(fired_at[n][..., c] / n_rows) for c in alive}}
         if is_lm:
             modules[n]["lm"] = lm_details(model, exp, batches, cis, n, alive, best[n], threshold, top_k,
                                           effect_positions)

@@ -12,7 +12,7 @@ import matplotlib.image
 import pytest
 import torch
 
-from analysis.harvest import context_window, merge_top_k, next_token_effects
+from analysis.harvest import context_window, location_counts, locality, merge_top_k, next_token_effects
 from analysis.report import SECTIONS
 from spd_common import ComponentModel
 from spd_run import load_run
@@ -133,6 +133,27 @@ def test_merge_top_k_over_batches():
     best = merge_top_k(None, a, torch.tensor([[0, 0], [1, 1]]), k=2)
     values, index = merge_top_k(best, b, torch.tensor([[2, 2], [3, 3]]), k=2)
     assert torch.equal(values, torch.tensor([[0.7, 0.9], [0.5, 0.8]])) and index.tolist() == [[2, 0], [1, 3]]
+
+
+def test_conv_location_maps_and_locality_by_hand():
+    """4 images, 2 x 2 locations, threshold 0.1. c0 is global: CI 0.8 everywhere on images 0-2, 0 on image 3.
+    c1 is local: CI 0.5 at (0, 0) on images 0 and 1, 2.0 (clipped to 1) at (1, 1) on image 2, and 0.05 (below
+    the threshold) at (0, 1) on image 3."""
+    ci = torch.zeros(4, 2, 2, 2)
+    ci[:3, :, :, 0] = 0.8
+    ci[0, 0, 0, 1] = ci[1, 0, 0, 1] = 0.5
+    ci[2, 1, 1, 1] = 2.0
+    ci[3, 0, 1, 1] = 0.05
+    ci_sum, fired_at = location_counts(ci, 0.1)
+    assert (ci_sum[..., 0] / 4).flatten().tolist() == pytest.approx([0.6] * 4)
+    assert (ci_sum[..., 1] / 4).flatten().tolist() == pytest.approx([0.25, 0.0125, 0.0, 0.25])  # (0, 0), (0, 1), ...
+    assert fired_at[..., 0].tolist() == [[3, 3], [3, 3]] and fired_at[..., 1].tolist() == [[2, 0], [0, 1]]
+    fired = (ci.amax((1, 2)) > 0.1).sum(0).float()  # images where each fires somewhere: 3 and 3
+    coverage, spread = locality(fired_at, fired, 4)
+    # c0: 12 firings over 3 images of 4 locations; c1: 3 firings over 3 images, one location each
+    assert coverage.tolist() == pytest.approx([1.0, 0.25])
+    # a location counts once c fires there on >= 5% of 4 images, i.e. on one: c1 at (0, 0) and (1, 1)
+    assert spread.tolist() == [1.0, 0.5]
 
 
 def test_next_token_effects_on_a_tiny_llama():
