@@ -15,7 +15,10 @@ The story:
      set restricts exactly one attribute (e.g. "colour = red", or "size != small"), a combination when it
      restricts two or three ("red circles"), dense when it restricts none (fires on every image), and
      unexplained when the best F1 is below `min_f1`. Beside it, the mutual information between its firing
-     and each attribute, in bits (at most log2 3 = 1.58).
+     and each attribute, in bits (at most log2 3 = 1.58). A conv subcomponent also gets its coverage (the
+     share of an image's locations where it fires, over the images where it fires) and spread
+     (analysis/harvest.py's definitions): a dense one with coverage <= LOCAL_COVERAGE is a local detector,
+     firing on every image but on a part of it, which "fires on this image" cannot show.
   5. Figures: mean CI per attribute value of every alive subcomponent, the top images of a few
      subcomponents per layer, and conv1's V filters as RGB patches.
 
@@ -38,6 +41,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import Tensor
 
+from analysis.harvest import LOCAL_COVERAGE, locality, location_counts
 from spd_common import ComponentModel, Experiment, SPDConfig, optimize
 from spd_config import config_to_dict, option
 from spd_run import figures_dir, get_device, parse_cli, run_main, step_generator, write_results
@@ -135,7 +139,8 @@ def accuracy_metrics(model: ComponentModel, x: Tensor, y: Tensor) -> dict[str, f
 @torch.no_grad()
 def attribute_analysis(model: ComponentModel, cfg: ShapesConfig, x: Tensor, y: Tensor) -> tuple[dict, dict]:
     """Per alive subcomponent: its best product set, F1, kind and mutual information with each attribute;
-    the counts per kind. Returns (results entries, what the figures need)."""
+    the counts per kind; a conv one also its coverage and spread. Returns (results entries, what the figures
+    need)."""
     full = model.ci_of(x)
     ci = {n: g.clamp(0, 1) for n, g in model.per_input(full).items()}  # (N, C) per image
     # how much of an image needs c (a conv's mean over locations): ranks the top images, whose max often ties at 1
@@ -143,12 +148,17 @@ def attribute_analysis(model: ComponentModel, cfg: ShapesConfig, x: Tensor, y: T
     sets = product_sets()
     components, counts = {}, {k: 0 for k in ("atomic", "combination", "dense", "unexplained")}
     n_one_value = 0  # atomic ones firing on one value ("colour=red"), not on all but one ("colour!=red")
+    n_dense_conv, n_dense_local = 0, 0
     alive = {}
     for n, g in ci.items():
         fires = g > cfg.spd.ci_threshold
         alive[n] = fires.any(0).nonzero().flatten()
         best, f1 = best_product_set(fires[:, alive[n]], y)
         mi = mutual_information(fires[:, alive[n]], y)
+        conv = full[n].dim() == 4
+        if conv:
+            coverage, spread = locality(location_counts(full[n].float(), cfg.spd.ci_threshold)[1], fires.sum(0).float(),
+                                        len(fires))
         for c, s, score, bits in zip(alive[n].tolist(), best.tolist(), f1.tolist(), mi.tolist()):
             text, n_restricted = describe(sets[s])
             k = kind(n_restricted, score, cfg.min_f1)
@@ -157,7 +167,13 @@ def attribute_analysis(model: ComponentModel, cfg: ShapesConfig, x: Tensor, y: T
             components[f"{n}:{c}"] = {"fires_on": text, "f1": round(score, 3), "kind": k,
                                       "density": round(fires[:, c].float().mean().item(), 4),
                                       "mi_bits": dict(zip(ATTRIBUTES, (round(b, 3) for b in bits)))}
-    out = {f"n_{k}": v for k, v in counts.items()} | {"n_atomic_one_value": n_one_value, "components": components}
+            if conv:
+                components[f"{n}:{c}"] |= {"coverage": round(coverage[c].item(), 4),
+                                           "spread": round(spread[c].item(), 4)}
+                n_dense_conv += k == "dense"
+                n_dense_local += k == "dense" and coverage[c].item() <= LOCAL_COVERAGE
+    out = {f"n_{k}": v for k, v in counts.items()} | {"n_atomic_one_value": n_one_value, "n_dense_conv": n_dense_conv,
+                                                     "n_dense_conv_local": n_dense_local, "components": components}
     return out, {"ci": ci, "share": share, "alive": alive}
 
 
@@ -262,6 +278,8 @@ def main() -> None:
           f"{results['n_combination']} combinations, "
           f"{results['n_dense']} dense, {results['n_unexplained']} unexplained (best F1 < {cfg.min_f1}); "
           "L0 per image " + ", ".join(f"{n} {v}" for n, v in results["l0_per_image"].items()))
+    print(f"dense conv subcomponents: {results['n_dense_conv']}, of which {results['n_dense_conv_local']} local "
+          f"(firing on at most {LOCAL_COVERAGE:.0%} of an image's locations)")
     print(f"{results['steps']} steps in {results['wall_s']} s ({results['steps_per_s']} steps/s), "
           f"peak RSS {results['peak_rss_mb']} MB; max possible MI per attribute {math.log2(3):.2f} bits")
     write_results(run_dir, results)

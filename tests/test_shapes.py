@@ -198,6 +198,10 @@ def test_attribute_analysis_and_figures_on_an_untrained_cnn(tmp_path):
     assert n_alive > 0 and len(out["components"]) == n_alive
     assert sum(out[f"n_{k}"] for k in ("atomic", "combination", "dense", "unexplained")) == n_alive
     assert all(g.shape == (54, 4) for g in fig["ci"].values())  # per image: conv CI reduced over locations
+    conv = {k: v for k, v in out["components"].items() if k.startswith("conv")}
+    assert conv and all(0 < v["coverage"] <= 1 and 0 <= v["spread"] <= 1 for v in conv.values())  # alive: fires
+    assert not any("coverage" in v for k, v in out["components"].items() if k.startswith("fc"))
+    assert out["n_dense_conv"] == sum(v["kind"] == "dense" for v in conv.values()) >= out["n_dense_conv_local"]
     plot_ci_per_value(fig["ci"], fig["alive"], y, tmp_path / "a.png")
     plot_top_images(x, fig["ci"], fig["share"], fig["alive"], out["components"], 2, 3, tmp_path / "b.png")
     plot_filters(model.components["conv1"].V, (4, 4), fig["alive"]["conv1"], out["components"], tmp_path / "c.png")
