@@ -80,7 +80,7 @@ from spd_config import SPDError  # noqa: E402
 from spd_run import checkpoint_paths, load_run, run_main  # noqa: E402
 
 CONTEXT_BEFORE, CONTEXT_AFTER = 10, 4  # tokens shown around a firing token
-LOCAL_COVERAGE = 0.25  # a conv subcomponent firing on at most this share of an image's locations is local
+LOCAL_COVERAGE = 0.5  # a conv subcomponent firing on at most this share of an image's locations is local
 SPREAD_MIN_SHARE = 0.05  # spread counts the locations where c fires on at least this share of the images
 
 

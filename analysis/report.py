@@ -8,7 +8,9 @@ headline metrics from results.json (MMCS/ML2R, CE unrecovered, accuracies: every
 per module its C, alive count, L0 and any other per-module result, the reconstruction losses and the run's
 time; the whole results.json and the config are folded (<details>, no script needed). The component tables
 come from OUT/harvest.json, which analysis/harvest.py writes first when it is missing or older than the
-run's newest checkpoint, with the labels of OUT/autointerp.json when analysis/autointerp.py has run.
+run's newest checkpoint, with the labels of OUT/autointerp.json when analysis/autointerp.py has run. A conv
+module's table adds each subcomponent's coverage and spread, above it a grid of where its densest alive
+subcomponents fire: their firing density at each output location, one small heatmap each.
 Prints the path of the HTML as its last line.
 """
 
@@ -30,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from analysis.autointerp import load_labels  # noqa: E402
-from analysis.harvest import harvested  # noqa: E402
+from analysis.harvest import LOCAL_COVERAGE, SPREAD_MIN_SHARE, harvested  # noqa: E402
 from spd_run import run_main  # noqa: E402
 
 SECTIONS = ["Summary", "Training curves", "Figures", "Components", "Config"]  # the report's <h2>s, in order
@@ -38,6 +40,7 @@ RUN_KEYS = ["steps", "wall_s", "steps_per_s", "tokens_per_s", "peak_rss_mb", "pe
             "skipped_steps"]  # results.json's "Time" table; recon/*, train/* and faithfulness: "Losses"
 HEADLINE_FIRST = ["mmcs", "ml2r", "ce_unrecovered", "acc_target", "acc_ci_masked"]  # the rest in results.json's order
 SHOWN_CONTEXTS, SHOWN_TOKENS = 5, 5  # per LM subcomponent in the table (harvest.json keeps top-k of each)
+SHOWN_MAPS = 32  # per conv module: location maps of its densest alive subcomponents
 CSS = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1400px; }
 h2 { border-bottom: 2px solid #4a7; padding-bottom: 0.2em; margin-top: 1.6em; }
@@ -112,6 +115,24 @@ def tokens_html(effects: list[dict]) -> str:
                        for e in effects[:SHOWN_TOKENS])
 
 
+def location_maps_png(m: dict) -> bytes:
+    """A conv module's firing density per output location (harvest.json's maps) of its densest alive
+    subcomponents, 8 to a row, each on its own scale (white 0, dark blue its max) and titled with its index,
+    that max and its coverage."""
+    loc, shown = m["locations"], m["alive"][:SHOWN_MAPS]
+    cols = min(8, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.45 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, c in zip(axes.flat, shown):
+        density = loc["density"][str(c)]
+        top = max(map(max, density))
+        ax.imshow(density, cmap="Blues", vmin=0, vmax=top, interpolation="nearest")
+        ax.set_title(f"{c}: max {top:.2g}\ncoverage {loc['coverage'][c]:.2f}", fontsize=6)
+    return fig_png(fig)
+
+
 def kv_table(rows: dict) -> str:
     return "<table>" + "".join(f"<tr><th>{escape(k)}</th><td class='num'>{fmt(v)}</td></tr>" for k, v in rows.items()) \
         + "</table>"
@@ -161,6 +182,10 @@ def components_html(h: dict, labels: dict | None = None) -> str:
            f'({h["n_batches"]} batches, checkpoint {escape(h["checkpoint"])}); a subcomponent fires when its '
            f'CI &gt; {h["ci_threshold"]} (a conv module\'s at some location of the image: its max over locations). '
            f'Weight norm = ||U[:, c]|| ||V[c]||.'
+           + (" Conv modules: coverage = the share of an image's locations where c fires, over the images where "
+              f"it fires (at most {LOCAL_COVERAGE}: a local detector); spread = the share of locations where it "
+              f"fires on at least {SPREAD_MIN_SHARE:.0%} of the images (low: a fixed region)."
+              if any("locations" in m for m in h["modules"].values()) else "")
            + (" Next-token effect: mean change in next-token probability when c is ablated (CI mask → 0) "
               "where it fires, this module alone masked; promoted tokens drop most, suppressed rise most."
               if h["lm"] else "")
@@ -171,7 +196,14 @@ def components_html(h: dict, labels: dict | None = None) -> str:
         alive = m["alive"]
         out.append(f'<div class="module"><h3>{escape(name)}</h3><p class="note">{len(alive)} of {m["C"]} subcomponents fired; '
                    f'the {m["C"] - len(alive)} that never did are not listed.</p>')
-        head = ["c", "firing density", "mean CI", "weight norm"]
+        conv = "locations" in m
+        if conv and alive:
+            shape = "x".join(map(str, m["locations"]["shape"]))
+            out.append(f'<figure>{png_tag(location_maps_png(m), f"{name} location maps")}<figcaption>where '
+                       f'{escape(name)}\'s {min(len(alive), SHOWN_MAPS)} densest alive subcomponents fire: the share '
+                       f'of images with CI &gt; {h["ci_threshold"]} at each of its {shape} output locations'
+                       f'</figcaption></figure>')
+        head = ["c", "firing density", "mean CI", "weight norm"] + (["coverage", "spread"] if conv else [])
         if labels:
             head += ["label", "detection"]
         if h["lm"]:
@@ -180,6 +212,8 @@ def components_html(h: dict, labels: dict | None = None) -> str:
         for c in alive:
             cells = [f'<td class="num">{c}</td>'] + [f'<td class="num">{m[k][c]:.4g}</td>'
                                                       for k in ("density", "mean_ci", "weight_norm")]
+            if conv:
+                cells += [f'<td class="num">{m["locations"][k][c]:.3f}</td>' for k in ("coverage", "spread")]
             if labels:
                 lab = labels.get(name, {}).get(str(c), {})
                 score = lab.get("balanced_accuracy")

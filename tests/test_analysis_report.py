@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from analysis.harvest import context_window, location_counts, locality, merge_top_k, next_token_effects
-from analysis.report import SECTIONS
+from analysis.report import SECTIONS, components_html
 from spd_common import ComponentModel
 from spd_run import load_run
 
@@ -154,6 +154,21 @@ def test_conv_location_maps_and_locality_by_hand():
     assert coverage.tolist() == pytest.approx([1.0, 0.25])
     # a location counts once c fires there on >= 5% of 4 images, i.e. on one: c1 at (0, 0) and (1, 1)
     assert spread.tolist() == [1.0, 0.5]
+
+
+def test_report_shows_a_conv_modules_location_maps():
+    """A hand-made harvest: conv1 (2 x 2 locations) with the two subcomponents above, and a linear fc."""
+    loc = {"shape": [2, 2], "coverage": [1.0, 0.25], "spread": [1.0, 0.5],
+           "mean_ci": {"0": [[0.6, 0.6], [0.6, 0.6]], "1": [[0.25, 0.0125], [0.0, 0.25]]},
+           "density": {"0": [[0.75, 0.75], [0.75, 0.75]], "1": [[0.5, 0.0], [0.0, 0.25]]}}
+    stats = {"density": [0.75, 0.75], "mean_ci": [0.6, 0.13], "weight_norm": [1.0, 2.0], "alive": [0, 1]}
+    h = {"n_examples": 4, "n_batches": 1, "checkpoint": "step_10.pt", "ci_threshold": 0.1, "lm": False,
+         "modules": {"conv1": {"C": 2, **stats, "locations": loc}, "fc": {"C": 2, **stats}}}
+    html = components_html(h)
+    assert html.count('alt="conv1 location maps" src="data:image/png;base64,') == 1
+    assert "location maps" not in html.split("<h3>fc</h3>")[1]  # a linear module has no locations
+    assert html.count("<th>coverage</th><th>spread</th>") == 1  # conv1's table alone
+    assert '<td class="num">0.250</td><td class="num">0.500</td>' in html  # c1: local, in half the locations
 
 
 def test_next_token_effects_on_a_tiny_llama():

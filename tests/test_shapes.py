@@ -256,7 +256,9 @@ def test_analysis_tools_run_on_a_conv_run(shapes_run):
         assert proc.stdout.strip().splitlines()[-1] == str(tmp / "run/analysis" / last)
     h = json.loads((tmp / "run/analysis/harvest.json").read_text())
     assert h["n_examples"] == 4 * 48  # images, not output locations: the conv modules count per image
-    assert "<h3>conv1</h3>" in (tmp / "run/analysis/report.html").read_text()
+    report = (tmp / "run/analysis/report.html").read_text()
+    assert "<h3>conv1</h3>" in report and all(f'alt="{n} location maps"' in report for n in ("conv1", "conv2", "conv3"))
+    assert set(h["modules"]["conv1"]["locations"]["density"]) == set(map(str, h["modules"]["conv1"]["alive"]))
     clusters = json.loads((tmp / "run/analysis/clusters.json").read_text())
     assert clusters["n_inputs"] == 4 * 48
     causal = json.loads((tmp / "run/analysis/causal.json").read_text())
