@@ -12,7 +12,10 @@ and a handful of JSON endpoints, so there is no web framework to install.
   - A component's page: for language models its top activating contexts from harvest.json, each token
     coloured by the component's CI on it, and the next tokens it promotes and suppresses. For other
     experiments the top activating held-out inputs (token ids, the non-zero features of a sparse vector, or
-    an image), and for vector inputs the CI it gets on each one-hot input.
+    an image, RGB in colour), and for vector inputs the CI it gets on each one-hot input. A conv
+    subcomponent's page shows where it fires: harvest.json's maps of its mean CI and firing density at
+    each output location, its coverage and spread, and beside each top image (ranked by its max CI over
+    locations) the map of its CI on that image.
   - Prompt: type a text (LMs), token ids (other sequence models), `3 7:0.5` (feature 3 at 1, feature 7 at
     0.5) or `#k` (the k-th harvested input); the decomposed model runs on the server and the page shows,
     per token, the components with CI > spd.ci_threshold. A link `URL#/prompt/TEXT` runs TEXT on opening.
@@ -40,7 +43,8 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from analysis.autointerp import load_labels  # noqa: E402
-from analysis.harvest import CONTEXT_AFTER, CONTEXT_BEFORE, harvested  # noqa: E402
+from analysis.harvest import (CONTEXT_AFTER, CONTEXT_BEFORE, LOCAL_COVERAGE, SPREAD_MIN_SHARE,  # noqa: E402
+                              grid, harvested)
 from spd_config import SPDError  # noqa: E402
 from spd_run import load_run, run_main  # noqa: E402
 
@@ -61,8 +65,13 @@ def input_kind(x: Any, tokenizer: Any) -> str:
 
 
 def show_input(x: Tensor, dense: bool) -> dict:
-    """One input as the page draws it: the pixels of an image (or of a dense square vector, e.g. 8x8 digits),
-    else a vector's largest non-zero entries [[index, value]]."""
+    """One input as the page draws it: the RGB values (h, w, 3) of a colour image, the pixels of another
+    image (or of a dense square vector, e.g. 8x8 digits), else a vector's largest non-zero entries
+    [[index, value]]. Images are scaled to [0, 1] by their min and max."""
+    if x.dim() == 3 and x.shape[0] == 3:  # (RGB, h, w)
+        lo, hi = x.min().item(), x.max().item()
+        return {"rgb": [[[round(v, 2) for v in px] for px in row]
+                        for row in ((x - lo) / max(hi - lo, 1e-9)).permute(1, 2, 0).tolist()]}
     if x.dim() == 3:  # (channels, h, w): drawn in grey, channels averaged
         x = x.float().mean(0)
     elif dense and math.isqrt(x.numel()) ** 2 == x.numel():
@@ -89,6 +98,7 @@ class Explorer:
         self.lock = threading.Lock()  # one forward pass at a time; the server answers on several threads
         self.kind = input_kind(self.exp.input_fn(self.exp.eval_batch(0)), self.exp.tokenizer)
         self.top: dict[str, tuple[Tensor, Tensor, Tensor]] = {}  # module -> top (values, rows) (K, C), rows' CI
+        self.maps: dict[str, Tensor] = {}  # conv module -> CI at each location of each input (inputs, H_out, W_out, C)
         self.one_hot: dict[str, Tensor] = {}  # module -> CI on each one-hot input (d, C)
         if self.kind in ("tokens", "vector", "image"):
             self.inputs_and_tops()
@@ -101,7 +111,10 @@ class Explorer:
         self.X = torch.cat(xs).cpu()
         self.dense = bool((self.X != 0).float().mean() > 0.25)
         for n in self.model.names:
-            rows = torch.cat([ci[n].flatten(0, -2) for ci in cis]).float().clamp(0, 1).cpu()  # (rows, C)
+            full = torch.cat([ci[n] for ci in cis]).float().clamp(0, 1).cpu()
+            if self.model.decomposed[n].is_conv:  # top images by their max over locations, as harvest counts them
+                self.maps[n] = full
+            rows = self.model.per_input({n: full})[n].flatten(0, -2)  # (rows, C)
             top = rows.topk(min(TOP_K, rows.shape[0]), dim=0)
             self.top[n] = (top.values, top.indices, rows)
         if self.kind == "vector" and self.X.shape[1] <= MAX_ONE_HOT:
@@ -148,6 +161,12 @@ class Explorer:
             d.update(m.get("lm", {}).get(str(c), {}))
         elif module in self.top:
             d["examples"] = self.top_examples(module, c)
+            if "locations" in m:
+                loc = m["locations"]
+                d["locations"] = {"coverage": loc["coverage"][c], "spread": loc["spread"][c],
+                                  "local_coverage": LOCAL_COVERAGE, "spread_min_share": SPREAD_MIN_SHARE,
+                                  "mean_ci": loc["mean_ci"].get(str(c)),
+                                  "density": loc["density"].get(str(c))}
             if module in self.one_hot:
                 g = self.one_hot[module][:, c]
                 order = g.argsort(descending=True)[:16]
@@ -171,6 +190,8 @@ class Explorer:
             else:
                 out.append({"ci": round(v, 4), "input": e, "pos": pos if per_input > 1 else None,
                             **show_input(self.X[e], self.dense)})
+                if module in self.maps:  # the CI of c at each location of this image
+                    out[-1]["map"] = grid(self.maps[module][e, ..., c])
         return out
 
     def parse_prompt(self, text: str) -> tuple[Any, list[str], dict]:
