@@ -221,6 +221,11 @@ def test_faithfulness_hand_computed():
     assert faithfulness_loss(model).item() == pytest.approx(26 / 4)
 
 
+def test_no_modules_is_a_one_line_error():
+    with pytest.raises(SPDError, match="no modules to decompose: set spd.modules"):
+        ComponentModel(TinyNet(), {}, {}, "mlp", [8])
+
+
 def test_factor_penalties_hand_computed_and_weighted_into_the_total():
     """U = [[1], [-2]], V = [[3, 0]]; a tied module adds no factors of its own. L1: (1 + 2 + 3 + 0) / 4,
     L2: (1 + 4 + 9 + 0) / 4; the total holds coefficient x term."""
