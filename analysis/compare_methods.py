@@ -277,11 +277,16 @@ def classifier_pair(spd_dir: Path, dict_dir: Path, min_cosine: float, out: Path)
             "wall_s": {"spd": res["wall_s"], "dict": dres["wall_s"]}}
 
 
+def toys_in(rows: list[dict]) -> list[str]:
+    """The targets of rows: the known toys in TOYS's order, then the others by name."""
+    return [t for t in TOYS if any(r["toy"] == t for r in rows)] + sorted({r["toy"] for r in rows} - set(TOYS))
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: a row per target, a column per method; per cell the run with the most features
     recovered, then the lowest output MSE."""
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
-    toys = [t for t in TOYS if any(r["toy"] == t for r in rows)] + sorted({r["toy"] for r in rows} - set(TOYS))
+    toys = toys_in(rows)
     lines = ["| target | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for toy in toys:
         cells = []
@@ -299,7 +304,7 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Per target: output MSE / target variance against L0, one line per method (points sorted by L0)."""
-    toys = [t for t in TOYS if any(r["toy"] == t for r in rows)] + sorted({r["toy"] for r in rows} - set(TOYS))
+    toys = toys_in(rows)
     fig, axes = plt.subplots(1, len(toys), figsize=(5 * len(toys), 4), squeeze=False)
     for ax, toy in zip(axes[0], toys):
         for m in METHOD_ORDER:
