@@ -30,6 +30,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FormatStrFormatter, LogLocator
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,16 +64,14 @@ def mark_frontiers(rows: list[dict]) -> None:
 
 
 def groups(rows: list[dict]) -> list[tuple[str, str, str, list[dict]]]:
-    """(toy, method, setting, its runs) in toy order, METHOD_ORDER, then the settings' order in rows."""
-    settings = list(dict.fromkeys(r["setting"] for r in rows))
-    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+    """(toy, method, setting, its runs by seed) in toy order, METHOD_ORDER, then the method's settings'
+    order in rows."""
     out = []
     for toy in toys_in(rows):
-        for m in methods:
-            for s in settings:
-                runs = [r for r in rows if (r["toy"], r["method"], r["setting"]) == (toy, m, s)]
-                if runs:
-                    out.append((toy, m, s, sorted(runs, key=lambda r: r["seed"])))
+        for m in METHOD_ORDER:
+            runs = [r for r in rows if (r["toy"], r["method"]) == (toy, m)]
+            for s in dict.fromkeys(r["setting"] for r in runs):
+                out.append((toy, m, s, sorted((r for r in runs if r["setting"] == s), key=lambda r: r["seed"])))
     return out
 
 
@@ -116,6 +115,10 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
         positive = all(r["l0"] > 0 for r in rows if r["toy"] == toy)
         ax.set(xlabel="L0 (active latents / subcomponents per input)", ylabel="output MSE / target output variance",
                xscale="log" if positive else "linear", yscale="log", title=f"{toy}: a point per run (seed)")
+        if positive:  # plain numbers at 1, 2 and 5 per decade
+            ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+            for axis_fmt in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+                axis_fmt(FormatStrFormatter("%g"))
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -30,17 +30,20 @@ def row(method, setting, seed, l0, mse, recovered=5):
 def test_frontiers_are_per_method_and_the_table_averages_over_seeds(tmp_path):
     rows = [row("topk", "dictionary.k=1", 0, 1.0, 0.2, 4), row("topk", "dictionary.k=1", 1, 1.0, 0.4, 5),
             row("topk", "dictionary.k=2", 0, 2.0, 0.1), row("topk", "dictionary.k=2", 1, 2.0, 0.3),
-            row("SPD", "spd.importance_minimality_coeff=1e-3", 0, 3.0, 0.5)]  # beaten by topk, alone in SPD
+            row("SPD", "spd.importance_minimality_coeff=1e-3", 0, 3.0, 0.5),  # beaten by topk, alone in SPD
+            row("batchtopk", "dictionary.k=0.5", 0, 0.5, 0.6), row("batchtopk", "dictionary.k=1", 0, 1.0, 0.7)]
     mark_frontiers(rows)
-    assert [r["frontier"] for r in rows] == [True, False, True, False, True]
+    assert [r["frontier"] for r in rows] == [True, False, True, False, True, True, False]
     md = frontier_table(rows).splitlines()
     # SPD before the dictionaries (METHOD_ORDER), then settings in the rows' order; std over 2 seeds of
     # 0.2, 0.4 is 0.1414
     assert md[2] == "| tms_5-2 | SPD | spd.importance_minimality_coeff=1e-3 | 1 | 3 | 0.5 | 5 (min 5) / 5 | 1 of 1 |"
     assert md[3] == "| tms_5-2 | topk | dictionary.k=1 | 2 | 1 ± 0 | 0.3 ± 0.14 | 4.5 (min 4) / 5 | 1 of 2 |"
     assert md[4] == "| tms_5-2 | topk | dictionary.k=2 | 2 | 2 ± 0 | 0.2 ± 0.14 | 5 (min 5) / 5 | 1 of 2 |"
-    assert md[9] == "| tms_5-2 | topk | dictionary.k=1 | 0 | 1 | 0.2 | 4/5 | 1/10 | yes |"
-    assert len(md) == 2 + 3 + 1 + 2 + 5  # header, 3 settings, a blank line, header, 5 runs
+    # batchtopk's settings in its own order, though topk's came first with dictionary.k=1
+    assert [line.split(" | ")[2] for line in md[5:7]] == ["dictionary.k=0.5", "dictionary.k=1"]
+    assert md[11] == "| tms_5-2 | topk | dictionary.k=1 | 0 | 1 | 0.2 | 4/5 | 1/10 | yes |"
+    assert len(md) == 2 + 5 + 1 + 2 + 7  # header, 5 settings, a blank line, header, 7 runs
     plot_frontier(rows, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
 
