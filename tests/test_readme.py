@@ -167,7 +167,7 @@ def check_script(script: str, args: list[str]) -> list[str]:
     for a in args:
         if not a.endswith(".yaml") or placeholder(a):
             continue
-        if script in ("slurm/sweep.py", "slurm/sweep.sh"):
+        if script in ("slurm/sweep.py", "slurm/sweep.sh", "analysis/method_sweep.py"):  # sweep YAMLs
             problems += check_sweep(a, extra)
         else:
             problems += check_config(script if script.endswith(".py") else None, a, extra)
