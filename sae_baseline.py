@@ -40,11 +40,11 @@ from torch import Tensor
 
 from sparse_activations import JumpReLU, abs_topk, batch_topk_relu, topk_relu
 from spd_ci import make_ci_fn
-from spd_common import (Experiment, SPDConfig, TrainingRun, clip_grad_norm, importance_minimality_loss, lr_at,
-                        nonfinite_term, output_loss, run_results, sample_masks)
+from spd_common import (Experiment, SPDConfig, TrainingRun, importance_minimality_loss, lr_at, output_loss,
+                        run_results, sample_masks)
 from spd_config import SPDError, config_to_dict, load_config, option
-from spd_run import (ROOT, checkpoint_paths, config_class, figures_dir, import_script, load_checkpoint, parse_cli,
-                     run_main, script_for, target_digest, write_results)
+from spd_run import (ROOT, checkpoint_paths, clip_grad_norm, config_class, figures_dir, import_script, load_checkpoint,
+                     nonfinite_term, parse_cli, run_main, script_for, target_digest, write_results)
 
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "abstopk", "stochastic"]
 

@@ -31,7 +31,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from spd_config import SPDError, config_to_dict, option
@@ -40,9 +39,10 @@ from spd_kernels import KLDivLogits, counter_uniform
 from spd_layers import (Components, DecomposedExperts, DecomposedModule, ExpertLinear, check_decomposable,
                         decomposable_modules, runs_own_forward, weight_out_in)
 from spd_fsdp import ShardedLoss, local_megabytes
-from spd_run import (Batch, Decomposition, Dist, MetricsLogger, Preempted, TrainState, checkpoint_paths,
-                     init_distributed, peak_rss_mb, preemption_signals, rebalance_threads, resume_training,
-                     save_training_checkpoint, set_seed, split_batch, step_batches, step_generator, target_digest)
+from spd_run import (Batch, Decomposition, Dist, MetricsLogger, Preempted, TrainState, average_gradients,
+                     checkpoint_paths, clip_grad_norm, init_distributed, nonfinite_term, peak_rss_mb,
+                     preemption_signals, rebalance_threads, resume_training, save_training_checkpoint, set_seed,
+                     split_batch, step_batches, step_generator, target_digest)
 
 
 # ================================================================================================
@@ -956,37 +956,6 @@ class Experiment:
         set_seed(spd.seed)
         model = ComponentModel.from_config(target, spd).to(next(target.parameters()).device)
         return cls(model, *step_batches(make, spd), **kw)
-
-
-def nonfinite_term(losses: dict[str, Tensor], grad_norm: Tensor) -> tuple[str, float] | None:
-    """(name, value) of the first nan/inf loss term, `total`, or `gradient` (norm); None if all are finite."""
-    values = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.detach().float()])
-    finite = torch.isfinite(values)
-    if finite.all():  # the one host sync per step that the guard costs
-        return None
-    i = int((~finite).nonzero()[0])
-    return [*losses, "gradient"][i], values[i].item()
-
-
-def clip_grad_norm(params: list[Tensor], max_norm: float | None) -> Tensor:
-    """The gradients' global norm (a plain tensor, also of sharded gradients), after clipping it to max_norm
-    (spd.grad_clip; None: not clipped)."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # spd.fsdp: each rank's part, summed
-    if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
-
-
-def average_gradients(params: list[Tensor], ddp: Dist) -> None:
-    """Replace each rank's gradients by their mean over ranks (= the gradient of the global-batch mean
-    loss), in one all-reduce."""
-    if ddp.world_size == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    means = ddp.mean(torch.cat([g.flatten() for g in grads]))
-    for g, mean in zip(grads, means.split([g.numel() for g in grads])):
-        g.copy_(mean.view_as(g))
 
 
 def train_step(model: ComponentModel, cfg: SPDConfig, opt: torch.optim.Optimizer, x: Any, step: int,

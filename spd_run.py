@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from spd_config import SPDError, config_to_dict, load_config
 from spd_fsdp import gathered, sharded_optimizer_state, sharded_state
@@ -405,6 +406,37 @@ def init_distributed() -> Dist:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so that device "cuda" is this rank's GPU
         dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return Dist(dist.get_rank(), world_size)
+
+
+def nonfinite_term(losses: dict[str, Tensor], grad_norm: Tensor) -> tuple[str, float] | None:
+    """(name, value) of the first nan/inf loss term, `total`, or `gradient` (norm); None if all are finite."""
+    values = torch.stack([v.detach().float() for v in losses.values()] + [grad_norm.detach().float()])
+    finite = torch.isfinite(values)
+    if finite.all():  # the one host sync per step that the guard costs
+        return None
+    i = int((~finite).nonzero()[0])
+    return [*losses, "gradient"][i], values[i].item()
+
+
+def clip_grad_norm(params: list[Tensor], max_norm: float | None) -> Tensor:
+    """The gradients' global norm (a plain tensor, also of sharded gradients), after clipping it to max_norm
+    (spd.grad_clip; None: not clipped)."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # spd.fsdp: each rank's part, summed
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def average_gradients(params: list[Tensor], ddp: Dist) -> None:
+    """Replace each rank's gradients by their mean over ranks (= the gradient of the global-batch mean
+    loss), in one all-reduce."""
+    if ddp.world_size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    means = ddp.mean(torch.cat([g.flatten() for g in grads]))
+    for g, mean in zip(grads, means.split([g.numel() for g in grads])):
+        g.copy_(mean.view_as(g))
 
 
 @contextmanager

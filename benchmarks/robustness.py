@@ -37,6 +37,7 @@ import fcntl
 import fnmatch
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -44,7 +45,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,8 +161,7 @@ def mean_std(values: list[float], digits: int) -> str:
     """'mean ± std' over seeds (the sample std; one value: just it; none: blank)."""
     if len(values) < 2:
         return f"{values[0]:.{digits}f}" if values else ""
-    t = torch.tensor(values, dtype=torch.float64)
-    return f"{t.mean():.{digits}f} ± {t.std():.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def by_size(rows: list[dict]) -> list[str]:

@@ -9,13 +9,13 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from spd_common import (PGD, ComponentModel, PersistentAdversary, SPDConfig, StepBatch, average_gradients, draw_rows,
-                        evaluate, importance_frequency_loss, importance_minimality_loss, masked_recon_loss,
+from spd_common import (PGD, ComponentModel, PersistentAdversary, SPDConfig, StepBatch, draw_rows, evaluate,
+                        importance_frequency_loss, importance_minimality_loss, masked_recon_loss,
                         masks_from_sources, optimize, persistent_pgd_lr, pgd_recon_loss, pgd_sources, subset_rows,
                         train_step, training_losses)
 from spd_ci import CITransformer
 from spd_config import SPDError
-from spd_run import Dist
+from spd_run import Dist, average_gradients
 from test_spd_common import TinyNet, make_model
 
 IDENTITY = lambda out: out  # noqa: E731
