@@ -6,6 +6,8 @@
 #   bash benchmarks/compare_ref.sh resid_mlp1 [--steps 500]
 #   bash benchmarks/compare_ref.sh tms_5-2 --full   # both default runs to completion, with quality
 #   bash benchmarks/compare_ref.sh lm         [--steps 500]   # configs/tiny_llama.yaml's decomposition
+#   bash benchmarks/compare_ref.sh lm --config configs/smollm2.yaml --steps 40 --small 0 \
+#        train_on=logits spd.output_loss=kl spd.batch_size=4   # the real model; key=value: our config's
 #   options: --src GIT_URL_OR_PATH (env REF_SRC, default https://github.com/goodfire-ai/spd)
 #            --work DIR (env REF_BENCH_DIR, default ~/.cache/spd/ref-bench: checkout, venv, targets, runs)
 #            env PYTHON: the Python 3.11 that builds the venv (default python3); OURS_PY: ours (default python)
@@ -38,12 +40,16 @@
 # C, CI functions, losses (stochastic + CI-masked recon, importance minimality), KL, lr schedule, batch and
 # sequence length, written into a config of the reference's own; each side tokenises and packs the text
 # its own way. Reported too: tokens/s, and each side's CE / KL at the same step (held-out batches).
+# lm --config C [key.sub=value ...]: another LM config of ours (its model a Hugging Face directory that
+# lm_decomposition.py builds or fetches when missing, e.g. the real SmolLM2 of configs/smollm2.yaml), with
+# overrides; the reference has no residual stop, so such a config needs train_on=logits spd.output_loss=kl.
+# For LM runs the reference logs every N/10 steps (at most 100), so N >= 20 suffices there.
 set -euo pipefail
 
 REF_COMMIT=3f0bb61e
 EXP=${1:?usage: compare_ref.sh tms_5-2|resid_mlp1|lm [--steps N] [--small n] [--full] [--src S] [--work D]}
 shift
-STEPS= SMALL= FULL=0
+STEPS= SMALL= FULL=0 LM_CFG=configs/tiny_llama.yaml LM_OVERRIDES=()
 REF_SRC=${REF_SRC:-https://github.com/goodfire-ai/spd}
 WORK=${REF_BENCH_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/spd/ref-bench}
 while [[ $# -gt 0 ]]; do
@@ -53,6 +59,8 @@ while [[ $# -gt 0 ]]; do
     --full) FULL=1; shift ;;
     --src) REF_SRC=$2; shift 2 ;;
     --work) WORK=$2; shift 2 ;;
+    --config) LM_CFG=$2; shift 2 ;;
+    *=*) LM_OVERRIDES+=("$1"); shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -63,14 +71,17 @@ case $EXP in
   *) echo "experiment must be tms_5-2, resid_mlp1 or lm" >&2; exit 2 ;;
 esac
 SMALL=${SMALL:-$((STEPS / 5))}
-(( FULL || (STEPS >= 200 && SMALL < STEPS) )) || { echo "need --steps >= 200 and --small < --steps" >&2; exit 2; }
+MIN_STEPS=200; [[ $EXP == lm ]] && MIN_STEPS=20
+(( FULL || (STEPS >= MIN_STEPS && SMALL < STEPS) )) || { echo "need --steps >= $MIN_STEPS and --small < --steps" >&2; exit 2; }
+[[ $EXP == lm || ($LM_CFG == configs/tiny_llama.yaml && ${#LM_OVERRIDES[@]} -eq 0) ]] \
+  || { echo "--config and key=value overrides are for lm only" >&2; exit 2; }
 OURS=$(cd "$(dirname "$0")/.." && pwd)
 OURS_PY=${OURS_PY:-python}
 mkdir -p "$WORK"; WORK=$(cd "$WORK" && pwd)
 SRC=$WORK/src VENV=$WORK/venv
 RPY=$VENV/bin/python
 REF_CFG=$SRC/spd/experiments/$KIND/${EXP}_config.yaml
-[[ $EXP == lm ]] && REF_CFG=$WORK/ref_lm.yaml   # written below from configs/tiny_llama.yaml
+[[ $EXP == lm ]] && REF_CFG=$WORK/ref_lm.yaml   # written below from our LM config
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 LC_NUMERIC=C  # C: $EPOCHREALTIME with a dot
 cleanup() { for p in $(jobs -p); do pkill -P "$p" 2>/dev/null; kill "$p" 2>/dev/null; done; }
 trap cleanup EXIT; trap 'exit 130' INT TERM   # a failed or interrupted side takes the other one down
@@ -157,12 +168,27 @@ fi
 # WANDB_ENTITY: its resid_mlp target training asks wandb for the entity (and a login) even when disabled
 refenv() { env PYTHONUNBUFFERED=1 WANDB_MODE=disabled WANDB_ENTITY=none MPLBACKEND=Agg CUDA_VISIBLE_DEVICES= \
   SPD_OUT_DIR="$1" "${@:2}"; }
-if [[ $EXP == lm ]]; then  # one target for both: our offline tiny Llama, built once in this checkout
-  OURS_CFG=$OURS/configs/tiny_llama.yaml
-  [[ -f $OURS/targets/tiny_llama/config.json ]] || (cd "$OURS" && "$OURS_PY" -m train_targets.train_lm "$OURS_CFG")
+if [[ $EXP == lm ]]; then  # one target for both: our LM config's model, built or fetched once in this checkout
+  OURS_CFG=$WORK/ours_lm.yaml   # the LM config with the overrides applied
+  (cd "$OURS" && "$OURS_PY" - "$LM_CFG" "$OURS_CFG" "${LM_OVERRIDES[@]}") <<'PY'
+import sys, yaml
+from lm_decomposition import LMConfig, build
+from spd_config import apply_override, load_config
+src, dst, *overrides = sys.argv[1:]
+cfg = load_config(LMConfig, src, overrides)  # a typo in an override stops here, in one line
+if cfg.train_on != "logits" or cfg.spd.output_loss != "kl":
+    raise SystemExit(f"{src}: the reference compares logits by KL only; add train_on=logits spd.output_loss=kl")
+build(cfg)  # builds (tiny Llama) or fetches (registry) a missing model
+raw = yaml.safe_load(open(src))
+for o in overrides:
+    apply_override(raw, o)
+yaml.safe_dump(raw, open(dst, "w"), sort_keys=False)
+PY
+  MODEL=$(cd "$OURS" && "$OURS_PY" -c 'import os, sys, yaml; print(os.path.abspath(yaml.safe_load(open(sys.argv[1]))["model"]))' \
+    "$OURS_CFG")
   # the reference's copy: its transformers 4.57 knows the fast tokenizer by its older class name
-  REF_TARGET=$WORK/targets/tiny_llama
-  rm -rf "$REF_TARGET"; mkdir -p "$WORK/targets"; cp -r "$OURS/targets/tiny_llama" "$REF_TARGET"
+  REF_TARGET=$WORK/targets/$(basename "$MODEL")
+  rm -rf "$REF_TARGET"; mkdir -p "$WORK/targets"; cp -r "$MODEL" "$REF_TARGET"
   sed -i 's/"tokenizer_class": "TokenizersBackend"/"tokenizer_class": "PreTrainedTokenizerFast"/' \
     "$REF_TARGET/tokenizer_config.json"
   "$OURS_PY" - "$OURS_CFG" "$REF_TARGET" "$REF_CFG" <<'PY'
@@ -239,6 +265,8 @@ if not cfg.get("pretrained_model_name"):
     cfg["pretrained_model_path"] = target
 if n != "default":
     cfg.update(steps=int(n), eval_freq=int(n), slow_eval_freq=int(n))
+    if cfg["task_config"]["task_name"] == "lm":  # its "--- Step K ---" lines time the loop: N/10 of them
+        cfg["train_log_freq"] = max(1, min(100, int(n) // 10))
 yaml.safe_dump(cfg, open(dst, "w"), sort_keys=False)
 PY
   [[ $n == default ]] || over=("spd.steps=$n" "spd.eval_every=$n")
