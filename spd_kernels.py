@@ -248,10 +248,15 @@ def _ci_kernel() -> ctypes.CDLL | None:
     return lib
 
 
+def _kernel_runs(device: torch.device | str, numel: int) -> bool:
+    """Whether the C kernels can fill `numel` elements on `device`: on CPU, under 2^31, with the kernel built."""
+    return torch.device(device).type == "cpu" and numel < 2 ** 31 and _ci_kernel() is not None
+
+
 def use_ci_kernel(*tensors: Tensor) -> bool:
     """Whether ScalarGeluCI can run on these tensors: float32 on CPU, with the kernel built."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and tensors[0].numel() < 2 ** 31 and _ci_kernel() is not None)
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors) and \
+        _kernel_runs(tensors[0].device, tensors[0].numel())
 
 
 def _mul32(x: Any, c: int) -> Any:
@@ -272,7 +277,7 @@ def counter_uniform(shape: torch.Size, offset: int = 0, generator: torch.Generat
     rows of a larger draw are this call with their offset. The same numbers on every machine: the C
     kernel's uniform_fill where it runs (CPU), the same hash in torch ops elsewhere (no compiler, GPU)."""
     seed = int(torch.randint(0, 2 ** 62, (), generator=generator, device=generator.device if generator else "cpu"))
-    if torch.device(device).type == "cpu" and _ci_kernel() is not None and math.prod(shape) < 2 ** 31:
+    if _kernel_runs(device, math.prod(shape)):
         out = torch.empty(shape, dtype=torch.float32, device="cpu")
         _ci_kernel().uniform_fill(out.data_ptr(), out.numel(), offset, seed)
         return out
