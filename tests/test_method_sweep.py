@@ -76,8 +76,9 @@ def test_shipped_tms_5_2_sweep_is_each_method_at_its_settings_times_3_seeds():
         {(m, float(v), (s, seed)) for (m, v), s in expected.items() for seed in (0, 1, 2)}
 
 
-def test_shipped_tms_40_10_sweep_expands_to_4_settings_x_3_seeds_per_method():
-    runs = load_sweep(ROOT / "configs/sweep_methods_tms_40-10.yaml")
+@pytest.mark.parametrize("sweep", ["sweep_methods_tms_40-10", "sweep_methods_resid_mlp1"])
+def test_shipped_sweep_expands_to_4_settings_x_3_seeds_per_method(sweep):
+    runs = load_sweep(ROOT / f"configs/{sweep}.yaml")
     methods = Counter(load_config(SAEConfig, ROOT / r.config, r.overrides).dictionary.activation
                       if r.script == "sae_baseline.py" else "SPD" for r in runs)
     assert methods == {m: 12 for m in ("SPD", "relu", "topk", "batchtopk", "abstopk")}
