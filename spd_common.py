@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fnmatch
-import functools
 import math
 import sys
 import time
@@ -967,7 +966,7 @@ def train_step(model: ComponentModel, cfg: SPDConfig, opt: torch.optim.Optimizer
     micro-batches), the gradients averaged over ranks, clipped, and the optimizer step, unless a loss term
     or the gradient is nan/inf on some rank, in which case nothing changes. Returns the batch's mean losses
     and (name, value) of what was not finite (None: the step was taken). `loss_fn`: training_losses, or
-    (spd.fsdp) training_losses as a `ShardedLoss`'s forward, whose backward averages the gradients itself."""
+    (spd.fsdp) a `ShardedLoss`, whose backward averages the gradients itself."""
     params = [p for group in opt.param_groups for p in group["params"]]
     for group in opt.param_groups:
         group["lr"] = lr_at(step, cfg)
@@ -1012,7 +1011,6 @@ class TrainingRun:
     caught: list[str] = dataclasses.field(default_factory=list)  # signals caught inside `loop`
     bar: Any = None  # `loop`'s progress bar
     wall: float = 0.0  # seconds `loop` ran
-    train_peak_rss_mb: float = 0.0  # peak RSS through training and its evaluations (before the analysis's gather)
 
     @classmethod
     def start(cls, model: Decomposition, params: list[Tensor], digest: str, cfg: SPDConfig, run_dir: Path,
@@ -1043,26 +1041,20 @@ class TrainingRun:
         steps, checkpoint every checkpoint_every, and on a signal save and stop (`Preempted`)."""
         self.log_step(step, losses, bad)
         if step > 0 and step % self.cfg.eval_every == 0:
-            if self.sharded:  # every rank evaluates alike; rank 0 logs
-                self.sharded.evaluate(self.evaluate_and_log, step)
-            elif self.ddp.is_main:
-                self.evaluate_and_log(step)
+            with self.sharded.whole() if self.sharded else contextlib.nullcontext():  # every rank gathers
+                if self.ddp.is_main:
+                    self.evaluate_and_log(step)
         self.state.step = step + 1  # a checkpoint now resumes at the next step
         self.checkpoint()
 
     def finish(self) -> dict[str, float]:
-        """final.pt and the final evaluation on rank 0 (its metrics; {} on the others; under spd.fsdp every rank
-        evaluates, sharded), and leave torchrun."""
+        """final.pt and the final evaluation on rank 0 (its metrics; {} on the others), and leave torchrun."""
         final = {}
         self.save("final.pt")  # before the final evaluation: a run killed after it resumes to the same results
-        if self.sharded:  # every rank evaluates alike; rank 0 logs
-            metrics = self.sharded.evaluate(self.evaluate_and_log, self.cfg.steps)
-            final = metrics if self.ddp.is_main else {}
-        elif self.ddp.is_main:  # rank 0 alone evaluates, and (in the experiment script) makes figures and writes results
-            final = self.evaluate_and_log(self.cfg.steps)
-        self.train_peak_rss_mb = peak_rss_mb()
         if self.sharded:
-            self.sharded.gather()  # whole on every rank from here on, for the script's analysis
+            self.sharded.gather()  # whole on every rank from here on, for the evaluation and the script's analysis
+        if self.ddp.is_main:  # rank 0 alone evaluates, and (in the experiment script) makes figures and writes results
+            final = self.evaluate_and_log(self.cfg.steps)
         self.ddp.close()
         return final
 
@@ -1131,9 +1123,8 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     Preemption: SIGTERM / SIGUSR1 save step_N.pt at the next step boundary and raise `Preempted`.
     A nan/inf loss term or gradient raises SPDError (on_nan=stop) or skips that step (on_nan=skip).
     Under torchrun each rank trains on its shard of the global batch and gradients are averaged, so
-    the result equals a one-process run's; rank 0 alone evaluates (on the whole eval batch; under
-    spd.fsdp every rank runs the same evaluation, sharded), logs and writes results, and the other
-    ranks return None when training ends.
+    the result equals a one-process run's; rank 0 alone evaluates (on the whole eval batch), logs
+    and writes results, and the other ranks return None when training ends.
     """
     device = next(model.components.parameters()).device
     if cfg.checkpoint_blocks:
@@ -1155,7 +1146,7 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     sharded = None
     if cfg.fsdp and ddp.world_size > 1:
         blocks = [m for _, m in model.blocks(cfg.fsdp_blocks, "fsdp_blocks")] if cfg.fsdp_blocks else []
-        sharded = ShardedLoss(model, ddp.world_size, blocks)
+        sharded = ShardedLoss(model, training_losses, ddp.world_size, blocks)
     params = [*model.components.parameters(), *model.ci_fns.parameters()]
     run = TrainingRun.start(model, params, digest, cfg, run_dir, full_config, evaluate_at, sharded)
     state = run.state
@@ -1168,7 +1159,7 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
             for step in steps:
                 x = input_fn(ddp.shard(train_batch(step)))
                 losses, bad = train_step(model, cfg, run.opt, x, step, output_fn, ddp, adversary,
-                                         functools.partial(sharded, training_losses) if sharded else training_losses)
+                                         sharded or training_losses)
                 run.end_step(step, losses, bad)
         state_mb = local_megabytes([*params, *(t for s in run.opt.state.values() for t in s.values() if t.dim())])
         target_mb = local_megabytes(list(model.target.parameters()))
@@ -1178,8 +1169,7 @@ def optimize(model: ComponentModel, cfg: SPDConfig, train_batch: Callable[[int],
     if not ddp.is_main:
         return None
     results = run_results(cfg, state, run.wall, device) | {"train_state_mb": round(state_mb, 3),
-                                                            "target_mb": round(target_mb, 3),
-                                                            "peak_rss_mb_training": round(run.train_peak_rss_mb, 1)}
+                                                            "target_mb": round(target_mb, 3)}
     return results | state.train_metrics | final
 
 

@@ -8,15 +8,13 @@ one-process run as a DDP one does. The whole training loss of a (micro-)batch is
 module (`ShardedLoss`): FSDP2 all-gathers the components and CI functions before it, keeps them whole through
 its backward and reduce-scatters (averages) their gradients after it; between steps each rank holds 1/N of
 them and of Adam's moments. The frozen target stays whole on every rank (it needs no gradient nor optimizer
-state) unless spd.fsdp_blocks shards its blocks too. Evaluations run as that module's forward on every rank
-alike, so sharded blocks are gathered one at a time there too; after training every rank gathers everything
-for the script's analysis. Checkpoints hold the gathered state, so they load into a sharded run, an
-unsharded one, or analysis.
+state). Checkpoints hold the gathered state, so they load into a sharded run, an unsharded one, or analysis.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -26,17 +24,17 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 class ShardedLoss(nn.Module):
-    """`model`'s trained parameters sharded by FSDP2 (in place: outside this module's forward,
-    `model.components` and `model.ci_fns` hold DTensor shards). Its forward, `self(fn, *args)`, is
-    `fn(*args)` with them gathered: the training loss of a micro-batch, or an evaluation that every rank runs.
+    """`loss_fn(model, *args)` as this module's forward, with `model`'s trained parameters sharded by FSDP2
+    (in place: outside this forward, `model.components` and `model.ci_fns` hold DTensor shards).
 
     `blocks` (spd.fsdp_blocks): target modules whose frozen weights are sharded too, each its own FSDP unit,
     gathered for each of its forwards (and backwards) only; the rest of the target stays whole on every rank.
     """
 
-    def __init__(self, model: nn.Module, world_size: int, blocks: list[nn.Module] = ()):
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., dict[str, Tensor]], world_size: int,
+                 blocks: list[nn.Module] = ()):
         super().__init__()
-        self.model, self.blocks = model, list(blocks)
+        self.model, self.loss_fn, self.blocks = model, loss_fn, list(blocks)
         device = next(model.components.parameters()).device
         mesh = init_device_mesh(device.type, (world_size,))
         outside = set(model.target.parameters()) - {p for b in blocks for p in b.parameters()}
@@ -44,34 +42,42 @@ class ShardedLoss(nn.Module):
             fully_shard(block, mesh=mesh)
         fully_shard(self, mesh=mesh, ignored_params=outside)
 
-    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args), the components and CI functions whole throughout (every rank calls it)."""
-        # A backward inside fn (the PGD adversary's) ends in FSDP's end-of-backward callback once it has
-        # passed through a block: that must not shard the components midway through fn.
+    def forward(self, model: nn.Module, *args: Any) -> dict[str, Tensor]:
+        """loss_fn(model, *args), called as loss_fn is (`model` is this module's)."""
+        # A backward inside the loss (the PGD adversary's) ends in FSDP's end-of-backward callback once it has
+        # passed through a block: that must not shard the components midway through the loss.
         self.set_reshard_after_backward(False)
         try:
-            return fn(*args)
+            return self.loss_fn(model, *args)
         finally:
             self.set_reshard_after_backward(True)
 
-    def evaluate(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args) without gradients as this module's forward, then back to the shards: an evaluation that
-        every rank runs alike (same batch, same noise) while each block is gathered only for its own forward,
-        so no rank ever holds the whole target."""
-        try:
-            return self(fn, *args)
-        finally:
-            self.reshard()  # the root unit keeps its parameters after a forward that has no backward
-
     def gather(self) -> None:
         """From now on every rank holds the whole components, CI functions and blocks as plain tensors
-        (all-gathers: every rank calls it), and forwards and backwards outside this module's forward (the
-        script's analysis on rank 0) keep them whole."""
+        (all-gathers: every rank calls it), and forwards and backwards outside this module's own forward
+        (rank 0 evaluating alone, the script's analysis) keep them whole."""
         for unit in (self, *self.blocks):
             unit.unshard()
             unit.set_reshard_after_backward(False)
         for block in self.blocks:
             block.set_reshard_after_forward(False)
+
+    def scatter(self) -> None:
+        """Back to each rank's shards, as in training (no traffic)."""
+        for block in self.blocks:
+            block.set_reshard_after_forward(True)
+        for unit in (self, *self.blocks):
+            unit.set_reshard_after_backward(True)
+            unit.reshard()
+
+    @contextmanager
+    def whole(self) -> Iterator[None]:
+        """`gather` inside (every rank enters), `scatter` after."""
+        self.gather()
+        try:
+            yield
+        finally:
+            self.scatter()
 
 
 def gathered(state: Any) -> Any:
