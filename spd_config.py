@@ -128,7 +128,7 @@ def _build_dataclass(cls: type, raw: Any, prefix: str = "") -> Any:
         raise SPDError(f"{where}: {e}") from None
 
 
-def apply_override(raw: dict, override: str) -> None:
+def _apply_override(raw: dict, override: str) -> None:
     """Set `a.b.c=value` in the raw YAML dict; the value is parsed as YAML (typed later)."""
     if "=" not in override:
         raise SPDError(f"override '{override}' must look like key.sub=value")
@@ -158,7 +158,7 @@ def load_config(cls: type, path: str | Path, overrides: list[str] = (), section:
         raise SPDError(f"{path}: expected a mapping of keys to values at the top level")
     try:
         for o in overrides:
-            apply_override(raw, o)
+            _apply_override(raw, o)
         if section is not None:
             return _build_dataclass(cls, raw.get(section), section)
         return _build_dataclass(cls, raw)

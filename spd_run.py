@@ -200,7 +200,7 @@ def parse_cli(cls: type, description: str, argv: list[str] | None = None) -> tup
     share_threads(cfg.spd.threads)  # before anything heavy: the target may be trained first
     if cfg.spd.fsdp and cfg.spd.fsdp_blocks and ddp.world_size > 1:
         # Every forward gathers each sharded block's weights and frees them after: kept in malloc's heap, those
-        # blocks were not reused and a rank's peak RSS doubled (SmolLM2 layers 0-2, 2 ranks: 4232 -> 2235 MB)
+        # blocks were not reused and a rank's peak RSS doubled (SmolLM2 layers 0-2, 2 ranks: 4232 -> 2237 MB)
         reuse_freed_memory(largest=1 << 20, keep=128 << 10)
     else:
         reuse_freed_memory()

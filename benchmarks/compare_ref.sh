@@ -173,16 +173,13 @@ if [[ $EXP == lm ]]; then  # one target for both: our LM config's model, built o
   (cd "$OURS" && "$OURS_PY" - "$LM_CFG" "$OURS_CFG" "${LM_OVERRIDES[@]}") <<'PY'
 import sys, yaml
 from lm_decomposition import LMConfig, build
-from spd_config import apply_override, load_config
+from spd_config import config_to_dict, load_config
 src, dst, *overrides = sys.argv[1:]
 cfg = load_config(LMConfig, src, overrides)  # a typo in an override stops here, in one line
 if cfg.train_on != "logits" or cfg.spd.output_loss != "kl":
     raise SystemExit(f"{src}: the reference compares logits by KL only; add train_on=logits spd.output_loss=kl")
 build(cfg)  # builds (tiny Llama) or fetches (registry) a missing model
-raw = yaml.safe_load(open(src))
-for o in overrides:
-    apply_override(raw, o)
-yaml.safe_dump(raw, open(dst, "w"), sort_keys=False)
+yaml.safe_dump(config_to_dict(cfg), open(dst, "w"), sort_keys=False)  # resolved, as a run's config.yaml
 PY
   MODEL=$(cd "$OURS" && "$OURS_PY" -c 'import os, sys, yaml; print(os.path.abspath(yaml.safe_load(open(sys.argv[1]))["model"]))' \
     "$OURS_CFG")
