@@ -1,6 +1,6 @@
 """SPD and sparse dictionaries at several sparsities and seeds on one toy: the L0-vs-MSE frontier.
 
-    python analysis/method_sweep.py SWEEP.yaml [key.sub=value ...] [--out DIR] [--min-cosine 0.9]
+    python analysis/method_sweep.py SWEEP.yaml [key.sub=value ...] [--out DIR] [--min-cosine 0.9] [--finished]
 
 SWEEP.yaml is a sweep in slurm/sweep.py's format (e.g. configs/sweep_methods_tms_5-2.yaml): a section
 for the SPD config (its sparsity: spd.importance_minimality_coeff, beta3), a section for the dictionary
@@ -8,7 +8,8 @@ config (`script: sae_baseline.py`, one grid per activation: dictionary.l1_coeff 
 global seed axis. Overrides on the command line are appended to every run.
   1. Each run I goes to DIR/I-<config name> (DIR defaults to runs/method_sweeps/<sweep name>) through
      slurm/launch.py: a finished run (results.json) is reused, an interrupted one continued, so rerunning
-     resumes. The runs of `sbatch slurm/sweep.sh SWEEP.yaml --out DIR` are read the same way.
+     resumes. The runs of `sbatch slurm/sweep.sh SWEEP.yaml --out DIR` are read the same way; with
+     --finished nothing starts, and the frontier is that of the runs finished so far.
   2. Each run is measured as analysis/compare_methods.py does (features recovered, output MSE / target
      variance, L0); its method is SPD or the dictionary's activation, its setting its overrides but the
      seed and the activation, its seed its config's spd.seed.
@@ -124,15 +125,33 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_all(runs: list[Run], out: Path, sweep: str) -> list[tuple[Run, Path]]:
-    """Start, continue or reuse each run in out/I-<config name>; (run, its dir) for each."""
-    done, failed = [], []
+def index_ranges(indices: list[int]) -> str:
+    """Sorted run indices as ranges: [0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
+    runs = []
+    for i in indices:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def run_all(runs: list[Run], out: Path, sweep: str, finished_only: bool = False) -> list[tuple[Run, Path]]:
+    """Start, continue or reuse each run in out/I-<config name>; (run, its dir) for each. `finished_only`:
+    start nothing, (run, dir) for the runs that have finished (results.json), and say how many have not."""
+    done, failed, unfinished = [], [], []
     for i, r in enumerate(runs):
         run_dir = out / r.name(i)
         record = run_dir / "launch.json"
         if record.is_file() and (old := json.loads(record.read_text()))["overrides"] != r.overrides:
             raise SPDError(f"{run_dir} was run with {' '.join(old['overrides'])}, not {' '.join(r.overrides)}: "
                            "the sweep changed; pass another --out")
+        if finished_only:
+            if (run_dir / "results.json").is_file():
+                done.append((r, run_dir))
+            else:
+                unfinished.append(i)
+            continue
         rc = launch(r.script, r.config, r.overrides, run_dir, {"sweep": sweep, "index": i})
         if rc == 0:
             done.append((r, run_dir))
@@ -141,6 +160,10 @@ def run_all(runs: list[Run], out: Path, sweep: str) -> list[tuple[Run, Path]]:
     if failed:
         raise SPDError(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}; their output is above; "
                        "rerun to continue")
+    if unfinished:
+        print(f"--finished: {len(unfinished)} of {len(runs)} runs not finished, left out: {index_ranges(unfinished)}")
+    if finished_only and not done:
+        raise SPDError(f"no run of {sweep} has finished in {out}: run the sweep first (without --finished)")
     return done
 
 
@@ -150,11 +173,13 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides appended to every run")
     ap.add_argument("--out", help="sweep dir (default runs/method_sweeps/<sweep name>)")
     ap.add_argument("--min-cosine", type=float, default=0.9, help="a feature is recovered at this cosine or more")
+    ap.add_argument("--finished", action="store_true",
+                    help="start nothing: the frontier of the runs finished so far (an array job under way)")
     args = ap.parse_intermixed_args()
     sweep = Path(args.sweep)
     out = Path(args.out or Path("runs/method_sweeps") / sweep.stem)
     rows = []
-    for r, run_dir in run_all(load_sweep(sweep, args.overrides), out, args.sweep):
+    for r, run_dir in run_all(load_sweep(sweep, args.overrides), out, args.sweep, args.finished):
         row = (sae_row if r.script == "sae_baseline.py" else spd_row)(run_dir, args.min_cosine)
         row["setting"] = setting(r.overrides, args.overrides)
         row["seed"] = yaml.safe_load((run_dir / "config.yaml").read_text())["spd"]["seed"]

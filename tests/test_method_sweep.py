@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from analysis.method_sweep import frontier_table, mark_frontiers, on_frontier, plot_frontier, run_all, setting
+from analysis.method_sweep import (frontier_table, index_ranges, mark_frontiers, on_frontier, plot_frontier, run_all,
+                                   setting)
 from sae_baseline import SAEConfig
 from spd_config import SPDError, load_config
 from sweep import Run, load_sweep
@@ -90,3 +91,22 @@ def test_a_run_dir_left_by_another_sweep_is_refused_before_anything_runs(tmp_pat
     (tmp_path / "0-tms_5-2" / "launch.json").write_text(json.dumps({"overrides": ["spd.seed=0"]}))
     with pytest.raises(SPDError, match="was run with spd.seed=0, not spd.seed=1: the sweep changed"):
         run_all([run], tmp_path, "sweep.yaml")
+
+
+def test_finished_reads_the_finished_runs_and_starts_none(tmp_path, capsys):
+    runs = [Run("tms_decomposition.py", "configs/tms_5-2.yaml", [f"spd.seed={s}"]) for s in (0, 1, 2)]
+    for i in (0, 2):  # run 1 is still under way: a dir, no results.json
+        (tmp_path / runs[i].name(i)).mkdir()
+        (tmp_path / runs[i].name(i) / "results.json").write_text("{}")
+    (tmp_path / runs[1].name(1)).mkdir()
+    done = run_all(runs, tmp_path, "sweep.yaml", finished_only=True)
+    assert [(r.overrides, d.name) for r, d in done] == [(["spd.seed=0"], "0-tms_5-2"), (["spd.seed=2"], "2-tms_5-2")]
+    assert "1 of 3 runs not finished, left out: 1\n" in capsys.readouterr().out
+    assert not (tmp_path / "1-tms_5-2" / "config.yaml").exists()  # nothing was started
+    with pytest.raises(SPDError, match="no run of sweep.yaml has finished"):
+        run_all(runs, tmp_path / "empty", "sweep.yaml", finished_only=True)
+
+
+def test_index_ranges_join_consecutive_runs():
+    assert index_ranges([0, 1, 2, 5, 7, 8]) == "0-2, 5, 7-8"
+    assert index_ranges([3]) == "3"
