@@ -280,7 +280,7 @@ def _config_and_run_dir(cls: type, args: argparse.Namespace, error: Callable[[st
         run_dir = Path(args.resume)
         check_resumable(run_dir)
         made_by, this = run_script(run_dir).resolve(), script_of(cls)
-        if made_by != this:
+        if made_by.name != this.name:  # by name: the same script in another clone or worktree continues it
             raise SPDError(f"--resume {run_dir}: that run was made by {made_by.name}, not {this.name}; continue it "
                            f"with python {made_by} --resume {run_dir}")
         return load_config(cls, run_dir / "config.yaml"), run_dir

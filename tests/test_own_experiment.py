@@ -59,3 +59,16 @@ def test_resume_with_another_script_is_refused(copied):
                           cwd=tmp, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "was made by toy_decomposition.py, not tms_decomposition.py" in proc.stderr, proc.stderr
+
+
+def test_resume_with_the_same_script_in_another_checkout_continues(copied):
+    tmp, env = copied
+    shutil.copytree(tmp / "run0", tmp / "stopped_elsewhere")
+    (tmp / "stopped_elsewhere/results.json").unlink()
+    clone = tmp / "clone"
+    clone.mkdir()
+    shutil.copy(tmp / "toy_decomposition.py", clone)  # e.g. a second clone of the repo, or a git worktree
+    proc = subprocess.run([sys.executable, str(clone / "toy_decomposition.py"), "--resume",
+                           str(tmp / "stopped_elsewhere")], cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp / "stopped_elsewhere/results.json").is_file()
