@@ -295,9 +295,10 @@ class DecomposedModule(nn.Module):
         r, target = self.rows, self.base.forward(self.original, x)
         if self.is_conv and r.dim() > 1:  # per output location: its patch is not a row of x, so mask everywhere
             return torch.where(r.unsqueeze(1), self._masked_forward(x, self.mask, self.delta_mask, self.inner), target)
-        rows_of = lambda t: None if t is None else t[r]  # noqa: E731
-        return target.index_put((r,), self._masked_forward(x[r], self.mask[r], rows_of(self.delta_mask),
-                                                           rows_of(self.inner)))
+        idx = r.nonzero(as_tuple=True)  # once: each boolean index would sync with the GPU again
+        rows_of = lambda t: None if t is None else t[idx]  # noqa: E731
+        return target.index_put(idx, self._masked_forward(x[idx], self.mask[idx], rows_of(self.delta_mask),
+                                                          rows_of(self.inner)))
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         if not self.own_forward:

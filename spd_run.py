@@ -29,7 +29,7 @@ import threading
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -409,7 +409,10 @@ def init_distributed() -> Dist:
     if not dist.is_initialized():
         if torch.cuda.is_available() and int(os.environ["LOCAL_RANK"]) < torch.cuda.device_count():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))  # so that device "cuda" is this rank's GPU
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        # Rank 0 evaluates alone while the others wait in the next step's all-reduce: an LM evaluation with PGD
+        # can outlast NCCL's default 10-minute timeout, which would kill the job
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=timedelta(hours=1))
     return Dist(dist.get_rank(), world_size)
 
 
@@ -490,6 +493,9 @@ def get_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise SPDError(f"spd.device = '{name}' is not a device; use auto, cpu or cuda[:i]") from None
+    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SPDError(f"spd.device = '{name}' would put every torchrun rank on that one GPU; set spd.device=cuda "
+                       f"(or auto): each rank takes GPU LOCAL_RANK")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise SPDError(f"spd.device = '{name}' but this machine has {torch.cuda.device_count()} CUDA device(s); "
                        f"set spd.device=auto or cpu")
@@ -608,18 +614,23 @@ CHECKPOINT_KEYS = ("step", "components", "ci_fns", "optimizer", "rng", "skipped_
                    "target_digest", "threads")
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG state, as tensors and tuples of ints so that torch.load(weights_only=True) reads it."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG state, as tensors and tuples of ints so that torch.load(weights_only=True) reads it. Of the
+    CUDA generators only the training device's: under torchrun each rank draws from its own GPU's, all in one
+    state (same seed, same draws), so rank 0's is every rank's (each GPU's of rank 0's process were not)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "numpy": (kind, keys.tolist(), pos, has_gauss, gauss), "python": random.getstate()}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if isinstance(cuda, list):  # older checkpoints held every GPU's; rank 0, which wrote them, drew from GPU 0
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
@@ -749,6 +760,11 @@ class TrainState:
     adversary: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # persistent PGD's state (its Adam's)
 
 
+def training_device(opt: torch.optim.Optimizer) -> torch.device:
+    """The device the trained parameters live on."""
+    return opt.param_groups[0]["params"][0].device
+
+
 def save_training_checkpoint(path: Path, model: Decomposition, opt: torch.optim.Optimizer, state: TrainState,
                              digest: str, is_main: bool, keep: int) -> None:
     """Checkpoint the state after `state.step` steps (every rank calls it, rank 0 writes; sharded
@@ -760,7 +776,7 @@ def save_training_checkpoint(path: Path, model: Decomposition, opt: torch.optim.
                        f"last good checkpoint ({state.last_ckpt}); lower spd.lr or set spd.grad_clip")
     if is_main:
         save_checkpoint(path, {"step": state.step, **decomposition, "optimizer": optimizer,
-                               "rng": rng_state(), "skipped_steps": state.skipped,
+                               "rng": rng_state(training_device(opt)), "skipped_steps": state.skipped,
                                "train_metrics": state.train_metrics, "target_digest": digest,
                                "threads": torch.get_num_threads(), "adversary": state.adversary})
         prune_checkpoints(path.parent, keep)
@@ -786,7 +802,7 @@ def resume_training(run_dir: Path, model: Decomposition, opt: torch.optim.Optimi
     except (RuntimeError, ValueError, KeyError) as e:
         raise SPDError(f"{path} does not fit this model ({' '.join(str(e).split())[:200]}); "
                        f"was {run_dir / 'config.yaml'} edited?") from None
-    set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"], training_device(opt))
     if ckpt["threads"] != torch.get_num_threads():
         print(f"warning: {path} was written with torch.get_num_threads() = {ckpt['threads']}, now "
               f"{torch.get_num_threads()}: the result may differ from an uninterrupted run's in the last bits",

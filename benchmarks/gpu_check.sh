@@ -4,8 +4,9 @@
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: a fresh temporary directory
 #
-# Checks: TMS 5-2 on CUDA; tiny_llama under `torchrun --nproc 1` (NCCL), 100 steps; spd.fsdp over every
-# GPU (NCCL; on a one-GPU machine over 2 CPU processes, gloo); a CUDA run interrupted and resumed,
+# Checks: TMS 5-2 on CUDA; tiny_llama under `torchrun --nproc 1` (the launcher; one process forms no
+# group), 100 steps; on 2+ GPUs, 2 ranks data-parallel and spd.fsdp (NCCL; on one GPU spd.fsdp over 2 CPU
+# processes, gloo); a CUDA run interrupted and resumed,
 # bit-identical to an uninterrupted one; bf16 autocast off/on, spd.compile and spd.checkpoint_ci on
 # tiny_llama, each with tokens/s and peak GPU memory. Exit code: failed checks.
 set -uo pipefail
@@ -42,14 +43,15 @@ EOF
 
 LM=(configs/tiny_llama.yaml spd.steps=100 spd.eval_every=100 spd.faithfulness_warmup_steps=20 spd.checkpoint_every=null)
 check tms_5-2_cuda python tms_decomposition.py configs/tms_5-2.yaml spd.device=cuda --out "$OUT/tms"
-check torchrun_nccl_lm torchrun --standalone --nproc_per_node 1 lm_decomposition.py "${LM[@]}" --out "$OUT/lm_nccl"
+check torchrun_lm torchrun --standalone --nproc_per_node 1 lm_decomposition.py "${LM[@]}" --out "$OUT/lm_torchrun"
 check lm_fp32 python lm_decomposition.py "${LM[@]}" --out "$OUT/lm_fp32"
 check lm_bf16 python lm_decomposition.py "${LM[@]}" spd.autocast_bf16=true --out "$OUT/lm_bf16"
 check lm_compile python lm_decomposition.py "${LM[@]}" spd.compile=true --out "$OUT/lm_compile"
 check lm_checkpoint_ci python lm_decomposition.py "${LM[@]}" spd.checkpoint_ci=true --out "$OUT/lm_checkpoint_ci"
 GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
-if [ "$GPUS" -ge 2 ]; then  # the components sharded over the GPUs (batch 16 and eval batch 32 must divide)
-  check fsdp_nccl_lm torchrun --standalone --nproc_per_node "$GPUS" lm_decomposition.py "${LM[@]}" spd.fsdp=true \
+if [ "$GPUS" -ge 2 ]; then  # 2 ranks (batch 16 and eval batch 32 must divide by the ranks), NCCL
+  check ddp_nccl_lm torchrun --standalone --nproc_per_node 2 lm_decomposition.py "${LM[@]}" --out "$OUT/lm_ddp"
+  check fsdp_nccl_lm torchrun --standalone --nproc_per_node 2 lm_decomposition.py "${LM[@]}" spd.fsdp=true \
     --out "$OUT/lm_fsdp"
 else
   check fsdp_gloo_lm torchrun --standalone --nproc_per_node 2 lm_decomposition.py "${LM[@]}" spd.fsdp=true \

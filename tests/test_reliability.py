@@ -20,7 +20,7 @@ import spd_common
 import tms_decomposition
 from spd_common import ComponentModel, SPDConfig, optimize
 from spd_config import SPDError
-from spd_run import EXIT_PREEMPTED, load_checkpoint, run_main
+from spd_run import EXIT_PREEMPTED, get_device, load_checkpoint, rng_state, run_main, set_rng_state
 from train_targets.train_tms import TMSModel, tms_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,6 +234,38 @@ def test_checkpoints_are_rotated_and_temp_files_cleaned(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == \
         ["final.pt", "step_10.pt", "step_6.pt", "step_8.pt"]
     assert load_checkpoint(tmp_path / "checkpoints/step_8.pt")["step"] == 8
+
+
+def test_cuda_rng_is_the_training_devices_and_every_rank_resumes_rank_0s(monkeypatch):
+    """Under torchrun rank r draws masks from GPU r's generator, all ranks in one state. A checkpoint (written by
+    rank 0) keeps its training device's generator, and each rank restores that one into its own GPU's: every
+    GPU's states of rank 0's process would give rank r GPU r's untouched initial state. (No GPU here: the
+    torch.cuda calls are recorded.)"""
+    gpu_states = {0: torch.tensor([7], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpu_states[device.index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device.index, state))
+    state = rng_state(torch.device("cuda", 0))  # rank 0, on GPU 0, writes the checkpoint
+    assert state["cuda"].tolist() == [7]
+    for rank in (0, 1):
+        set_rng_state(state, torch.device("cuda", rank))
+    assert {r: t.tolist() for r, t in restored.items()} == {0: [7], 1: [7]}
+    restored.clear()
+    set_rng_state(state | {"cuda": [gpu_states[0], gpu_states[1]]}, torch.device("cuda", 1))  # an older checkpoint
+    assert restored[1].tolist() == [7]
+    cpu = rng_state(torch.device("cpu"))
+    assert cpu["cuda"] is None
+    restored.clear()
+    set_rng_state(cpu, torch.device("cpu"))
+    assert restored == {}
+
+
+def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):
+    """spd.device=cuda:0 under torchrun would put every rank on GPU 0 (NCCL then fails on a duplicate GPU)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SPDError, match="would put every torchrun rank on that one GPU; set spd.device=cuda"):
+        get_device("cuda:0")
+    assert get_device("cpu") == torch.device("cpu")
 
 
 def nan_at(monkeypatch, steps: set[int], grad_only: bool = False) -> None:
