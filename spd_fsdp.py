@@ -1,7 +1,7 @@
 """spd.fsdp: the trained parameters (components, CI functions), their gradients and their optimizer state
 sharded over the ranks of a torchrun job with FSDP2, instead of replicated on every rank as under DDP.
 
-    torchrun --nproc 4 lm_decomposition.py configs/smollm2.yaml spd.fsdp=true
+    torchrun --nproc_per_node 4 lm_decomposition.py configs/smollm2.yaml spd.fsdp=true
 
 How it fits the rest: every rank still trains on its shard of the global batch, so a sharded run equals a
 one-process run as a DDP one does. The whole training loss of a (micro-)batch is the forward of one FSDP

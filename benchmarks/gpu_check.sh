@@ -4,7 +4,7 @@
 #
 #     bash benchmarks/gpu_check.sh [OUT_DIR]      # default: a fresh temporary directory
 #
-# Checks: TMS 5-2 on CUDA; tiny_llama under `torchrun --nproc 1` (the launcher; one process forms no
+# Checks: TMS 5-2 on CUDA; tiny_llama under `torchrun --nproc_per_node 1` (the launcher; one process forms no
 # group), 100 steps; on 2+ GPUs, 2 ranks data-parallel and spd.fsdp (NCCL; on one GPU spd.fsdp over 2 CPU
 # processes, gloo); a CUDA run interrupted and resumed,
 # bit-identical to an uninterrupted one; bf16 autocast off/on, spd.compile and spd.checkpoint_ci on
