@@ -993,6 +993,13 @@ def train_step(model: ComponentModel, cfg: SPDConfig, opt: torch.optim.Optimizer
     return losses, bad
 
 
+def make_optimizer(params: list[Tensor], cfg: SPDConfig) -> torch.optim.Optimizer:
+    """spd.optimizer over `params` at spd.lr and spd.weight_decay."""
+    # fused: one kernel for all parameters; the default loops over them (1.5 ms of a 20 ms TMS step on CPU)
+    return (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=params[0].device.type in ("cpu", "cuda"))
+
+
 @dataclass
 class TrainingRun:
     """The training shell every trainer shares (`optimize`, sae_baseline.py): the optimizer, where training
@@ -1019,9 +1026,7 @@ class TrainingRun:
         """The optimizer of `params` (spd.optimizer, lr, weight_decay) and the state to start from: fresh, or
         (`--resume`) the newest readable checkpoint in run_dir, loaded into `model` and the optimizer."""
         ddp = init_distributed()
-        # fused: one kernel for all parameters; the default loops over them (1.5 ms of a 20 ms TMS step on CPU)
-        opt = (torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam)(
-            params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=params[0].device.type in ("cpu", "cuda"))
+        opt = make_optimizer(params, cfg)
         state = resume_training(run_dir, model, opt, digest, ddp.is_main, cfg.steps)
         logger = MetricsLogger(run_dir, cfg.wandb_project, full_config or {"spd": config_to_dict(cfg)}, ddp.is_main)
         return cls(model, cfg, run_dir, opt, state, logger, ddp, digest, evaluate, sharded)

@@ -3,10 +3,12 @@ matrices of 3 of 30 layers, C = 512, 512-token sequences) of a randomly initiali
 SmolLM2-135M's shape (a transformers config, no download), with each memory option on and off.
 
     python benchmarks/memory.py [--steps 2] [--batch 8] [--device cpu]   # --batch: a multiple of 2
-    python benchmarks/memory.py --fit-gb 20 [--steps 1]   # the largest batch that fits in 20 GB, per option
+    python benchmarks/memory.py --fit-gb 20 [--steps 2]   # the largest batch that fits in 20 GB, per option
+    (a second step peaks ~0.75 GB above the first on the 135M shape: use at least 2)
 
 Each row is a fresh process (peak RSS is per process) that builds the model and runs `--steps`
-training steps on random tokens; it prints peak RSS (and peak GPU memory on CUDA) and s/step.
+training steps on random tokens; it prints peak RSS (and on CUDA the allocator's peak reserved memory)
+and s/step (the first step left out when there are more).
 --fit-gb G runs each row at batch 2 and 4 instead: peak memory is a fixed part plus a part per sequence,
 so the two give both, and the row's largest batch within G GB (an estimate; checked where it is small).
 """
@@ -24,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from lm_decomposition import LMConfig  # noqa: E402 (needs ROOT on the path)
-from spd_common import ComponentModel, train_step  # noqa: E402
+from spd_common import ComponentModel, make_optimizer, train_step  # noqa: E402
 from spd_config import load_config  # noqa: E402
 from spd_run import Dist, get_device  # noqa: E402
 
@@ -56,15 +58,20 @@ def run_row(overrides: list[str], steps: int, batch: int, device_name: str) -> d
     if cfg.spd.checkpoint_blocks:
         model.checkpoint_blocks(cfg.spd.checkpoint_blocks)
     model.checkpoint_ci = cfg.spd.checkpoint_ci
-    opt = torch.optim.Adam([*model.components.parameters(), *model.ci_fns.parameters()], lr=cfg.spd.lr)
+    opt = make_optimizer([*model.components.parameters(), *model.ci_fns.parameters()], cfg.spd)  # as training's
     tokens = torch.randint(0, 49152, (batch, cfg.data.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    t0 = time.time()
+    times = []
     for step in range(steps):
+        t0 = time.time()
         train_step(model, cfg.spd, opt, tokens, step, lambda out: out.logits, Dist())
-    out = {"s_per_step": round((time.time() - t0) / steps, 1),
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.time() - t0)
+    timed = times[1:] or times  # the first step's one-off start-up (allocations, CUDA kernels) left out
+    out = {"s_per_step": round(sum(timed) / len(timed), 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-    if device.type == "cuda":
-        out["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+    if device.type == "cuda":  # what the caching allocator held: what must fit on the card
+        out["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_reserved(device) / 2 ** 20)
     return out
 
 
