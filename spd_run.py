@@ -827,6 +827,11 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any]:
         raise SPDError(f"{run_dir} is not a run dir (no config.yaml); pass the directory a decomposition wrote")
     module = import_script(run_script(run_dir))
     cfg, build = load_config(config_class(module), config), module.build
+    spd = getattr(cfg, "spd", None)
+    if spd is not None and spd.device.startswith("cuda") and (torch.device(spd.device).index or 0) >= torch.cuda.device_count():
+        print(f"note: {run_dir} ran on {spd.device}, which this machine lacks: loading it on "
+              f"{'cuda' if torch.cuda.is_available() else 'the CPU'}", file=sys.stderr)
+        spd.device = "auto"  # e.g. trained on a GPU node, analysed on a laptop
     paths = checkpoint_paths(run_dir / "checkpoints")
     if not paths:
         raise SPDError(f"{run_dir / 'checkpoints'} holds no checkpoint yet; wait for the run's first one")
