@@ -43,8 +43,8 @@ from spd_ci import make_ci_fn
 from spd_common import (Experiment, SPDConfig, TrainingRun, importance_minimality_loss, lr_at, output_loss,
                         run_results, sample_masks)
 from spd_config import SPDError, config_to_dict, load_config, option
-from spd_run import (ROOT, checkpoint_paths, clip_grad_norm, config_class, figures_dir, import_script, load_checkpoint,
-                     nonfinite_term, parse_cli, run_main, script_for, target_digest, write_results)
+from spd_run import (ROOT, checkpoint_paths, clip_grad_norm, config_class, device_here, figures_dir, import_script,
+                     load_checkpoint, nonfinite_term, parse_cli, run_main, script_for, target_digest, write_results)
 
 Activation = Literal["relu", "topk", "batchtopk", "jumprelu", "abstopk", "stochastic"]
 
@@ -342,6 +342,7 @@ def load_sae_run(run_dir: str | Path) -> tuple[SAEConfig, Experiment, Dictionary
     (final.pt, else the newest periodic checkpoint)."""
     run_dir = Path(run_dir)
     cfg = load_config(SAEConfig, run_dir / "config.yaml")
+    device_here(cfg, run_dir)
     paths = checkpoint_paths(run_dir / "checkpoints")
     if not paths:
         raise SPDError(f"{run_dir} holds no checkpoint; pass the run dir of a finished sae_baseline.py run")

@@ -144,7 +144,7 @@ class SPDConfig:
     keep_checkpoints: int = option(3, "keep the newest N periodic checkpoints (final.pt is always kept)", ge=1)
     on_nan: Literal["stop", "skip"] = option("stop", "a nan/inf loss or gradient stops the run, or skips that step")
     seed: int = option(0, "seed of parameters, data and masks")
-    device: str = option("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:i]'")
+    device: str = option("auto", "'auto' (cuda if available), 'cpu' or 'cuda[:i]' (under torchrun: not cuda:i)")
     threads: Optional[int] = option(None, "torch CPU threads (null: OMP_NUM_THREADS if set, else an equal share "
                                           "of the cores with the other spd runs here)", ge=1)
     wandb_project: Optional[str] = option(None, "log to this wandb project (null = no wandb)")

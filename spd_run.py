@@ -627,8 +627,10 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     cuda = state["cuda"]
-    if isinstance(cuda, list):  # older checkpoints held every GPU's; rank 0, which wrote them, drew from GPU 0
-        cuda = cuda[0] if cuda else None
+    if isinstance(cuda, list):  # older checkpoints held every GPU's state of the writing process: under
+        # torchrun rank 0's, which drew from GPU 0; one process drew from its own device
+        i = 0 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else (device.index or 0)
+        cuda = cuda[i] if i < len(cuda) else None
     if cuda is not None and device.type == "cuda":
         torch.cuda.set_rng_state(cuda, device)
     kind, keys, *rest = state["numpy"]
@@ -818,6 +820,20 @@ def resume_training(run_dir: Path, model: Decomposition, opt: torch.optim.Optimi
 # ================================================================================================
 # 6. Loading a run for analysis
 # ================================================================================================
+def device_here(cfg: Any, run_dir: Path) -> None:
+    """A run trained on a GPU this machine lacks (e.g. on a cluster node, analysed on a laptop) is loaded on the
+    device this machine has: cfg.spd.device becomes auto, with a note."""
+    spd = getattr(cfg, "spd", None)
+    try:
+        lacking = spd.device.startswith("cuda") and (torch.device(spd.device).index or 0) >= torch.cuda.device_count()
+    except (AttributeError, RuntimeError):  # no spd section, or not a device: get_device says so in one line
+        return
+    if lacking:
+        print(f"note: {run_dir} ran on {spd.device}, which this machine lacks: loading it on "
+              f"{'cuda' if torch.cuda.is_available() else 'the CPU'}", file=sys.stderr)
+        spd.device = "auto"
+
+
 def load_run(run_dir: str | Path) -> tuple[Any, Any]:
     """A run dir's config and the spd_common.Experiment its script (recorded in run.json) builds, with the
     newest checkpoint's components and CI functions loaded."""
@@ -827,11 +843,7 @@ def load_run(run_dir: str | Path) -> tuple[Any, Any]:
         raise SPDError(f"{run_dir} is not a run dir (no config.yaml); pass the directory a decomposition wrote")
     module = import_script(run_script(run_dir))
     cfg, build = load_config(config_class(module), config), module.build
-    spd = getattr(cfg, "spd", None)
-    if spd is not None and spd.device.startswith("cuda") and (torch.device(spd.device).index or 0) >= torch.cuda.device_count():
-        print(f"note: {run_dir} ran on {spd.device}, which this machine lacks: loading it on "
-              f"{'cuda' if torch.cuda.is_available() else 'the CPU'}", file=sys.stderr)
-        spd.device = "auto"  # e.g. trained on a GPU node, analysed on a laptop
+    device_here(cfg, run_dir)
     paths = checkpoint_paths(run_dir / "checkpoints")
     if not paths:
         raise SPDError(f"{run_dir / 'checkpoints'} holds no checkpoint yet; wait for the run's first one")

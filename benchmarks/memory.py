@@ -71,7 +71,7 @@ def run_row(overrides: list[str], steps: int, batch: int, device_name: str) -> d
     out = {"s_per_step": round(sum(timed) / len(timed), 1),
            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
     if device.type == "cuda":  # what the caching allocator held: what must fit on the card
-        out["peak_gpu_mem_mb"] = round(torch.cuda.max_memory_reserved(device) / 2 ** 20)
+        out["peak_gpu_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2 ** 20)
     return out
 
 
@@ -96,7 +96,7 @@ def main() -> None:
         for name in ROWS:
             print(f"{name:<24} {row(name, args.batch)}", flush=True)
         return
-    key = "peak_gpu_mem_mb" if args.device.startswith("cuda") else "peak_rss_mb"
+    key = "peak_gpu_reserved_mb" if args.device.startswith("cuda") else "peak_rss_mb"
     print(f"SmolLM2-135M-shaped model, 512 tokens per sequence: {key} at batch 2 and 4, and the largest batch "
           f"within {args.fit_gb} GB (fixed + per-sequence memory, fitted to the two)")
     print("| option | batch 2 | batch 4 | s/step at 4 | MB per sequence | largest batch in "

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ import spd_common
 import tms_decomposition
 from spd_common import ComponentModel, SPDConfig, optimize
 from spd_config import SPDError
-from spd_run import EXIT_PREEMPTED, get_device, load_checkpoint, rng_state, run_main, set_rng_state
+from spd_run import (EXIT_PREEMPTED, device_here, get_device, load_checkpoint, rng_state, run_main,
+                     set_rng_state)
 from train_targets.train_tms import TMSModel, tms_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,14 +252,29 @@ def test_cuda_rng_is_the_training_devices_and_every_rank_resumes_rank_0s(monkeyp
     for rank in (0, 1):
         set_rng_state(state, torch.device("cuda", rank))
     assert {r: t.tolist() for r, t in restored.items()} == {0: [7], 1: [7]}
-    restored.clear()
-    set_rng_state(state | {"cuda": [gpu_states[0], gpu_states[1]]}, torch.device("cuda", 1))  # an older checkpoint
+    old_format = state | {"cuda": [gpu_states[0], gpu_states[1]]}  # older checkpoints: every GPU's of the writer
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    set_rng_state(old_format, torch.device("cuda", 1))  # rank 1 takes rank 0's GPU 0
     assert restored[1].tolist() == [7]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    set_rng_state(old_format, torch.device("cuda", 1))  # one process on cuda:1 drew from GPU 1
+    assert restored[1].tolist() == [1]
     cpu = rng_state(torch.device("cpu"))
     assert cpu["cuda"] is None
     restored.clear()
     set_rng_state(cpu, torch.device("cpu"))
     assert restored == {}
+
+
+def test_a_run_from_a_gpu_this_machine_lacks_loads_on_what_it_has(capsys):
+    cfg = SimpleNamespace(spd=SimpleNamespace(device="cuda:99"))
+    device_here(cfg, Path("runs/x"))
+    assert cfg.spd.device == "auto" and "runs/x ran on cuda:99, which this machine lacks" in capsys.readouterr().err
+    for device in ("cpu", "banana"):  # nothing to do, or get_device's one-line error later
+        cfg = SimpleNamespace(spd=SimpleNamespace(device=device))
+        device_here(cfg, Path("runs/x"))
+        assert cfg.spd.device == device
+    device_here(SimpleNamespace(), Path("runs/x"))  # a config without an spd section
 
 
 def test_a_numbered_gpu_under_torchrun_is_refused(monkeypatch):

@@ -178,6 +178,7 @@ def test_readme_command_short_run(tmp_path):
     assert torch.equal(exp.model.components.state_dict()["linear1.V"], ckpt["components"]["linear1.V"])
     # trained on a GPU this machine lacks (cuda:99): analysed here all the same
     config_text = (run_dir / "config.yaml").read_text()
+    assert "device: auto" in config_text
     (run_dir / "config.yaml").write_text(config_text.replace("device: auto", "device: cuda:99"))
     _, exp = load_run(run_dir)
     assert torch.equal(exp.model.components.state_dict()["linear1.V"].cpu(), ckpt["components"]["linear1.V"])
