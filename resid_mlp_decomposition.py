@@ -8,7 +8,8 @@ The story:
   2. Decompose every W_in and W_out with `spd_common.optimize`.
   3. Evaluate against the ground truth: a one-hot input x_i = 0.75 should give causal importance to
      exactly one W_in subcomponent, its own (a "monosemantic" feature; `n_monosemantic_per_layer`
-     also counts a feature whose computation is split over layers, one own subcomponent in each);
+     also counts a feature whose computation is split over layers, one own subcomponent in each; where
+     one is not, `n_split_features`, `n_shared_subcomponents` and `n_unused_features` say why);
      the W_out subcomponents together should form one dense mechanism of full rank (50 for the
      1-layer model). Beside these, the reference's own measures: `identity_ci_error/<W_in>` and
      `dense_ci_error/<W_out>` (0 = the ideal pattern), and W_out subcomponents alive on random inputs
@@ -77,6 +78,16 @@ def monosemantic_per_layer(ci_layers: list[Tensor], threshold: float) -> Tensor:
     return torch.stack(clean).all(0) & torch.stack(used).any(0)
 
 
+def why_not_monosemantic(ci_layers: list[Tensor], threshold: float) -> dict[str, int]:
+    """What keeps features from being monosemantic per layer: features with CI >= threshold on several
+    subcomponents of one layer (`split`), subcomponents that several features use (`shared`), both summed
+    over the W_in layers, and features that no layer uses (`unused`). `ci_layers`: (n_features, C) each."""
+    used = [ci >= threshold for ci in ci_layers]
+    return {"split": sum(int((u.sum(1) > 1).sum()) for u in used),
+            "shared": sum(int((u.sum(0) > 1).sum()) for u in used),
+            "unused": int((~torch.stack([u.any(1) for u in used]).any(0)).sum())}
+
+
 def identity_ci_error(ci: Tensor, tolerance: float = 0.1) -> int:
     """The reference's IdentityCIError of one layer: permute the subcomponents (columns of the one-hot
     CI matrix `ci`, (n_features, C)) so that the diagonal's sum is largest (Hungarian), then count the
@@ -131,6 +142,9 @@ def resid_mlp_metrics(model: ComponentModel, cfg: ResidMLPConfig, eval_batch) ->
     out = {"n_monosemantic_features": int(monosemantic(ci_in, cfg.monosemantic_ci).sum()),
            "n_monosemantic_per_layer": int(monosemantic_per_layer([ci[n] for n in layer_names(model, "mlp_in")],
                                                                   cfg.monosemantic_ci).sum())}
+    why = why_not_monosemantic([ci[n] for n in layer_names(model, "mlp_in")], cfg.monosemantic_ci)
+    out |= {"n_split_features": why["split"], "n_shared_subcomponents": why["shared"],
+            "n_unused_features": why["unused"]}
     for name in layer_names(model, "mlp_in"):
         out[f"identity_ci_error/{name}"] = identity_ci_error(ci[name])
     fired = random_input_firing(model, cfg, eval_batch)

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resid_mlp_decomposition import ResidMLPConfig, build, monosemantic, monosemantic_per_layer, resid_mlp_metrics, summed_rank
+from resid_mlp_decomposition import (ResidMLPConfig, build, monosemantic, monosemantic_per_layer, resid_mlp_metrics,
+                                     summed_rank, why_not_monosemantic)
 from spd_config import load_config
 from train_targets.train_resid_mlp import ResidMLPTargetConfig, labels, resid_mlp_batch, train_resid_mlp
 
@@ -61,6 +62,17 @@ def test_monosemantic_per_layer_allows_one_own_subcomponent_in_each_layer():
     shared[1, 0] = 1  # feature 1 also uses feature 0's layer-1 subcomponent
     assert monosemantic_per_layer([own, shared], 0.5).tolist() == [False, False, True, True]
     assert not monosemantic_per_layer([torch.zeros(n, n), torch.zeros(n, n)], 0.5).any()  # unused
+
+
+def test_why_not_monosemantic_counts_split_shared_and_unused_on_hand_made_ci():
+    """5 features, 2 layers of 6 subcomponents. Layer 0: features 0 and 1 share subcomponent 0, feature 2 is
+    split over 2 and 3; feature 3 uses only layer 1's subcomponent 5; feature 4 no subcomponent at all."""
+    layer0, layer1 = torch.zeros(5, 6), torch.zeros(5, 6)
+    layer0[0, 0] = layer0[1, 0] = layer0[2, 2] = layer0[2, 3] = 0.9
+    layer1[3, 5] = 0.9
+    layer1[4, 1] = 0.4  # below the threshold: not a use
+    assert why_not_monosemantic([layer0, layer1], 0.5) == {"split": 1, "shared": 1, "unused": 1}
+    assert monosemantic_per_layer([layer0, layer1], 0.5).tolist() == [False, False, False, True, False]
 
 
 def test_summed_rank_on_hand_made_components():
@@ -124,7 +136,8 @@ def test_script_short_run(tmp_path):
     results = run_script(["configs/resid_mlp1.yaml", *overrides, "--out", str(tmp_path / "run")], cwd=tmp_path)
     for key in ["n_monosemantic_features", "w_out_alive/layers.0.mlp_out", "w_out_summed_rank/layers.0.mlp_out",
                 "identity_ci_error/layers.0.mlp_in", "dense_ci_error/layers.0.mlp_out", "w_out_alive_random/layers.0.mlp_out",
-                "ci_masked_mse_over_target_var", "components_mse_over_target_var", "steps_per_s", "l0/layers.0.mlp_in"]:
+                "ci_masked_mse_over_target_var", "components_mse_over_target_var", "steps_per_s", "l0/layers.0.mlp_in",
+                "n_split_features", "n_shared_subcomponents", "n_unused_features"]:
         assert key in results, key
     assert 0 <= results["n_monosemantic_features"] <= 10
     assert (tmp_path / "run/figures/ci_heatmaps.png").is_file()

@@ -65,6 +65,10 @@ RESID_GOOD = {"n_monosemantic_per_layer": 98, "w_out_summed_rank/layers.0.mlp_ou
                "ci_masked_mse_over_target_var": 0.02}, "fail",
      ["90 of 100 monosemantic per layer", "w_out_summed_rank/layers.1.mlp_out 24 (not 25)",
       "CI-masked MSE 0.0200 of the output variance"]),
+    ("resid", {"n_monosemantic_per_layer": 90, "n_split_features": 0, "n_shared_subcomponents": 5,
+               "n_unused_features": 1}, "fail",
+     ["90 of 100 monosemantic per layer", "5 shared subcomponents", "1 features no subcomponent takes"]),
+    ("resid", {"n_shared_subcomponents": 5}, "pass", []),  # a cause is reported only beside a failure
 ])
 def test_judge_by_the_issue_criteria(kind, change, status, why):
     good, config = (TMS_GOOD, TMS_CONFIG) if kind == "tms" else (RESID_GOOD, RESID_CONFIG)
@@ -101,3 +105,16 @@ def test_by_size_gives_mean_and_std_over_the_seeds_with_a_live_target():
     counts = "/".join(str(v) for k, v in TMS_GOOD.items() if k.startswith("n_nonnegligible/"))
     assert robustness.by_size(rows)[2:] == [
         f"| tms_5-2 | 1 of 2 | 1 | 1 | 0.9990 ± 0.0014 | 0.980 ± 0.028 | {counts} |"]
+
+
+def test_by_size_gives_each_kind_its_own_columns():
+    """resid: monosemantic per layer, MSE and each W_in's identity_ci_error, mean ± std over seeds 0-1
+    (98, 100: 99 ± 1.4; errors 2, 4: 3 ± 1.4 and 0, 0), in a table apart from TMS's."""
+    rows = [{"cell": "tms_5-2_s0", "kind": "tms", "status": "pass", "results": TMS_GOOD}]
+    rows += [{"cell": f"resid_mlp2_s{s}", "kind": "resid", "status": "pass",
+              "results": RESID_GOOD | {"n_monosemantic_per_layer": mono, "identity_ci_error/layers.0.mlp_in": err,
+                                       "identity_ci_error/layers.1.mlp_in": 0}}
+             for s, (mono, err) in enumerate([(98, 2), (100, 4)])]
+    lines = robustness.by_size(rows)
+    assert lines[0] == robustness.HEADERS["tms"] and lines[3] == "" and lines[4] == robustness.HEADERS["resid"]
+    assert lines[6] == "| resid_mlp2 | 2 of 2 | 0 | 0 | 99.0 ± 1.4 | 0.0080 ± 0.0000 | 3.0 ± 1.4 / 0.0 ± 0.0 |"
