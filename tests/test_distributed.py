@@ -1,5 +1,6 @@
 """torchrun: N processes with global batch B train exactly what one process with batch B does."""
 
+import datetime
 import json
 import os
 import signal
@@ -111,10 +112,11 @@ def test_gpu_nodes_get_a_group_for_cpu_and_cuda_tensors(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group", lambda backend: calls.append(("backend", backend)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append((backend, timeout)))
     monkeypatch.setattr(dist, "get_rank", lambda: 1)
     assert init_distributed() == Dist(1, 2)
-    assert calls == [("set_device", 1), ("backend", "cpu:gloo,cuda:nccl")]
+    # an hour: rank 0's evaluation, which the others wait out, can outlast NCCL's default 10 minutes
+    assert calls == [("set_device", 1), ("cpu:gloo,cuda:nccl", datetime.timedelta(hours=1))]
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
