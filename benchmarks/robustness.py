@@ -140,9 +140,9 @@ def judge(kind: str, results: dict, config: dict) -> tuple[str, list[str]]:
         if results["ci_masked_mse_over_target_var"] > 0.01:
             wrong.append(f"CI-masked MSE {results['ci_masked_mse_over_target_var']:.4f} of the output variance")
     if wrong:  # the causes, where the run measured them (resid runs from before 2026-12-07 did not)
-        wrong += [f"{results[k]} {what}" for k, what in [("n_split_features", "split features"),
-                                                         ("n_shared_subcomponents", "shared subcomponents"),
-                                                         ("n_unused_features", "features no subcomponent takes")]
+        wrong += [f"{what}: {results[k]}" for k, what in [("n_split_features", "split features"),
+                                                          ("n_shared_subcomponents", "shared subcomponents"),
+                                                          ("n_unused_features", "features no subcomponent takes")]
                   if results.get(k)]
     return ("fail" if wrong else "pass"), wrong
 

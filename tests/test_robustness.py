@@ -54,9 +54,9 @@ RESID_GOOD = {"n_monosemantic_per_layer": 98, "w_out_summed_rank/layers.0.mlp_ou
     ("tms", {}, "pass", []),
     ("tms", {"ml2r_nonnegligible": 0.97}, "fail", ["ML2R 0.970"]),
     ("tms", {"n_nonnegligible/linear1": 6, "n_split_features": 1}, "fail",
-     ["6 non-negligible in linear1 (not 5)", "1 split features"]),
+     ["6 non-negligible in linear1 (not 5)", "split features: 1"]),
     ("tms", {"mmcs_nonnegligible": 0.99, "n_nonnegligible/linear1": 4, "n_shared_subcomponents": 1}, "fail",
-     ["MMCS 0.9900", "4 non-negligible in linear1 (not 5)", "1 shared subcomponents"]),
+     ["MMCS 0.9900", "4 non-negligible in linear1 (not 5)", "shared subcomponents: 1"]),
     ("tms", {"n_nonnegligible/hidden_layers.0": 3}, "fail", ["3 non-negligible in hidden_layers.0 (not 2)"]),
     ("tms", {"target_min_column_norm": 0.01, "n_nonnegligible/linear1": 4}, "target-dead",
      ["a column of W has norm 0.01"]),
@@ -67,7 +67,7 @@ RESID_GOOD = {"n_monosemantic_per_layer": 98, "w_out_summed_rank/layers.0.mlp_ou
       "CI-masked MSE 0.0200 of the output variance"]),
     ("resid", {"n_monosemantic_per_layer": 90, "n_split_features": 0, "n_shared_subcomponents": 5,
                "n_unused_features": 1}, "fail",
-     ["90 of 100 monosemantic per layer", "5 shared subcomponents", "1 features no subcomponent takes"]),
+     ["90 of 100 monosemantic per layer", "shared subcomponents: 5", "features no subcomponent takes: 1"]),
     ("resid", {"n_shared_subcomponents": 5}, "pass", []),  # a cause is reported only beside a failure
 ])
 def test_judge_by_the_issue_criteria(kind, change, status, why):
