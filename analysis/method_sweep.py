@@ -31,7 +31,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from matplotlib.ticker import FormatStrFormatter, LogLocator
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,13 +113,17 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
                        s=90 if m == "SPD" else 25, alpha=0.7, label=m)
             front = sorted((r["l0"], r["output_mse_over_var"]) for r in runs if r["frontier"])
             ax.plot(*zip(*front), color=color, lw=1)
-        positive = all(r["l0"] > 0 for r in rows if r["toy"] == toy)
+        l0s = [r["l0"] for r in rows if r["toy"] == toy]
+        positive = min(l0s) > 0
         ax.set(xlabel="L0 (active latents / subcomponents per input)", ylabel="output MSE / target output variance",
                xscale="log" if positive else "linear", yscale="log", title=f"{toy}: a point per run (seed)")
-        if positive:  # plain numbers at 1, 2 and 5 per decade
-            ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))
-            for axis_fmt in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-                axis_fmt(FormatStrFormatter("%g"))
+        if positive:  # plain numbers, at 1, 2 and 5 per decade where at most two decades leave room for them
+            ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+            if max(l0s) / min(l0s) <= 100:
+                ax.xaxis.set_minor_locator(LogLocator(subs=(2, 5)))
+                ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+            else:
+                ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
