@@ -301,14 +301,27 @@ def script_of(cls: type) -> Path:
 def run_main(main: Callable[[], None]) -> None:
     """Run a script's main; a user-facing error becomes one line on stderr and exit code 2, a
     preemption one line and EXIT_PREEMPTED."""
+    code = 0
     try:
         main()
     except SPDError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
+        code = EXIT_PREEMPTED
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun rank leaves without the interpreter's teardown. A gloo worker thread may still be releasing
+        # a finished collective of spd.fsdp's that holds a Python object; doing so while the interpreter
+        # finalizes aborts the process ("terminate called without an active exception", SIGABRT; 3 in ~60
+        # two-rank TMS runs on 2 busy cores), and torchrun then kills the other ranks, rank 0 before it
+        # writes results.json.
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 # ================================================================================================
