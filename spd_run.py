@@ -298,6 +298,11 @@ def script_of(cls: type) -> Path:
     return Path(sys.modules[cls.__module__].__file__).resolve()
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun started for this job (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a script's main; a user-facing error becomes one line on stderr and exit code 2, a
     preemption one line and EXIT_PREEMPTED."""
@@ -310,7 +315,7 @@ def run_main(main: Callable[[], None]) -> None:
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         code = EXIT_PREEMPTED
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_world_size() > 1:
         # A torchrun rank leaves without the interpreter's teardown. A gloo worker thread may still be releasing
         # a finished collective of spd.fsdp's that holds a Python object; doing so while the interpreter
         # finalizes aborts the process ("terminate called without an active exception", SIGABRT; 3 in ~60
@@ -416,7 +421,7 @@ def init_distributed() -> Dist:
     `optimize` reduces tensors on the training device (NCCL takes CUDA tensors only, and a CPU copy
     would cost a transfer each way). On a GPU node the group is still `cpu:gloo,cuda:nccl`, so that
     a run with spd.device=cpu there reduces its CPU tensors through gloo instead of failing."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size == 1:
         return Dist()
     if not dist.is_initialized():
@@ -506,7 +511,7 @@ def get_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise SPDError(f"spd.device = '{name}' is not a device; use auto, cpu or cuda[:i]") from None
-    if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if device.type == "cuda" and device.index is not None and launched_world_size() > 1:
         raise SPDError(f"spd.device = '{name}' would put every torchrun rank on that one GPU; set spd.device=cuda "
                        f"(or auto): each rank takes GPU LOCAL_RANK")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -642,7 +647,7 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     cuda = state["cuda"]
     if isinstance(cuda, list):  # older checkpoints held every GPU's state of the writing process: under
         # torchrun rank 0's, which drew from GPU 0; one process drew from its own device
-        i = 0 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else (device.index or 0)
+        i = 0 if launched_world_size() > 1 else (device.index or 0)
         cuda = cuda[i] if i < len(cuda) else None
     if cuda is not None and device.type == "cuda":
         torch.cuda.set_rng_state(cuda, device)
