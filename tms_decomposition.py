@@ -39,30 +39,48 @@ from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batc
 def size_rule(n_features: int) -> dict:
     """C (per matrix), batch_size, steps, importance_minimality_coeff (beta3), p and lr for n features.
 
-    Two hand-tuned sizes anchor it: n = 5 (5-2, 5-2+ID: C 20, batch 4096, 2000 steps, beta3 3e-3, p 1,
-    lr 3e-3) and n = 40 (40-10, 40-10+ID: C 200, batch 1024, 10k steps, beta3 1e-4, p 2, lr 1e-3).
-    Between and beyond them each value moves geometrically in log n (t = 0 at n = 5, 1 at n = 40):
+    Three tuned sizes anchor it: n = 5 (5-2, 5-2+ID: C 20, batch 4096, 2000 steps, beta3 3e-3, p 1, lr 3e-3),
+    n = 40 (40-10, 40-10+ID: C 200, batch 1024, 10k steps, beta3 1e-4, p 2, lr 1e-3) and n = 100 (100-20:
+    C 1100, beta3 1.5e-4, the rest as at 40). Between two anchors each value moves geometrically
+    in log n (p linearly); below 5 and above 100 (untried) C, steps and beta3 follow the nearest pair's trend and
+    batch, p and lr stay at the nearest anchor's value.
+    From 5 to 40:
       - C grows a little faster than n (4 per feature at 5, 5 at 40): at 40-10, C = 100 left 3 features
         sharing subcomponents, so spare subcomponents are kept as n grows;
       - steps grow as n^0.77: more features take longer to separate (40-10 recovered from step 4000 on);
       - beta3 falls as n^-1.6: the reconstruction loss is a mean over the n outputs, so each feature's pull
         against the importance penalty weakens as n grows, and p = 2 at 40 penalises CI below 1 less;
-      - batch, p and lr stay within their anchors' range (t clipped to [0, 1]): batch falls from 4096 to
-        1024 as C grows (a step's cost is batch x C; at 40-10, batch 4096 left features sharing), never
-        below, so every feature is on in ~50 examples per step; p goes from 1 to 2; lr from 3e-3 to 1e-3.
-    n_hidden does not enter: both anchors grow n and m together, so they cannot tell the two apart; n sets
+      - batch falls from 4096 to 1024 as C grows (a step's cost is batch x C; at 40-10, batch 4096 left
+        features sharing), never below, so every feature is on in ~50 examples per step; p goes from 1 to 2;
+        lr from 3e-3 to 1e-3.
+    From 40 to 100 the trend above breaks. Carried on (C 552, 20300 steps, beta3 2.2e-5), 100-20 collapses to
+    ~24 dense subcomponents, each on for most inputs (L0 ~20 per matrix = n_hidden, where ~5 features are on):
+    the many-feature superposition makes that dense basis of the hidden space a trap that beta3 must price out
+    and that only a wider pool of starting subcomponents escapes. Neither alone suffices (seed 0): beta3 4e-5
+    to 5e-4 at C 552 keeps 34-75 subcomponents, and C 1100 at beta3 2.2e-5 collapses too; C 1100 with beta3
+    1.5e-4 gives every feature its own subcomponent by step 3500 of 20300. Steps stay at 40's 10k: with a
+    6000-step schedule (the learning rate falling sooner) seed 1 stalled with 8 features split.
+    n_hidden does not enter: the anchors grow n and m together, so they cannot tell the two apart; n sets
     how many subcomponents are needed. The identity layer (+ID) needs nothing more: 5-2+ID recovers its 5
     and 2 with 5-2's values (SPD seeds 0-2), as 40-10+ID with 40-10's.
     """
-    t = math.log(n_features / 5) / math.log(40 / 5)
-    tc = min(max(t, 0.0), 1.0)
-
-    def between(at_5: float, at_40: float, t: float) -> float:
-        return at_5 * (at_40 / at_5) ** t
-
-    return {"C": round(between(20, 200, t)), "batch_size": 2 ** round(between(12, 10, tc)),
-            "steps": 100 * round(between(20, 100, t)), "importance_minimality_coeff": round_2(between(3e-3, 1e-4, t)),
-            "p": round(1 + tc, 2), "lr": round_2(between(3e-3, 1e-3, tc))}
+    anchors = {5: {"C": 20, "batch_size": 4096, "steps": 2000, "importance_minimality_coeff": 3e-3, "p": 1.0,
+                   "lr": 3e-3},
+               40: {"C": 200, "batch_size": 1024, "steps": 10000, "importance_minimality_coeff": 1e-4, "p": 2.0,
+                    "lr": 1e-3},
+               100: {"C": 1100, "batch_size": 1024, "steps": 10000, "importance_minimality_coeff": 1.5e-4, "p": 2.0,
+                     "lr": 1e-3}}
+    lo, hi = (5, 40) if n_features <= 40 else (40, 100)
+    t = math.log(n_features / lo) / math.log(hi / lo)  # 0 at lo, 1 at hi; outside 5-100, the nearest pair's trend
+    value = {k: anchors[lo][k] * (anchors[hi][k] / anchors[lo][k]) ** t for k in ("C", "steps",
+                                                                                 "importance_minimality_coeff")}
+    tc = min(max(t, 0.0), 1.0)  # batch, p and lr stay within their anchors' range
+    value |= {k: anchors[lo][k] * (anchors[hi][k] / anchors[lo][k]) ** tc for k in ("batch_size", "lr")}
+    p = anchors[lo]["p"] + (anchors[hi]["p"] - anchors[lo]["p"]) * tc  # p moves linearly, not geometrically
+    return {"C": round(value["C"]), "batch_size": 2 ** round(math.log2(value["batch_size"])),
+            "steps": 100 * round(value["steps"] / 100),
+            "importance_minimality_coeff": round_2(value["importance_minimality_coeff"]), "p": round(p, 2),
+            "lr": round_2(value["lr"])}
 
 
 def round_2(x: float) -> float:
