@@ -72,15 +72,16 @@ def size_rule(n_features: int) -> dict:
                      "lr": 1e-3}}
     lo, hi = (5, 40) if n_features <= 40 else (40, 100)
     t = math.log(n_features / lo) / math.log(hi / lo)  # 0 at lo, 1 at hi; outside 5-100, the nearest pair's trend
-    value = {k: anchors[lo][k] * (anchors[hi][k] / anchors[lo][k]) ** t for k in ("C", "steps",
-                                                                                 "importance_minimality_coeff")}
     tc = min(max(t, 0.0), 1.0)  # batch, p and lr stay within their anchors' range
-    value |= {k: anchors[lo][k] * (anchors[hi][k] / anchors[lo][k]) ** tc for k in ("batch_size", "lr")}
+
+    def between(key: str, t: float) -> float:
+        return anchors[lo][key] * (anchors[hi][key] / anchors[lo][key]) ** t
+
     p = anchors[lo]["p"] + (anchors[hi]["p"] - anchors[lo]["p"]) * tc  # p moves linearly, not geometrically
-    return {"C": round(value["C"]), "batch_size": 2 ** round(math.log2(value["batch_size"])),
-            "steps": 100 * round(value["steps"] / 100),
-            "importance_minimality_coeff": round_2(value["importance_minimality_coeff"]), "p": round(p, 2),
-            "lr": round_2(value["lr"])}
+    return {"C": round(between("C", t)), "batch_size": 2 ** round(math.log2(between("batch_size", tc))),
+            "steps": 100 * round(between("steps", t) / 100),
+            "importance_minimality_coeff": round_2(between("importance_minimality_coeff", t)), "p": round(p, 2),
+            "lr": round_2(between("lr", tc))}
 
 
 def round_2(x: float) -> float:
