@@ -37,7 +37,8 @@ from train_targets.train_tms import TMSTargetConfig, load_or_train_tms, tms_batc
 # The size rule: what the decomposition of a TMS of n features needs
 # ------------------------------------------------------------------------------------------------
 def size_rule(n_features: int) -> dict:
-    """C (per matrix), batch_size, steps, importance_minimality_coeff (beta3), p and lr for n features.
+    """C (per matrix), batch_size, steps, importance_minimality_coeff (beta3), its start before an anneal
+    (importance_minimality_coeff_initial: None = held), p and lr for n features.
 
     Three tuned sizes anchor it: n = 5 (5-2, 5-2+ID: C 20, batch 4096, 2000 steps, beta3 3e-3, p 1, lr 3e-3),
     n = 40 (40-10, 40-10+ID: C 200, batch 1024, 10k steps, beta3 1e-4, p 2, lr 1e-3) and n = 100 (100-20:
@@ -60,16 +61,19 @@ def size_rule(n_features: int) -> dict:
     to 5e-4 at C 552 keeps 34-75 subcomponents, and C 1100 at beta3 2.2e-5 collapses too; C 1100 with beta3
     1.5e-4 gives every feature its own subcomponent by step 3500 of 20300. Steps stay at 40's 10k: with a
     6000-step schedule (the learning rate falling sooner) seed 1 stalled with 8 features split.
+    Past 40, beta3 also falls once the features have separated (over 35-65% of training, TMSSPDConfig's anneal
+    fractions; to 3e-5 at 100): held at 1.5e-4, it kept pushing the CI of active features below 1 and the
+    subcomponents grew to make up for it (100-20's ML2R 1.009 at step 3000, 1.037 at 10k; annealed, 1.00-1.01).
     n_hidden does not enter: the anchors grow n and m together, so they cannot tell the two apart; n sets
     how many subcomponents are needed. The identity layer (+ID) needs nothing more: 5-2+ID recovers its 5
     and 2 with 5-2's values (SPD seeds 0-2), as 40-10+ID with 40-10's.
     """
-    anchors = {5: {"C": 20, "batch_size": 4096, "steps": 2000, "importance_minimality_coeff": 3e-3, "p": 1.0,
-                   "lr": 3e-3},
-               40: {"C": 200, "batch_size": 1024, "steps": 10000, "importance_minimality_coeff": 1e-4, "p": 2.0,
-                    "lr": 1e-3},
-               100: {"C": 1100, "batch_size": 1024, "steps": 10000, "importance_minimality_coeff": 1.5e-4, "p": 2.0,
-                     "lr": 1e-3}}
+    anchors = {5: {"C": 20, "batch_size": 4096, "steps": 2000, "importance_minimality_coeff": 3e-3,
+                   "importance_minimality_coeff_initial": 3e-3, "p": 1.0, "lr": 3e-3},
+               40: {"C": 200, "batch_size": 1024, "steps": 10000, "importance_minimality_coeff": 1e-4,
+                    "importance_minimality_coeff_initial": 1e-4, "p": 2.0, "lr": 1e-3},
+               100: {"C": 1100, "batch_size": 1024, "steps": 10000, "importance_minimality_coeff": 3e-5,
+                     "importance_minimality_coeff_initial": 1.5e-4, "p": 2.0, "lr": 1e-3}}
     lo, hi = (5, 40) if n_features <= 40 else (40, 100)
     t = math.log(n_features / lo) / math.log(hi / lo)  # 0 at lo, 1 at hi; outside 5-100, the nearest pair's trend
     tc = min(max(t, 0.0), 1.0)  # batch, p and lr stay within their anchors' range
@@ -78,9 +82,11 @@ def size_rule(n_features: int) -> dict:
         return anchors[lo][key] * (anchors[hi][key] / anchors[lo][key]) ** t
 
     p = anchors[lo]["p"] + (anchors[hi]["p"] - anchors[lo]["p"]) * tc  # p moves linearly, not geometrically
+    beta3, beta3_start = (round_2(between(k, t)) for k in ("importance_minimality_coeff",
+                                                            "importance_minimality_coeff_initial"))
     return {"C": round(between("C", t)), "batch_size": 2 ** round(math.log2(between("batch_size", tc))),
-            "steps": 100 * round(between("steps", t) / 100),
-            "importance_minimality_coeff": round_2(between("importance_minimality_coeff", t)), "p": round(p, 2),
+            "steps": 100 * round(between("steps", t) / 100), "importance_minimality_coeff": beta3,
+            "importance_minimality_coeff_initial": beta3_start if beta3_start != beta3 else None, "p": round(p, 2),
             "lr": round_2(between("lr", tc))}
 
 
@@ -104,6 +110,13 @@ class TMSSPDConfig(SPDConfig):
     lr: float | Auto = option("auto", "peak learning rate (auto: size_rule)", gt=0)
     steps: int | Auto = option("auto", "optimisation steps (auto: size_rule)", ge=1)
     batch_size: int | Auto = option("auto", "examples per step (auto: size_rule)", ge=1)
+    importance_minimality_coeff_initial: float | None = option(
+        None, "beta3 before it falls to importance_minimality_coeff (null: size_rule's start when that is auto, "
+              "which anneals past 40 features, else held)", ge=0)
+    importance_minimality_anneal_start_frac: float = option(
+        0.35, "fraction of training where beta3 starts to fall (features have separated by then)", ge=0, le=1)
+    importance_minimality_anneal_end_frac: float = option(0.65, "fraction of training where beta3 reaches "
+                                                                "importance_minimality_coeff", ge=0, le=1)
 
 
 # COPYING THIS SCRIPT? Change: the config below (keep its `spd: SPDConfig`), the target and data in
@@ -118,8 +131,10 @@ class TMSConfig:
     def __post_init__(self) -> None:
         """The size rule's values for every spd field left `auto` (and for empty modules); set ones win."""
         rule = size_rule(self.target.n_features)
-        C = rule.pop("C")
+        C, beta3_start = rule.pop("C"), rule.pop("importance_minimality_coeff_initial")
         fill = {k: v for k, v in rule.items() if getattr(self.spd, k) == "auto"}
+        if self.spd.importance_minimality_coeff == "auto" and self.spd.importance_minimality_coeff_initial is None:
+            fill["importance_minimality_coeff_initial"] = beta3_start  # the rule's anneal goes with its beta3
         if not self.spd.modules:
             identity = {"hidden_layers.*": C} if self.target.n_hidden_layers else {}
             fill["modules"] = {"linear1": C, "linear2": C} | identity

@@ -419,7 +419,7 @@ BAD_INPUTS = [
     ("anneal_order", None, [*RUN, "spd.p_anneal_start_frac=0.8", "spd.p_anneal_end_frac=0.5"],
      r"'spd': p_anneal_start_frac = 0.8 must be <= p_anneal_end_frac = 0.5"),
     ("beta3_anneal_order", None, [*RUN, "spd.importance_minimality_anneal_start_frac=0.8"],
-     r"'spd': importance_minimality_anneal_start_frac = 0.8 must be <= importance_minimality_anneal_end_frac = 0.5"),
+     r"'spd': importance_minimality_anneal_start_frac = 0.8 must be <= importance_minimality_anneal_end_frac = 0.65"),
     ("beta3_anneal_to_off", None, [*RUN, "spd.importance_minimality_coeff=0",
                                    "spd.importance_minimality_coeff_initial=1e-3"],
      r"'spd': spd.importance_minimality_coeff_initial anneals towards spd.importance_minimality_coeff, which is off"),

@@ -106,19 +106,27 @@ def test_a_set_value_beats_the_size_rule_and_sizes_between_follow_the_anchors():
     assert cfg.spd.steps == 77 and cfg.spd.modules == {"linear1": 5, "linear2": 5}
     assert cfg.spd.importance_minimality_coeff is None  # null is "off", not "the rule's"
     assert cfg.spd.batch_size == 1024 and cfg.spd.p == 2.0  # the rest still from the rule
+    # the rule's anneal goes with its beta3: set beta3, and it is held unless its start is set too
+    for overrides, held in ((["spd.importance_minimality_coeff=1e-4"], True), ([], False)):
+        cfg = load_config(TMSConfig, ROOT / "configs/tms.yaml", ["target.n_features=100"] + overrides)
+        assert (cfg.spd.importance_minimality_coeff_initial is None) == held
+    cfg = load_config(TMSConfig, ROOT / "configs/tms.yaml",
+                      ["target.n_features=100", "spd.importance_minimality_coeff_initial=2e-4"])
+    assert (cfg.spd.importance_minimality_coeff_initial, cfg.spd.importance_minimality_coeff) == (2e-4, 3e-5)
     rules = [size_rule(n) for n in (5, 10, 20, 40)]
     for a, b in zip(rules, rules[1:]):
         assert a["C"] < b["C"] and a["steps"] < b["steps"]
         assert a["importance_minimality_coeff"] > b["importance_minimality_coeff"]
         assert a["batch_size"] >= b["batch_size"] >= 1024 and 1 <= a["p"] <= b["p"] <= 2 and a["lr"] >= b["lr"]
-    # past 40 the third anchor, 100-20, takes over: more subcomponents per feature, a beta3 that rises again,
-    # steps held
-    assert size_rule(100) == {"C": 1100, "batch_size": 1024, "steps": 10_000, "importance_minimality_coeff": 1.5e-4,
-                              "p": 2.0, "lr": 1e-3}
+    assert all(r["importance_minimality_coeff_initial"] is None for r in rules)  # beta3 held up to 40 features
+    # past 40 the third anchor, 100-20, takes over: more subcomponents per feature, beta3 starting higher and
+    # annealed lower, steps held
+    assert size_rule(100) == {"C": 1100, "batch_size": 1024, "steps": 10_000, "importance_minimality_coeff": 3e-5,
+                              "importance_minimality_coeff_initial": 1.5e-4, "p": 2.0, "lr": 1e-3}
     at_40, at_60, at_100 = size_rule(40), size_rule(60), size_rule(100)
-    for k in ("C", "importance_minimality_coeff"):
-        assert at_40[k] < at_60[k] < at_100[k]
-    assert at_40["C"] / 40 < at_60["C"] / 60 < at_100["C"] / 100
+    assert at_40["C"] < at_60["C"] < at_100["C"] and at_40["C"] / 40 < at_60["C"] / 60 < at_100["C"] / 100
+    assert at_40["importance_minimality_coeff"] < at_60["importance_minimality_coeff_initial"] < 1.5e-4
+    assert at_40["importance_minimality_coeff"] > at_60["importance_minimality_coeff"] > 3e-5
     assert at_40["steps"] == at_60["steps"] == at_100["steps"] == size_rule(200)["steps"]
 
 
