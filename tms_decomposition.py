@@ -42,7 +42,7 @@ def size_rule(n_features: int) -> dict:
 
     Three tuned sizes anchor it: n = 5 (5-2, 5-2+ID: C 20, batch 4096, 2000 steps, beta3 3e-3, p 1, lr 3e-3),
     n = 40 (40-10, 40-10+ID: C 200, batch 1024, 10k steps, beta3 1e-4, p 2, lr 1e-3) and n = 100 (100-20:
-    C 1100, beta3 1.5e-4, the rest as at 40). Between two anchors each value moves geometrically
+    C 2200, beta3 1.5e-4 falling to 3e-5, the rest as at 40). Between two anchors each value moves geometrically
     in log n (p linearly); below 5 and above 100 (untried) C, steps and beta3 follow the nearest pair's trend and
     batch, p and lr stay at the nearest anchor's value.
     From 5 to 40:
@@ -54,16 +54,18 @@ def size_rule(n_features: int) -> dict:
       - batch falls from 4096 to 1024 as C grows (a step's cost is batch x C; at 40-10, batch 4096 left
         features sharing), never below, so every feature is on in ~50 examples per step; p goes from 1 to 2;
         lr from 3e-3 to 1e-3.
-    From 40 to 100 the trend above breaks. Carried on (C 552, 20300 steps, beta3 2.2e-5), 100-20 collapses to
-    ~24 dense subcomponents, each on for most inputs (L0 ~20 per matrix = n_hidden, where ~5 features are on):
-    the many-feature superposition makes that dense basis of the hidden space a trap that beta3 must price out
-    and that only a wider pool of starting subcomponents escapes. Neither alone suffices (seed 0): beta3 4e-5
-    to 5e-4 at C 552 keeps 34-75 subcomponents, and C 1100 at beta3 2.2e-5 collapses too; C 1100 with beta3
-    1.5e-4 gives every feature its own subcomponent by step 3500 of 20300. Steps stay at 40's 10k: with a
-    6000-step schedule (the learning rate falling sooner) seed 1 stalled with 8 features split.
-    Past 40, beta3 also falls once the features have separated (over 35-65% of training, TMSSPDConfig's anneal
-    fractions; to 3e-5 at 100): held at 1.5e-4, it kept pushing the CI of active features below 1 and the
-    subcomponents grew to make up for it (100-20's ML2R 1.009 at step 3000, 1.037 at 10k; annealed, 1.00-1.01).
+    From 40 to 100 the trend above breaks (each point measured on 100-20):
+      - carried on (C 552, 20300 steps, beta3 2.2e-5), it collapses to ~24 dense subcomponents, each on for
+        most inputs (L0 ~20 per matrix = n_hidden, where ~5 features are on): a dense basis of the hidden
+        space that beta3 must price out and only a wider pool of starting subcomponents escapes. beta3 4e-5 to
+        5e-4 at C 552 keeps 34-75 subcomponents, C 1100 at 2.2e-5 collapses too, C 1100 at 1.5e-4 gives all 100;
+      - at C 1100, seeds 1-4 left 1-11 subcomponents each holding two or more features, formed by step 2000-4000
+        and never undone (each pair measured anti-aligned in W, cosine -0.4, so the output ReLU clips most of the
+        error); C 2200 (22 per feature; 5 at 40) left none on seed 2 and one pair on seed 4;
+      - beta3 starts at 1.5e-4 and falls to 3e-5 over 35-65% of training (TMSSPDConfig's anneal fractions),
+        after the features have separated: held, it kept the CI of active features below 1 and the
+        subcomponents grew to make up for it (ML2R 1.009 at step 3000, 1.037 at 10k; annealed, 1.006);
+      - steps stay at 40's 10k (a 6000-step schedule left 8 features split on seed 1); batch, p, lr as at 40.
     n_hidden does not enter: the anchors grow n and m together, so they cannot tell the two apart; n sets
     how many subcomponents are needed. The identity layer (+ID) needs nothing more: 5-2+ID recovers its 5
     and 2 with 5-2's values (SPD seeds 0-2), as 40-10+ID with 40-10's.
@@ -72,7 +74,7 @@ def size_rule(n_features: int) -> dict:
                    "importance_minimality_coeff_initial": 3e-3, "p": 1.0, "lr": 3e-3},
                40: {"C": 200, "batch_size": 1024, "steps": 10000, "importance_minimality_coeff": 1e-4,
                     "importance_minimality_coeff_initial": 1e-4, "p": 2.0, "lr": 1e-3},
-               100: {"C": 1100, "batch_size": 1024, "steps": 10000, "importance_minimality_coeff": 3e-5,
+               100: {"C": 2200, "batch_size": 1024, "steps": 10000, "importance_minimality_coeff": 3e-5,
                      "importance_minimality_coeff_initial": 1.5e-4, "p": 2.0, "lr": 1e-3}}
     lo, hi = (5, 40) if n_features <= 40 else (40, 100)
     t = math.log(n_features / lo) / math.log(hi / lo)  # 0 at lo, 1 at hi; outside 5-100, the nearest pair's trend

@@ -121,7 +121,7 @@ def test_a_set_value_beats_the_size_rule_and_sizes_between_follow_the_anchors():
     assert all(r["importance_minimality_coeff_initial"] is None for r in rules)  # beta3 held up to 40 features
     # past 40 the third anchor, 100-20, takes over: more subcomponents per feature, beta3 starting higher and
     # annealed lower, steps held
-    assert size_rule(100) == {"C": 1100, "batch_size": 1024, "steps": 10_000, "importance_minimality_coeff": 3e-5,
+    assert size_rule(100) == {"C": 2200, "batch_size": 1024, "steps": 10_000, "importance_minimality_coeff": 3e-5,
                               "importance_minimality_coeff_initial": 1.5e-4, "p": 2.0, "lr": 1e-3}
     at_40, at_60, at_100 = size_rule(40), size_rule(60), size_rule(100)
     assert at_40["C"] < at_60["C"] < at_100["C"] and at_40["C"] / 40 < at_60["C"] / 60 < at_100["C"] / 100
