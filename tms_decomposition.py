@@ -188,9 +188,14 @@ def tms_metrics(model: ComponentModel, cfg: TMSConfig) -> dict[str, float]:
     W = model.decomposed["linear1"].target_weight()
     out = dict(zip(["mmcs", "ml2r"], mmcs_ml2r(W, U, V)))
     out |= dict(zip(["mmcs_nonnegligible", "ml2r_nonnegligible"], mmcs_ml2r(W, U, V, cfg.norm_threshold)))
-    part = U.norm(dim=0)[:, None] * V.abs() > cfg.norm_threshold  # (C, n): c carries a non-negligible part of W[:, j]
+    carried = U.norm(dim=0)[:, None] * V.abs()  # (C, n): how much of W[:, j] subcomponent c carries
+    part = carried > cfg.norm_threshold  # a non-negligible part
     out["n_split_features"] = int((part.sum(0) > 1).sum())  # columns carried by two or more subcomponents
     out["n_shared_subcomponents"] = int((part.sum(1) > 1).sum())  # subcomponents carrying two or more columns
+    # Features merged: two or more columns mostly on one subcomponent (at 100-20, anti-aligned pairs read as
+    # x_i - x_j and told apart again by the output ReLU; docs/results.md)
+    most = carried > 0.5 * W.norm(dim=0)
+    out["n_merged_features"] = int(most[most.sum(1) > 1].any(0).sum())
     out["target_min_column_norm"] = W.norm(dim=0).min().item()  # near 0: a feature the target left dead
     for name in model.untied_names():
         U, V = model.factors(name)

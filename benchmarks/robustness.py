@@ -142,6 +142,7 @@ def judge(kind: str, results: dict, config: dict) -> tuple[str, list[str]]:
     if wrong:  # the causes, where the run measured them (resid runs from before 2026-12-07 did not)
         wrong += [f"{what}: {results[k]}" for k, what in [("n_split_features", "split features"),
                                                           ("n_shared_subcomponents", "shared subcomponents"),
+                                                          ("n_merged_features", "features merged in pairs or more"),
                                                           ("n_unused_features", "features no subcomponent takes")]
                   if results.get(k)]
     return ("fail" if wrong else "pass"), wrong

@@ -79,7 +79,9 @@ def test_tms_metrics_reports_both_definitions_with_an_identity_layer():
     assert out["target_min_column_norm"] == pytest.approx(1.0)
     model.decomposed["linear1"].components.V[1, 0] = 0.5  # subcomponent 1 now carries half of column 0 too
     out = tms_metrics(model, cfg)
-    assert out["n_split_features"] == 1 and out["n_shared_subcomponents"] == 1
+    assert out["n_split_features"] == 1 and out["n_shared_subcomponents"] == 1 and out["n_merged_features"] == 0
+    model.decomposed["linear1"].components.V[1, 0] = 1.0  # and now all of it: columns 0 and 1 merged on one
+    assert tms_metrics(model, cfg)["n_merged_features"] == 2
 
 
 # What the paper sizes were hand-tuned to before the size rule: (C per matrix, batch, steps, beta3, p, lr).
