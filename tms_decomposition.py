@@ -60,8 +60,9 @@ def size_rule(n_features: int) -> dict:
         space that beta3 must price out and only a wider pool of starting subcomponents escapes. beta3 4e-5 to
         5e-4 at C 552 keeps 34-75 subcomponents, C 1100 at 2.2e-5 collapses too, C 1100 at 1.5e-4 gives all 100;
       - at C 1100, seeds 1-4 left 1-11 subcomponents each holding two or more features, formed by step 2000-4000
-        and never undone (each pair measured anti-aligned in W, cosine -0.4, so the output ReLU clips most of the
-        error); C 2200 (22 per feature; 5 at 40) left none on seed 2 and one pair on seed 4;
+        and never undone (each pair anti-aligned in W, cosine -0.4: read as x_i - x_j, told apart again by the
+        output ReLU); C 2200 (22 per feature; 5 at 40) leaves none on seeds 0-2 and one pair on seeds 3 and 4
+        (C 4400 on seed 4: still one at step 4000);
       - beta3 starts at 1.5e-4 and falls to 3e-5 over 35-65% of training (TMSSPDConfig's anneal fractions),
         after the features have separated: held, it kept the CI of active features below 1 and the
         subcomponents grew to make up for it (ML2R 1.009 at step 3000, 1.037 at 10k; annealed, 1.006);
@@ -194,9 +195,10 @@ def tms_metrics(model: ComponentModel, cfg: TMSConfig) -> dict[str, float]:
     out["n_shared_subcomponents"] = int((part.sum(1) > 1).sum())  # subcomponents carrying two or more columns
     # Features merged: two or more columns mostly on one subcomponent (at 100-20, anti-aligned pairs read as
     # x_i - x_j and told apart again by the output ReLU; docs/results.md)
-    most = carried > 0.5 * W.norm(dim=0)
+    column_norms = W.norm(dim=0)  # (n,)
+    most = carried > 0.5 * column_norms
     out["n_merged_features"] = int(most[most.sum(1) > 1].any(0).sum())
-    out["target_min_column_norm"] = W.norm(dim=0).min().item()  # near 0: a feature the target left dead
+    out["target_min_column_norm"] = column_norms.min().item()  # near 0: a feature the target left dead
     for name in model.untied_names():
         U, V = model.factors(name)
         out[f"n_nonnegligible/{name}"] = int((subcomponent_norms(U, V) > cfg.norm_threshold).sum())
